@@ -1,0 +1,1 @@
+"""Offline half of kvclip: turns labelled images into a versioned cache artifact."""

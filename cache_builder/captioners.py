@@ -1,0 +1,113 @@
+"""Captioners: one caption per support image, for CapS caption keys.
+
+  sidecar  the manifest's "caption", else the text file next to the image (cat.jpg -> cat.txt)
+  coca     open_clip CoCa generation from the image
+  none     no captions: image keys only (plain Tip-Adapter / Tip-X)
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+
+from cache_builder.sources import SupportItem
+from kvclip.errors import DataError, ModelLoadError
+from kvclip.models import create_open_clip_model, default_device
+
+CAPTIONERS = ("sidecar", "coca", "none")
+DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
+
+
+class Captioner(Protocol):
+    name: str
+    needs_images: bool  # False: captions come from files, before any image is decoded
+
+    def caption(self, items: Sequence[SupportItem], images: Sequence[Image.Image] | None) -> list[str | None]: ...
+
+    def describe(self) -> dict: ...
+
+
+class NoCaptioner:
+    name = "none"
+    needs_images = False
+
+    def caption(self, items, images=None):
+        return [None] * len(items)
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class SidecarCaptioner:
+    name = "sidecar"
+    needs_images = False
+
+    def caption(self, items, images=None):
+        return [self._one(item) for item in items]
+
+    @staticmethod
+    def _one(item: SupportItem) -> str:
+        if item.caption is not None and item.caption.strip():
+            return item.caption.strip()
+        sidecar = item.path.with_suffix(".txt")
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if not text:
+            raise DataError(
+                f"no caption for {item.path}: expected a non-empty {sidecar} (or a \"caption\" "
+                "field in the manifest); use --captioner none to build without captions"
+            )
+        return text
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class CocaCaptioner:
+    """Generates captions with an open_clip CoCa model (beam search by default)."""
+
+    name = "coca"
+    needs_images = True
+
+    def __init__(self, model: str = DEFAULT_COCA_MODEL, device: torch.device | None = None,
+                 generation_type: str = "beam_search", seq_len: int = 30) -> None:
+        self.model_name = model
+        self.device = device or default_device()
+        self.generation_type = generation_type
+        self.seq_len = seq_len
+        self.model, self.preprocess, _ = create_open_clip_model(model, self.device)
+        if not hasattr(self.model, "generate"):
+            raise ModelLoadError(f"captioner model {model!r} is not a CoCa model (it cannot generate text)")
+        self.model.eval()
+
+    @torch.inference_mode()
+    def caption(self, items, images=None):
+        if images is None:
+            raise ValueError("the coca captioner needs the images")
+        dtype = next(self.model.parameters()).dtype
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, dtype)
+        tokens = self.model.generate(pixels, generation_type=self.generation_type, seq_len=self.seq_len)
+        return [_clean(open_clip.decode(row)) for row in tokens]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "model": self.model_name, "generation": self.generation_type,
+                "seq_len": self.seq_len}
+
+
+def _clean(text: str) -> str:
+    text = text.split("<end_of_text>")[0].replace("<start_of_text>", "")
+    return " ".join(text.split()).rstrip(" .") or "an image"
+
+
+def make_captioner(name: str, model: str | None = None, device: torch.device | None = None) -> Captioner:
+    if name == "none":
+        return NoCaptioner()
+    if name == "sidecar":
+        return SidecarCaptioner()
+    if name == "coca":
+        return CocaCaptioner(model or DEFAULT_COCA_MODEL, device)
+    raise DataError(f"unknown captioner {name!r}; expected one of {', '.join(CAPTIONERS)}")

@@ -1,0 +1,126 @@
+"""`kvclip build`, `kvclip eval` and `kvclip export-dataset`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvclip.index import INDEX_KINDS
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    build = sub.add_parser("build", help="build a cache version from labelled images")
+    build.add_argument("data_dir", nargs="?", type=Path, help="DATA_DIR/<label>/<image> folder")
+    build.add_argument("--manifest", type=Path, help='JSONL rows {"path", "label", "caption"?} instead of a folder')
+    build.add_argument("--out", type=Path, required=True, help="cache folder; its name is the cache name")
+    build.add_argument("--model", default="ViT-B-32:openai",
+                       help="ARCH:TAG, ARCH:/path/checkpoint, hf-hub:ORG/REPO, or tiny-random (plumbing only)")
+    build.add_argument("--model-cache-dir", help="where open_clip looks for / stores downloaded weights")
+    build.add_argument("--shots", default="16", help="support images per class, or 'all' (default 16)")
+    build.add_argument("--views", type=int, default=10, help="random augmented views averaged per image key")
+    build.add_argument("--captioner", default="sidecar", choices=("sidecar", "coca", "none"))
+    build.add_argument("--captioner-model", help="CoCa model for --captioner coca (default coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k)")
+    build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
+    build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
+    build.add_argument("--labels", type=Path, help="labels file, one per line: the label set and its order")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (x views crops)")
+    build.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    build.add_argument("--index", default="flat", choices=INDEX_KINDS, help="FAISS index kind")
+    build.add_argument("--faiss-k", type=int, default=64, help="k of the top-k path whose agreement is reported")
+    build.add_argument("--no-activate", action="store_true", help="publish without making it CURRENT")
+    build.add_argument("--json", action="store_true", help="print the build report as JSON")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(run=run_build)
+
+    ev = sub.add_parser("eval", help="accuracy of every method of a cache on labelled test images")
+    ev.add_argument("--cache", type=Path, required=True)
+    ev.add_argument("--data", type=Path, help="test DATA_DIR/<label>/<image> folder")
+    ev.add_argument("--manifest", type=Path, help="test manifest (JSONL) instead of a folder")
+    ev.add_argument("--model", help="default: the model recorded in the cache")
+    ev.add_argument("--device")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--limit", type=int, help="evaluate the first N images only")
+    ev.add_argument("--faiss-k", type=int, help="also evaluate the FAISS top-k path with this k")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(run=run_eval)
+
+    ex = sub.add_parser("export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>")
+    ex.add_argument("dataset", choices=("fashion-mnist",))
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--split", choices=("train", "test"), default="train")
+    ex.add_argument("--per-class", type=int, help="seeded sample of N per class")
+    ex.add_argument("--limit", type=int, help="first N images of the split")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.set_defaults(run=run_export)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from cache_builder.build import BuildConfig, build_cache
+
+    shots = None if args.shots == "all" else _positive_int(args.shots, "--shots")
+    config = BuildConfig(
+        out=args.out, data_dir=args.data_dir, manifest=args.manifest, model=args.model, shots=shots,
+        views=args.views, captioner=args.captioner, captioner_model=args.captioner_model,
+        templates=args.templates, descriptions=args.descriptions, labels_file=args.labels,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, index_kind=args.index,
+        faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
+        progress=not args.quiet,
+    )
+    result = build_cache(config)
+    m = result.manifest
+    if args.json:
+        print(json.dumps({"version": result.version, "path": str(result.path), **m}, indent=2))
+        return 0
+    report = m["build_report"]
+    print(f"published {m['name']} {result.version} at {result.path}")
+    print(f"  model {m['model']['id']}  classes {m['counts']['classes']}  items {m['counts']['items']}"
+          f"  skipped {report['skipped_count']}")
+    for skipped in report["skipped"]:
+        print(f"  skipped {skipped['path']}: {skipped['reason']}")
+    print(f"  leave-one-out top-1 on the support set: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in m["tuning"]["loo_top1"].items()))
+    print(f"  best method {m['params']['best_method']}: {m['params']['methods'].get(m['params']['best_method'], {})}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cache_builder.evaluate import evaluate
+
+    report = evaluate(args.cache, args.data, args.manifest, model=args.model, device=args.device,
+                      batch_size=args.batch_size, limit=args.limit, faiss_k=args.faiss_k,
+                      progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    print(f"cache {report.cache['path']} {report.cache['version']}  model {report.cache['model']}"
+          f"  images {report.n}  skipped {len(report.skipped)}")
+    print(f"{'method':<10} {'top1':>7} {'top5':>7}  params")
+    tuned = report.params.get("methods", {})
+    for method, acc in report.methods.items():
+        print(f"{method:<10} {acc['top1']:>7.4f} {acc['top5']:>7.4f}  {tuned.get(method, '')}")
+    print(f"tuned best method: {report.params.get('best_method')}")
+    if report.faiss:
+        for method, acc in report.faiss["methods"].items():
+            print(f"faiss k={report.faiss['k']} {method:<6} top1 {acc['top1']:.4f} agreement {acc['top1_agreement']:.4f}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cache_builder.datasets import export_fashion_mnist
+
+    count = export_fashion_mnist(args.out, args.split, args.per_class, args.limit, args.seed)
+    print(f"wrote {count} images to {args.out}")
+    return 0
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        sys.exit(f"kvclip: error: {flag} must be a positive integer or 'all', not {text!r}")
+    return value

@@ -1,0 +1,104 @@
+"""Accuracy of every method of a cache on a labelled test set (never used for tuning)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cache_builder.features import encode_image_files
+from cache_builder.sources import SupportItem, discover_folder, read_manifest
+from kvclip.artifact import CacheArtifact, load_cache
+from kvclip.blend import blend, blend_candidates
+from kvclip.errors import DataError, ModelLoadError
+from kvclip.index import search_candidates
+from kvclip.models import Encoder, load_encoder
+
+
+@dataclass
+class EvalReport:
+    n: int
+    methods: dict[str, dict[str, float]]
+    params: dict
+    cache: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    faiss: dict | None = None
+
+    def as_dict(self) -> dict:
+        out = {"n": self.n, "methods": self.methods, "params": self.params, "cache": self.cache,
+               "skipped": self.skipped}
+        if self.faiss is not None:
+            out["faiss"] = self.faiss
+        return out
+
+
+def evaluate(
+    cache_dir: str | Path,
+    data_dir: str | Path | None = None,
+    manifest: str | Path | None = None,
+    model: str | None = None,
+    encoder: Encoder | None = None,
+    device: str | None = None,
+    batch_size: int = 128,
+    limit: int | None = None,
+    faiss_k: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    artifact = load_cache(cache_dir)
+    if (data_dir is None) == (manifest is None):
+        raise DataError("give either a test data folder or --manifest, not both or neither")
+    items = read_manifest(manifest) if manifest else discover_folder(data_dir)
+    unknown = sorted({it.label for it in items} - set(artifact.labels))
+    if unknown:
+        raise DataError(f"test labels not in the cache's label set: {', '.join(unknown[:10])}")
+    items = items[:limit] if limit else items
+    encoder = encoder or load_encoder(model or artifact.manifest["model"]["id"], device)
+    check_model_matches(encoder, artifact)
+
+    features, kept, skipped = encode_image_files(encoder, [it.path for it in items], batch_size, progress)
+    truth = torch.tensor([artifact.labels.index(items[i].label) for i in kept], device=encoder.device)
+    cache = artifact.tensors(encoder.device)
+    features = features.to(encoder.device)
+    methods, faiss = {}, ({"k": faiss_k, "methods": {}} if faiss_k else None)
+    for method in artifact.methods:
+        logits = blend(features, cache, artifact.params(method), method)
+        methods[method] = _topk_accuracy(logits, truth)
+        if faiss is not None and method != "zeroshot":
+            approx = _faiss_logits(artifact, cache, features, method, faiss_k)
+            faiss["methods"][method] = {
+                **_topk_accuracy(approx, truth),
+                "top1_agreement": float((approx.argmax(1) == logits.argmax(1)).float().mean()),
+            }
+    params = artifact.manifest.get("params", {})
+    cache_info = {"path": str(Path(cache_dir)), "version": artifact.version,
+                  "model": artifact.manifest["model"]["id"], "classes": len(artifact.labels),
+                  "items": len(artifact.label_ids)}
+    return EvalReport(len(kept), methods, params, cache_info, [vars(s) for s in skipped], faiss)
+
+
+def check_model_matches(encoder: Encoder, artifact: CacheArtifact) -> None:
+    """Features from another model are meaningless against this cache's keys."""
+    built = artifact.manifest["model"]
+    if built.get("weights_sha256") and encoder.weights_sha256 and built["weights_sha256"] != encoder.weights_sha256:
+        raise ModelLoadError(
+            f"cache {artifact.path} was built with {built['id']} (weights sha256 "
+            f"{built['weights_sha256'][:12]}…), not with {encoder.model_id} "
+            f"({encoder.weights_sha256[:12]}…); use the same model or rebuild the cache"
+        )
+
+
+def _faiss_logits(artifact: CacheArtifact, cache, features, method: str, k: int) -> torch.Tensor:
+    params = artifact.params(method).for_method(method)
+    candidates = search_candidates(features, artifact.image_index, artifact.caption_index, k, params.delta)
+    return blend_candidates(features, cache, params, method, candidates)
+
+
+def _topk_accuracy(logits: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    if len(truth) == 0:
+        return {"top1": 0.0, "top5": 0.0}
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return {
+        "top1": float((top[:, 0] == truth).float().mean()),
+        "top5": float((top == truth.view(-1, 1)).any(dim=1).float().mean()),
+    }

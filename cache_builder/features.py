@@ -1,0 +1,123 @@
+"""Images -> CLIP features: averaged random views for keys, the plain view for queries."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from cache_builder.captioners import Captioner
+from cache_builder.sources import Skipped, SupportItem
+from kvclip.errors import ImageDecodeError
+from kvclip.images import load_image
+from kvclip.models import Encoder
+
+_INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+
+
+def random_view_transform(encoder: Encoder) -> T.Compose:
+    """Tip-Adapter's augmentation: random crop (scale 0.5-1, bicubic) and horizontal flip."""
+    return T.Compose([
+        T.RandomResizedCrop(encoder.image_size, scale=(0.5, 1.0),
+                            interpolation=_INTERPOLATION.get(encoder.interpolation, T.InterpolationMode.BICUBIC)),
+        T.RandomHorizontalFlip(p=0.5),
+        T.ToTensor(),
+        T.Normalize(encoder.mean, encoder.std),
+    ])
+
+
+@dataclass
+class SupportFeatures:
+    image_keys: torch.Tensor  # N x D, mean of the views' features, re-normalised
+    query_features: torch.Tensor  # N x D, plain preprocess
+    captions: list[str | None]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def encode_support(
+    encoder: Encoder,
+    items: Sequence[SupportItem],
+    captioner: Captioner,
+    views: int = 10,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> SupportFeatures:
+    """Decode each support image once; encode `views` random views and the plain view.
+
+    Views are drawn from torch's RNG, seeded here, in item order, so a build is repeatable.
+    `batch_size` counts images; an encoder batch holds batch_size x views crops.
+    """
+    if views < 1:
+        raise ValueError("views must be at least 1")
+    augment = random_view_transform(encoder)
+    captions = captioner.caption(items, None) if not captioner.needs_images else []
+    keys, queries = [], []
+    timings = {"decode_s": 0.0, "encode_s": 0.0, "caption_s": 0.0}
+    bar = tqdm(total=len(items), desc=f"encoding support ({views} views)", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2) as pool, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            t0 = time.perf_counter()
+            images = list(pool.map(lambda it: load_image(it.path), chunk))
+            view_pixels = torch.stack([augment(im) for im in images for _ in range(views)])
+            plain_pixels = torch.stack([encoder.preprocess(im) for im in images])
+            t1 = time.perf_counter()
+            view_features = encoder.encode_images(view_pixels).view(len(chunk), views, -1)
+            keys.append(F.normalize(view_features.mean(dim=1), dim=-1).cpu())
+            queries.append(encoder.encode_images(plain_pixels).cpu())
+            t2 = time.perf_counter()
+            if captioner.needs_images:
+                captions.extend(captioner.caption(chunk, images))
+            timings["decode_s"] += t1 - t0
+            timings["encode_s"] += t2 - t1
+            timings["caption_s"] += time.perf_counter() - t2
+            bar.update(len(chunk))
+    bar.close()
+    return SupportFeatures(torch.cat(keys), torch.cat(queries), captions, timings)
+
+
+def encode_captions(encoder: Encoder, captions: Sequence[str | None]) -> torch.Tensor | None:
+    """Caption keys through the text tower; None when the build has no captions."""
+    if not captions or any(c is None for c in captions):
+        return None
+    return encoder.encode_texts(list(captions)).cpu()
+
+
+def encode_image_files(
+    encoder: Encoder, paths: Sequence[Path], batch_size: int = 128, progress: bool = True
+) -> tuple[torch.Tensor, list[int], list[Skipped]]:
+    """Plain-view features of image files; unreadable files are skipped and reported.
+
+    Returns (features of the readable files, their positions in `paths`, skipped files).
+    """
+    def decode(path):
+        try:
+            return encoder.preprocess(load_image(path))
+        except ImageDecodeError as exc:
+            return exc
+
+    features, kept, skipped = [], [], []
+    bar = tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(paths), batch_size):
+            pixels = []
+            for offset, result in enumerate(pool.map(decode, paths[start : start + batch_size])):
+                if isinstance(result, Exception):
+                    skipped.append(Skipped(str(paths[start + offset]), str(result)))
+                else:
+                    pixels.append(result)
+                    kept.append(start + offset)
+            if pixels:
+                features.append(encoder.encode_images(torch.stack(pixels)).cpu())
+            bar.update(min(batch_size, len(paths) - start))
+    bar.close()
+    dim = features[0].shape[1] if features else 0
+    return (torch.cat(features) if features else torch.empty(0, dim)), kept, skipped

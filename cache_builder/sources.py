@@ -1,0 +1,159 @@
+"""Support data: a labelled image folder or a JSONL manifest -> sampled, readable items."""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from kvclip.errors import DataError, ImageDecodeError
+from kvclip.images import IMAGE_SUFFIXES, load_image
+from kvclip.prompts import class_text
+
+
+@dataclass(frozen=True)
+class SupportItem:
+    path: Path
+    label: str
+    caption: str | None = None  # given by a manifest row
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Selection:
+    labels: list[str]
+    items: list[SupportItem]  # readable images, grouped by class in label order
+    skipped: list[Skipped] = field(default_factory=list)
+    available: dict[str, int] = field(default_factory=dict)  # candidates per class
+
+    def per_class(self) -> dict[str, int]:
+        counts = {label: 0 for label in self.labels}
+        for item in self.items:
+            counts[item.label] += 1
+        return counts
+
+
+def discover_folder(data_dir: str | Path) -> list[SupportItem]:
+    """DATA_DIR/<label>/<image>: one sub-folder per class; other files are ignored."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    items = [
+        SupportItem(path, class_dir.name)
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for path in sorted(class_dir.iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not items:
+        raise DataError(f"data folder {root} holds no images in <label>/<file> sub-folders")
+    return items
+
+
+def read_manifest(manifest: str | Path) -> list[SupportItem]:
+    """JSONL rows {"path", "label", "caption"?}; relative paths are relative to the file."""
+    manifest = Path(manifest)
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {manifest}: {exc.strerror or exc}") from exc
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("label"), str):
+            raise DataError(f'{manifest}:{number}: each row needs string fields "path" and "label"')
+        caption = row.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise DataError(f'{manifest}:{number}: "caption" must be a string')
+        path = Path(row["path"])
+        items.append(SupportItem(path if path.is_absolute() else manifest.parent / path, row["label"], caption))
+    if not items:
+        raise DataError(f"manifest {manifest} has no rows")
+    return items
+
+
+def read_labels_file(path: str | Path) -> list[str]:
+    labels = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise DataError(f"labels file {path} is empty")
+    return labels
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    """Labels must be distinct, also as they read in prompts ('Dog' vs 'dog ', 'a_b' vs 'a b')."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        if not label.strip():
+            raise DataError("empty label")
+        key = class_text(label).casefold()
+        if key in seen:
+            raise DataError(f"duplicate labels: {seen[key]!r} and {label!r} name the same class")
+        seen[key] = label
+
+
+def order_labels(items: Iterable[SupportItem], labels: Sequence[str] | None = None) -> list[str]:
+    """Sorted labels of the items, or the given list (every one of which needs images)."""
+    found = sorted({item.label for item in items})
+    if labels is None:
+        check_labels(found)
+        return found
+    labels = list(labels)
+    check_labels(labels)
+    missing = [label for label in labels if label not in found]
+    if missing:
+        raise DataError(f"no images for labels: {', '.join(missing[:10])}")
+    return labels
+
+
+def select_support(
+    items: Sequence[SupportItem],
+    labels: Sequence[str],
+    shots: int | None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Selection:
+    """Up to `shots` readable images per class (all when None), sampled with `seed`.
+
+    Unreadable files are skipped, recorded, and replaced by the class's next candidates.
+    """
+    by_label: dict[str, list[SupportItem]] = defaultdict(list)
+    for item in items:
+        by_label[item.label].append(item)
+    selection = Selection(labels=list(labels), items=[])
+    bar = tqdm(total=sum(min(len(by_label[lb]), shots or 10**12) for lb in labels),
+               desc="checking images", unit="img", disable=not progress)
+    for label in labels:
+        candidates = sorted(by_label[label], key=lambda it: str(it.path))
+        random.Random(f"{seed}:{label}").shuffle(candidates)
+        selection.available[label] = len(candidates)
+        chosen = 0
+        for item in candidates:
+            if shots is not None and chosen >= shots:
+                break
+            try:
+                load_image(item.path)
+            except ImageDecodeError as exc:
+                selection.skipped.append(Skipped(str(item.path), str(exc)))
+                continue
+            selection.items.append(item)
+            chosen += 1
+            bar.update(1)
+        if chosen == 0:
+            raise DataError(
+                f"class {label!r} has no readable images ({len(candidates)} files, all skipped)"
+            )
+    bar.close()
+    return selection

@@ -1,0 +1,30 @@
+"""The `kvclip` command: dispatches to the builder's (and later the server's) commands."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvclip import __version__
+from kvclip.errors import KvclipError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvclip", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvclip {__version__}")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from cache_builder.cli import add_commands as add_builder_commands
+
+    add_builder_commands(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except KvclipError as exc:
+        print(f"kvclip: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

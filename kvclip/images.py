@@ -1,0 +1,43 @@
+"""Safe image decoding: bytes or files -> RGB PIL images, with limits against bombs."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from kvclip.errors import ImageDecodeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """Decode fully (truncation shows up here, not later) and convert to RGB."""
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}"
+                )
+            image.load()
+            return image.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return decode_image(data, max_pixels=max_pixels, name=str(path))

@@ -1,0 +1,263 @@
+"""The encoder: an open_clip model created by name, behind a small interface.
+
+Model names:
+  ARCH:TAG          open_clip pretrained tag, e.g. ViT-B-32:openai, ViT-B-32:laion2b_s34b_b79k
+  ARCH:/path/file   a local open_clip checkpoint (.pt, .bin, .safetensors)
+  hf-hub:ORG/REPO   an open_clip model on the Hugging Face hub (or its local cache)
+  local-dir:/path   a folder with open_clip_config.json and weights
+  tiny-random       a tiny, seeded, randomly initialised CLIP for tests and plumbing only:
+                    its zero-shot accuracy is chance; never use it to classify anything.
+
+Weights are never replaced by random ones silently: when they cannot be had, loading fails
+with ModelLoadError saying which model, where it looked and how to provide a local file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import pretrained as oc_pretrained
+
+from kvclip.errors import ModelLoadError
+from kvclip.hashing import sha256_file
+
+log = logging.getLogger("kvclip.models")
+TINY_RANDOM = "tiny-random"
+TINY_COCA_RANDOM = "tiny-coca-random"
+_TINY_ARCHS = {TINY_RANDOM: "kvclip-tiny", TINY_COCA_RANDOM: "kvclip-tiny-coca"}
+TINY_SEED = 0
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model name."""
+
+    name: str  # as the user wrote it; stored in cache manifests
+    kind: str  # "tag" | "file" | "hf-hub" | "local-dir" | "tiny-random"
+    arch: str  # open_clip architecture or schema-qualified name
+    source: str | None  # pretrained tag, file path, hub id or folder
+
+
+def parse_model_spec(name: str) -> ModelSpec:
+    name = name.strip()
+    if name in _TINY_ARCHS:
+        return ModelSpec(name, "tiny-random", _TINY_ARCHS[name], None)
+    for schema in ("hf-hub", "local-dir"):
+        if name.startswith(schema + ":"):
+            return ModelSpec(name, schema, name, name[len(schema) + 1 :])
+    arch, sep, source = name.partition(":")
+    if not sep or not source:
+        raise ModelLoadError(
+            f"model {name!r} names no weights. Use ARCH:PRETRAINED (e.g. ViT-B-32:openai), "
+            "ARCH:/path/to/checkpoint, hf-hub:ORG/REPO, or tiny-random for plumbing tests."
+        )
+    looks_like_path = os.sep in source or source.endswith(_CHECKPOINT_SUFFIXES) or Path(source).exists()
+    return ModelSpec(name, "file" if looks_like_path else "tag", arch, source)
+
+
+class Encoder:
+    """Preprocess, encode images, encode texts: all the builder and the server need of CLIP."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: torch.nn.Module,
+        preprocess,
+        tokenizer,
+        device: torch.device,
+        weights_sha256: str | None,
+    ) -> None:
+        self.spec = spec
+        self.model = model.eval()
+        self.preprocess = preprocess  # PIL image -> 3 x H x W float tensor (deterministic)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.weights_sha256 = weights_sha256
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", getattr(model.visual, "image_size", 224))
+        self.image_size: int = size if isinstance(size, int) else int(size[0])
+        self.mean: tuple[float, ...] = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std: tuple[float, ...] = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.interpolation: str = cfg.get("interpolation", "bicubic")
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.name
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W preprocessed pixels -> B x D L2-normalised float32 features."""
+        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Strings -> len(texts) x D L2-normalised float32 features (on self.device)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out)
+
+    def info(self) -> dict:
+        """What a cache manifest records of the model that built it."""
+        return {
+            "id": self.model_id,
+            "kind": self.spec.kind,
+            "arch": self.spec.arch,
+            "weights_sha256": self.weights_sha256,
+            "precision": str(self.dtype).replace("torch.", ""),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_encoder(
+    name: str, device: str | torch.device | None = None, cache_dir: str | None = None
+) -> Encoder:
+    """Create the encoder for a model name; fp16 on CUDA, fp32 on CPU."""
+    spec = parse_model_spec(name)
+    device = torch.device(device) if device is not None else default_device()
+    model, preprocess, checkpoint = _create_model(spec, device, cache_dir)
+    tokenizer = open_clip.get_tokenizer(spec.arch, cache_dir=cache_dir)
+    digest = sha256_file(checkpoint) if checkpoint else None
+    if spec.kind == "tiny-random":
+        digest = state_dict_sha256(model)
+    return Encoder(spec, model, preprocess, tokenizer, device, digest)
+
+
+def create_open_clip_model(name: str, device: torch.device, cache_dir: str | None = None):
+    """(model, deterministic preprocess, checkpoint path or None) for any model name."""
+    return _create_model(parse_model_spec(name), device, cache_dir)
+
+
+def _create_model(spec: ModelSpec, device: torch.device, cache_dir: str | None):
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    if spec.kind == "tiny-random":
+        _register_tiny_configs()
+        log.warning("model %s: random weights, for tests and plumbing only (zero-shot is chance)", spec.name)
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=None, precision=precision, device=device
+            )
+        return model, preprocess, None
+
+    checkpoint = _resolve_checkpoint(spec, cache_dir)
+    kwargs = dict(precision=precision, device=device, cache_dir=cache_dir)
+    try:
+        if spec.kind in ("hf-hub", "local-dir"):
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, **kwargs)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=spec.source, require_pretrained=True, **kwargs
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError variously
+        raise ModelLoadError(_load_failure(spec, cache_dir, exc)) from exc
+    return model, preprocess, checkpoint
+
+
+def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | None) -> str | None:
+    """The local path of the weights, fetching them if a hub is reachable."""
+    if spec.kind == "file":
+        _check_arch(spec)
+        if not Path(spec.source).is_file():
+            raise ModelLoadError(
+                f"model {spec.name!r}: checkpoint file {spec.source} does not exist. "
+                f"Give the path of an open_clip checkpoint for architecture {spec.arch}."
+            )
+        return spec.source
+    if spec.kind == "local-dir":
+        folder = Path(spec.source)
+        found = [p for p in sorted(folder.glob("*")) if p.suffix in _CHECKPOINT_SUFFIXES] if folder.is_dir() else []
+        if not found:
+            raise ModelLoadError(
+                f"model {spec.name!r}: no open_clip_config.json with weights in {folder}."
+            )
+        return str(found[0])
+    try:
+        if spec.kind == "hf-hub":
+            return oc_pretrained.download_pretrained_from_hf(spec.source, cache_dir=cache_dir)
+        _check_arch(spec)
+        cfg = oc_pretrained.get_pretrained_cfg(spec.arch, spec.source)
+        if not cfg:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.arch)) or "none"
+            raise ModelLoadError(
+                f"model {spec.name!r}: {spec.source!r} is neither a pretrained tag of {spec.arch} "
+                f"(known tags: {tags}) nor an existing checkpoint file."
+            )
+        return oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(_load_failure(spec, cache_dir, exc)) from exc
+
+
+def _check_arch(spec: ModelSpec) -> None:
+    _register_tiny_configs()  # so a saved tiny model loads as kvclip-tiny:/path too
+    if spec.arch not in open_clip.list_models():
+        raise ModelLoadError(
+            f"model {spec.name!r}: unknown open_clip architecture {spec.arch!r} "
+            "(see open_clip.list_models())."
+        )
+
+
+def _load_failure(spec: ModelSpec, cache_dir: str | None, exc: Exception) -> str:
+    hf_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    places = f"the Hugging Face cache ({hf_cache})"
+    places += f" and {cache_dir}" if cache_dir else " and ~/.cache/clip"
+    offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    arch = spec.arch if spec.kind in ("tag", "file") else "ARCH"
+    return (
+        f"could not load the weights of model {spec.name!r}: not found in {places}, and the "
+        f"hub could not be reached{offline}. Download the checkpoint on a machine with "
+        f"access, then pass it as --model {arch}:/path/to/open_clip_model.safetensors "
+        f"(or set HF_HOME / --model-cache-dir to a folder holding it). "
+        f"Underlying error: {type(exc).__name__}: {str(exc)[:300]}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs 'initialized randomly' on the root logger; we say it once, ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _register_tiny_configs() -> None:
+    if "kvclip-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A fingerprint of a model's weights (for models that have no checkpoint file)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

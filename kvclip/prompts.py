@@ -1,0 +1,87 @@
+"""The zero-shot text classifier W_t from prompt ensembles and per-class descriptions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kvclip.errors import DataError
+
+# The 7-template ImageNet ensemble used by Tip-Adapter.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def class_text(label: str) -> str:
+    """How a label reads inside a prompt: folder-style underscores become spaces."""
+    return label.replace("_", " ").strip()
+
+
+def load_templates(path: str | Path) -> list[str]:
+    """A templates file: a JSON list of strings, or one template per line; each has one {}."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        templates = json.loads(text)
+    else:
+        templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not templates:
+        raise DataError(f"{path}: no templates")
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise DataError(f"{path}: every template needs exactly one {{}} placeholder; bad: {bad[:3]}")
+    return templates
+
+
+def load_descriptions(path: str | Path) -> dict[str, list[str]]:
+    """A CuPL-style JSON object {label: [sentence, ...]}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()
+    ):
+        raise DataError(f"{path}: expected a JSON object mapping each label to a list of sentences")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+def class_prompts(
+    label: str, templates: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
+    prompts = [t.format(class_text(label)) for t in templates]
+    prompts += list((descriptions or {}).get(label, ()))
+    return prompts
+
+
+def text_classifier(
+    encode_texts,
+    labels: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
+) -> torch.Tensor:
+    """W_t (D x C): per class, normalise each prompt's feature, average, normalise again.
+
+    `encode_texts` maps a list of strings to L2-normalised features (Encoder.encode_texts).
+    """
+    if descriptions:
+        unknown = sorted(set(descriptions) - set(labels))
+        if unknown:
+            raise DataError(f"descriptions name labels that are not in the label set: {unknown[:5]}")
+    prompts = [class_prompts(label, templates, descriptions) for label in labels]
+    flat = [p for group in prompts for p in group]
+    features = F.normalize(encode_texts(flat).float(), dim=-1)
+    columns, start = [], 0
+    for group in prompts:
+        columns.append(features[start : start + len(group)].mean(dim=0))
+        start += len(group)
+    return F.normalize(torch.stack(columns, dim=1), dim=0)

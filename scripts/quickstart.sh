@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install kvclip, build a cache, evaluate it.
+#   bash scripts/quickstart.sh [DATA_DIR [TEST_DIR]]
+# KVCLIP_MODEL picks the model (default ViT-B-32:openai, fetched from the hub; offline:
+# ARCH:/path/to/checkpoint, or tiny-random for plumbing only). Without DATA_DIR, a
+# Fashion-MNIST demo (16 shots per class, 1000 test images) is exported first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${KVCLIP_MODEL:-ViT-B-32:openai}
+OUT=${KVCLIP_OUT:-caches}
+bash scripts/install.sh
+DATA=${1:-}; TEST=${2:-}
+if [ -z "$DATA" ]; then
+  bash scripts/fetch_test_data.sh
+  DATA=demo-data/fashion-mnist/train; TEST=demo-data/fashion-mnist/test
+  [ -d "$DATA" ] || .venv/bin/kvclip export-dataset fashion-mnist --out "$DATA" --per-class 16
+  [ -d "$TEST" ] || .venv/bin/kvclip export-dataset fashion-mnist --out "$TEST" --split test --limit 1000
+fi
+NAME=$(basename "$(dirname "$DATA")")
+[ "$NAME" = "." ] && NAME=demo
+# Sidecar captions only when every image has one; otherwise image keys only.
+CAPTIONER=none
+if [ -z "$(find "$DATA" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | while read -r f; do [ -f "${f%.*}.txt" ] || echo missing; done | head -1)" ]; then
+  CAPTIONER=sidecar
+fi
+.venv/bin/kvclip build "$DATA" --out "$OUT/$NAME" --model "$MODEL" --shots 16 --captioner "$CAPTIONER"
+[ -n "$TEST" ] && .venv/bin/kvclip eval --cache "$OUT/$NAME" --data "$TEST"

@@ -1,0 +1,56 @@
+"""Shared fixtures. Nothing here touches the network: the hub is switched off first."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvclip.models import load_encoder  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    return load_encoder("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fashion_train(tmp_path_factory) -> Path:
+    """16 real Fashion-MNIST training images per class, as DATA_DIR/<label>/<file>."""
+    from cache_builder.datasets import export_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist") / "train"
+    export_fashion_mnist(out, "train", per_class=16, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fashion_test(tmp_path_factory) -> Path:
+    """The first 1000 Fashion-MNIST test images (never seen by a build)."""
+    from cache_builder.datasets import export_fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist") / "test"
+    export_fashion_mnist(out, "test", limit=1000)
+    return out
+
+
+def write_images(folder: Path, count: int, seed: int = 0, size: int = 40, suffix: str = ".png") -> list[Path]:
+    """Small random RGB images (for plumbing tests that need no real content)."""
+    from PIL import Image
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:03d}{suffix}"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

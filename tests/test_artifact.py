@@ -1,0 +1,135 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from kvclip import artifact as store
+from kvclip.errors import ArtifactError
+from kvclip.index import build_index
+
+
+def make_artifact(seed: int = 0, captions: bool = True) -> store.CacheArtifact:
+    rng = np.random.default_rng(seed)
+    unit = lambda a, axis: (a / np.linalg.norm(a, axis=axis, keepdims=True)).astype(np.float32)  # noqa: E731
+    keys = unit(rng.normal(size=(12, 8)), 1)
+    caps = unit(rng.normal(size=(12, 8)), 1) if captions else None
+    return store.CacheArtifact(
+        labels=["a", "b", "c"],
+        text_weights=unit(rng.normal(size=(8, 3)), 0),
+        image_keys=keys,
+        label_ids=np.arange(12) % 3,
+        query_features=keys.copy(),
+        caption_keys=caps,
+        items=[{"path": f"/x/{i}.png", "label": "abc"[i % 3], "caption": f"caption {i}"} for i in range(12)],
+        manifest={"schema_version": store.SCHEMA_VERSION, "name": "demo", "labels": ["a", "b", "c"],
+                  "params": {"best_method": "tip", "methods": {"tip": {"alpha": 2.0, "beta": 3.0, "gamma": 0.0, "delta": 0.0}}},
+                  "model": {"id": "tiny-random"}, "seed": seed},
+        image_index=build_index(keys),
+        caption_index=build_index(caps) if captions else None,
+    )
+
+
+def test_publish_and_load_round_trip(tmp_path):
+    cache_dir = tmp_path / "demo"
+    original = make_artifact()
+    assert store.publish(cache_dir, original) == "v0001"
+    loaded = store.load_cache(cache_dir)
+    assert loaded.version == "v0001" and loaded.labels == ["a", "b", "c"]
+    for name in ("text_weights", "image_keys", "caption_keys", "label_ids", "query_features"):
+        assert np.array_equal(getattr(loaded, name), getattr(original, name))
+    assert loaded.items[3]["caption"] == "caption 3"
+    assert loaded.image_index.ntotal == 12 and loaded.caption_index.ntotal == 12
+    assert loaded.params("tip").alpha == 2.0 and loaded.best_method == "tip"
+    assert loaded.methods == ["zeroshot", "tip", "tipx", "caps"]
+    tensors = loaded.tensors("cpu")
+    assert tensors.values.shape == (12, 3) and torch.equal(tensors.values.argmax(1), torch.arange(12) % 3)
+
+
+def test_versions_increase_and_current_moves(tmp_path):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact(0))
+    store.publish(cache_dir, make_artifact(1, captions=False), activate=False)
+    assert store.list_versions(cache_dir) == ["v0001", "v0002"]
+    assert store.current_version(cache_dir) == "v0001"
+    store.set_current(cache_dir, "v0002")
+    loaded = store.load_cache(cache_dir)
+    assert loaded.version == "v0002" and loaded.caption_keys is None and "caps" not in loaded.methods
+    with pytest.raises(ArtifactError, match="no complete version"):
+        store.set_current(cache_dir, "v0009")
+
+
+def test_corrupt_file_is_detected(tmp_path):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact())
+    path = cache_dir / "versions/v0001/image_keys.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="image_keys.npy: missing or corrupt"):
+        store.load_cache(cache_dir)
+
+
+def test_not_a_cache_and_bad_names(tmp_path):
+    with pytest.raises(ArtifactError, match="not a kvclip cache"):
+        store.load_cache(tmp_path)
+    for bad in ("../etc", "a/b", "", ".hidden", "x" * 200):
+        with pytest.raises(ArtifactError, match="invalid cache name"):
+            store.validate_cache_name(bad)
+
+
+def test_exception_while_publishing_keeps_previous_version(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact(0))
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.key_index, "write_index", explode)
+    with pytest.raises(OSError, match="disk full"):
+        store.publish(cache_dir, make_artifact(1))
+    assert store.list_versions(cache_dir) == ["v0001"]
+    assert store.load_cache(cache_dir).manifest["seed"] == 0
+    assert not list(cache_dir.glob(".staging-*"))
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_artifact import make_artifact
+    from kvclip import artifact as store
+    point = sys.argv[2]
+    die = lambda *a, **k: os._exit(17)
+    if point == "mid-write":
+        store.key_index.write_index = die          # after the arrays, before the indexes
+    elif point == "before-current":
+        store.set_current = die                     # version renamed in, CURRENT not yet moved
+    store.publish(sys.argv[1], make_artifact(1))
+""")
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before-current"])
+def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, point):
+    import pathlib
+
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact(0))
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(root=str(pathlib.Path(__file__).parents[1])))
+    proc = subprocess.run([sys.executable, str(script), str(cache_dir), point], capture_output=True, text=True)
+    assert proc.returncode == 17, proc.stderr
+    assert store.current_version(cache_dir) == "v0001"
+    loaded = store.load_cache(cache_dir)
+    assert loaded.version == "v0001" and loaded.manifest["seed"] == 0
+    if point == "mid-write":
+        assert list(cache_dir.glob(".staging-*")) and store.list_versions(cache_dir) == ["v0001"]
+    else:
+        assert store.list_versions(cache_dir) == ["v0001", "v0002"]  # complete but not current
+        assert json.loads((cache_dir / "versions/v0002/manifest.json").read_text())["seed"] == 1
+    # the next build publishes normally and cleans the dead builder's staging folder
+    version = store.publish(cache_dir, make_artifact(2))
+    assert store.load_cache(cache_dir).version == version
+    assert not list(cache_dir.glob(".staging-*"))

@@ -1,0 +1,441 @@
+"""kvclip.blend against a plain, loop-based transcription of docs/methods.md.
+
+The reference below is written straight from the formulas in methods.md (shared docs), not
+from kvclip/blend.py:
+
+    logits_zs = 100 f W_t
+    A_j       = (1 - delta) f . k_img_j + delta f . k_cap_j        (delta = 0 for tip / tipx)
+    s(x)      = softmax(x W_t / T) over the C classes
+    KL_j      = sum_c s(f)_c (log s(f)_c - log s(k_img_j)_c)
+    KL row rescaled linearly onto [min_j A_j, max_j A_j] of the same query, then negated
+    logits    = logits_zs + gamma (-rescaled KL) L + alpha exp(-beta (1 - A)) L
+
+Only the support items that are "active" for a query (not excluded / among its candidates)
+enter the sums and the min / max of the rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from kvclip.blend import BlendParams, CacheTensors, blend, blend_candidates
+
+METHODS = ("zeroshot", "tip", "tipx", "caps")
+TOL = 1e-4
+
+D, C, N, Q = 32, 7, 40, 12
+
+
+# --------------------------------------------------------------------------------------
+# Reference (python floats, explicit loops)
+# --------------------------------------------------------------------------------------
+
+
+def _dot(x, y):
+    return sum(float(a) * float(b) for a, b in zip(x, y))
+
+
+def ref_signature(x, text_weights, temperature):
+    """softmax(x W_t / T) over the C classes, as a list of python floats."""
+    d, c = text_weights.shape
+    z = []
+    for cls in range(c):
+        acc = 0.0
+        for k in range(d):
+            acc += float(x[k]) * float(text_weights[k, cls])
+        z.append(acc / temperature)
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    tot = sum(e)
+    return [v / tot for v in e]
+
+
+def ref_kl(p, q):
+    return sum(pc * (math.log(pc) - math.log(qc)) for pc, qc in zip(p, q))
+
+
+def ref_logits(
+    features,
+    text_weights,
+    image_keys,
+    labels,
+    caption_keys,
+    params: BlendParams,
+    method: str,
+    temperature: float = 0.5,
+    active=None,
+):
+    """Q x C float64 logits. `active[i]` is the list of support ids used by query i."""
+    f_all = np.asarray(features, dtype=np.float64)
+    w = np.asarray(text_weights, dtype=np.float64)
+    k_img = np.asarray(image_keys, dtype=np.float64)
+    k_cap = None if caption_keys is None else np.asarray(caption_keys, dtype=np.float64)
+    labels = [int(v) for v in labels]
+    q_count, n_items, n_cls = f_all.shape[0], k_img.shape[0], w.shape[1]
+
+    alpha, beta, gamma, delta = params.alpha, params.beta, params.gamma, params.delta
+    if method == "tip":
+        gamma, delta = 0.0, 0.0
+    elif method == "tipx":
+        delta = 0.0
+
+    key_sigs = [ref_signature(k_img[j], w, temperature) for j in range(n_items)]
+    out = np.zeros((q_count, n_cls), dtype=np.float64)
+    for i in range(q_count):
+        f = f_all[i]
+        for cls in range(n_cls):
+            out[i, cls] = 100.0 * _dot(f, w[:, cls])
+        if method == "zeroshot":
+            continue
+        items = list(range(n_items)) if active is None else sorted(set(active[i]))
+        aff = {}
+        for j in items:
+            a = (1.0 - delta) * _dot(f, k_img[j])
+            if delta != 0.0:
+                a += delta * _dot(f, k_cap[j])
+            aff[j] = a
+        for j in items:
+            out[i, labels[j]] += alpha * math.exp(-beta * (1.0 - aff[j]))
+        if gamma != 0.0:
+            sf = ref_signature(f, w, temperature)
+            kl = {j: ref_kl(sf, key_sigs[j]) for j in items}
+            kl_min, kl_max = min(kl.values()), max(kl.values())
+            a_min, a_max = min(aff.values()), max(aff.values())
+            for j in items:
+                scaled = a_min + (kl[j] - kl_min) / (kl_max - kl_min) * (a_max - a_min)
+                out[i, labels[j]] += gamma * (-scaled)
+    return out
+
+
+def ref_kl_row(feature, text_weights, image_keys, temperature=0.5):
+    w = np.asarray(text_weights, dtype=np.float64)
+    sf = ref_signature(np.asarray(feature, dtype=np.float64), w, temperature)
+    return [
+        ref_kl(sf, ref_signature(np.asarray(k, dtype=np.float64), w, temperature))
+        for k in image_keys
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def _unit_rows(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def make_data(seed, d=D, c=C, n=N, q=Q):
+    """Clustered CLIP-like data so that affinities, signatures and KLs are far from trivial."""
+    g = torch.Generator().manual_seed(seed)
+    protos = _unit_rows(torch.randn(c, d, generator=g, dtype=torch.float64))
+    text_weights = _unit_rows(protos + 0.4 * torch.randn(c, d, generator=g, dtype=torch.float64)).T
+    labels = torch.arange(n) % c
+    labels = labels[torch.randperm(n, generator=g)]
+    image_keys = _unit_rows(protos[labels] + 0.6 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    caption_keys = _unit_rows(
+        protos[labels] + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    )
+    # Half the queries near a class prototype, a few close to support keys, a few random.
+    q_lab = torch.randint(0, c, (q,), generator=g)
+    feats = protos[q_lab] + 0.6 * torch.randn(q, d, generator=g, dtype=torch.float64)
+    near = min(3, q)
+    feats[:near] = image_keys[:near] + 0.04 * torch.randn(near, d, generator=g, dtype=torch.float64)
+    feats[-2:] = torch.randn(2, d, generator=g, dtype=torch.float64)
+    features = _unit_rows(feats)
+    return (
+        features.float().contiguous(),
+        text_weights.float().contiguous(),
+        image_keys.float().contiguous(),
+        labels.long(),
+        caption_keys.float().contiguous(),
+    )
+
+
+def make_cache(tw, keys, labels, caps, temperature=0.5):
+    return CacheTensors.build(tw, keys, labels, caps, temperature=temperature)
+
+
+PARAMS = [
+    BlendParams(alpha=1.0, beta=1.0, gamma=0.0, delta=0.0),
+    BlendParams(alpha=1.0, beta=5.5, gamma=1.0, delta=0.3),
+    BlendParams(alpha=20.0, beta=20.0, gamma=0.5, delta=0.5),
+    BlendParams(alpha=50.0, beta=50.0, gamma=2.0, delta=0.7),
+    BlendParams(alpha=3.0, beta=8.0, gamma=1.5, delta=1.0),
+    BlendParams(alpha=0.0, beta=1.0, gamma=3.0, delta=0.25),
+]
+
+
+def _has_cache_term(method, params):
+    if method == "zeroshot":
+        return False
+    if method == "tip":
+        return params.alpha != 0
+    return params.alpha != 0 or params.gamma != 0
+
+
+def _maxdiff(got, ref):
+    return float(np.max(np.abs(got.detach().cpu().double().numpy() - ref)))
+
+
+# --------------------------------------------------------------------------------------
+# 1. blend vs reference, every method
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.2])
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"a{p.alpha}-b{p.beta}-g{p.gamma}-d{p.delta}")
+@pytest.mark.parametrize("method", METHODS)
+def test_blend_matches_reference(method, params, temperature):
+    feats, tw, keys, labels, caps = make_data(seed=11)
+    cache = make_cache(tw, keys, labels, caps, temperature)
+    got = blend(feats, cache, params, method)
+    assert got.shape == (Q, C)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, temperature)
+    assert _maxdiff(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_really_differ(method):
+    """Guard: the parameter settings above exercise every term (the test can fail)."""
+    feats, tw, keys, labels, caps = make_data(seed=11)
+    p = BlendParams(alpha=3.0, beta=8.0, gamma=1.5, delta=0.6)
+    refs = {m: ref_logits(feats, tw, keys, labels, caps, p, m) for m in METHODS}
+    for other in METHODS:
+        if other != method:
+            assert np.max(np.abs(refs[method] - refs[other])) > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# 2. exclude mask (leave-one-out)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", PARAMS[1:], ids=lambda p: f"a{p.alpha}-b{p.beta}-g{p.gamma}-d{p.delta}")
+@pytest.mark.parametrize("method", METHODS)
+def test_exclude_leave_one_out(method, params):
+    _, tw, keys, labels, caps = make_data(seed=23)
+    cache = make_cache(tw, keys, labels, caps)
+    # Queries are support keys themselves; each excludes its own item (and query 0 also
+    # excludes a couple of neighbours, so more than one item per row can be dropped).
+    ids = [0, 5, 9, 17, 22, 31, 39]
+    feats = keys[ids].clone()
+    exclude = torch.zeros(len(ids), N, dtype=torch.bool)
+    for row, j in enumerate(ids):
+        exclude[row, j] = True
+    exclude[0, 1] = True
+    exclude[0, 2] = True
+    active = [[j for j in range(N) if not exclude[r, j]] for r in range(len(ids))]
+
+    got = blend(feats, cache, params, method, exclude=exclude)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active)
+    assert _maxdiff(got, ref) <= TOL
+
+    if _has_cache_term(method, params):
+        # The exclusion must matter (otherwise this test could not fail).
+        ref_all = ref_logits(feats, tw, keys, labels, caps, params, method)
+        assert np.max(np.abs(ref_all - ref)) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["tipx", "caps"])
+def test_exclude_removes_item_from_kl_range(method):
+    """With alpha = 0 only the KL term remains; the self item (KL = 0, the row's KL min and
+    A = 1, the row's affinity max) must drop out of both min/max ranges when excluded."""
+    _, tw, keys, labels, caps = make_data(seed=5)
+    cache = make_cache(tw, keys, labels, caps)
+    params = BlendParams(alpha=0.0, beta=1.0, gamma=1.0, delta=0.4)
+    feats = keys[:6].clone()
+    exclude = torch.zeros(6, N, dtype=torch.bool)
+    exclude[torch.arange(6), torch.arange(6)] = True
+    active = [[j for j in range(N) if j != r] for r in range(6)]
+    got = blend(feats, cache, params, method, exclude=exclude)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active)
+    assert _maxdiff(got, ref) <= TOL
+
+
+# --------------------------------------------------------------------------------------
+# 3. blend_candidates
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"a{p.alpha}-b{p.beta}-g{p.gamma}-d{p.delta}")
+@pytest.mark.parametrize("method", METHODS)
+def test_candidates_all_ids_equal_blend(method, params):
+    feats, tw, keys, labels, caps = make_data(seed=31)
+    cache = make_cache(tw, keys, labels, caps)
+    rng = random.Random(7)
+    rows = []
+    for _ in range(Q):
+        ids = list(range(N))
+        rng.shuffle(ids)
+        ids += [-1] * 3 + [rng.randrange(N) for _ in range(4)]
+        rng.shuffle(ids)
+        rows.append(ids)
+    cand = torch.tensor(rows, dtype=torch.long)
+    got = blend_candidates(feats, cache, params, method, cand)
+    full = blend(feats, cache, params, method)
+    assert float((got - full).abs().max()) <= TOL
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method)
+    assert _maxdiff(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"a{p.alpha}-b{p.beta}-g{p.gamma}-d{p.delta}")
+@pytest.mark.parametrize("method", METHODS)
+def test_candidates_subset_matches_reference(method, params):
+    feats, tw, keys, labels, caps = make_data(seed=37)
+    cache = make_cache(tw, keys, labels, caps)
+    rng = random.Random(3)
+    m = 12
+    rows, active = [], []
+    for i in range(Q):
+        k = rng.randrange(4, 10)  # at least 4 distinct ids per query, different per query
+        # queries 0..2 lie close to support keys 0..2: leave their nearest key out
+        pool = [j for j in range(N) if j != i] if i < 3 else list(range(N))
+        ids = rng.sample(pool, k)
+        active.append(ids)
+        row = ids + [rng.choice(ids)] * 2  # duplicates
+        row += [-1] * (m - len(row))
+        rng.shuffle(row)
+        rows.append(row)
+    cand = torch.tensor(rows, dtype=torch.long)
+    got = blend_candidates(feats, cache, params, method, cand)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active)
+    assert _maxdiff(got, ref) <= TOL
+    if _has_cache_term(method, params):
+        ref_all = ref_logits(feats, tw, keys, labels, caps, params, method)
+        assert np.max(np.abs(ref_all - ref)) > 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# 4. batch independence
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_independence(method):
+    feats, tw, keys, labels, caps = make_data(seed=41)
+    cache = make_cache(tw, keys, labels, caps)
+    params = BlendParams(alpha=4.0, beta=10.0, gamma=1.5, delta=0.4)
+    g = torch.Generator().manual_seed(99)
+    query = feats[3:4].clone()
+    alone = blend(query, cache, params, method)
+
+    batch_a = _unit_rows(torch.randn(64, D, generator=g))
+    batch_a[17] = query[0]
+    batch_b = _unit_rows(keys[torch.randint(0, N, (64,), generator=g)] + 0.05 * torch.randn(64, D, generator=g))
+    batch_b[50] = query[0]
+
+    in_a = blend(batch_a, cache, params, method)[17:18]
+    in_b = blend(batch_b, cache, params, method)[50:51]
+    assert torch.allclose(alone, in_a, atol=1e-5, rtol=0)
+    assert torch.allclose(alone, in_b, atol=1e-5, rtol=0)
+    ref = ref_logits(query, tw, keys, labels, caps, params, method)
+    assert _maxdiff(alone, ref) <= TOL
+
+
+# --------------------------------------------------------------------------------------
+# 5. signatures over classes; KL of identical signatures is 0
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_kl_zero_for_identical_key():
+    _, tw, keys, _, _ = make_data(seed=53)
+    kl = ref_kl_row(keys[7], tw, keys)
+    assert abs(kl[7]) < 1e-12
+    assert all(v > 1e-6 for j, v in enumerate(kl) if j != 7)
+
+
+@pytest.mark.parametrize("method", ["tipx", "caps"])
+def test_support_key_as_query_kl_term(method):
+    """Query = support key j (alone in its class). Its KL is 0, the row minimum, so its
+    rescaled KL is min_j A_j and the KL term of j's class is -gamma * min A. With delta = 0
+    its affinity (1.0) is the row maximum."""
+    _, tw, keys, labels, caps = make_data(seed=59)
+    j = 4
+    labels = labels.clone()
+    # make j the only member of its class
+    own = int(labels[j])
+    labels[(labels == own) & (torch.arange(N) != j)] = (own + 1) % C
+    assert int((labels == own).sum()) == 1
+    cache = make_cache(tw, keys, labels, caps)
+    delta = 0.0 if method == "tipx" else 0.5
+    params = BlendParams(alpha=0.0, beta=1.0, gamma=2.0, delta=delta)
+    feats = keys[j : j + 1].clone()
+
+    kl = ref_kl_row(feats[0], tw, keys)
+    assert abs(kl[j]) < 1e-9 and min(kl) == kl[j]
+    aff = [
+        (1 - delta) * _dot(feats[0].double(), keys[i].double()) + delta * _dot(feats[0].double(), caps[i].double())
+        for i in range(N)
+    ]
+    if method == "tipx":
+        assert max(aff) == pytest.approx(1.0, abs=1e-6)
+
+    got = blend(feats, cache, params, method) - blend(feats, cache, params, "zeroshot")
+    assert float(got[0, own]) == pytest.approx(-2.0 * min(aff), abs=TOL)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method)
+    assert _maxdiff(blend(feats, cache, params, method), ref) <= TOL
+
+
+@pytest.mark.parametrize("method", ["tipx", "caps"])
+def test_signature_is_over_classes_not_features(method):
+    """A support key k that differs from the query f only outside the span of W_t's columns
+    has x W_t identical to f's, so KL(f, k) = 0 over the classes (but not over the D feature
+    dimensions). It is then the row's KL minimum and its rescaled KL is min A."""
+    g = torch.Generator().manual_seed(61)
+    feats_, tw, keys, labels, caps = make_data(seed=61)
+    w = tw.double()
+    basis, _ = torch.linalg.qr(w)  # D x C orthonormal basis of span(W_t)
+    p = basis @ torch.randn(C, generator=g, dtype=torch.float64)
+    p = 0.7 * p / p.norm()
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    u = u - basis @ (basis.T @ u)
+    u = u / u.norm() * math.sqrt(1 - 0.7**2)
+    f = (p + u).float()
+    k = (p - u).float()
+    j = 9
+    keys = keys.clone()
+    keys[j] = k
+    own = int(labels[j])
+    labels = labels.clone()
+    labels[(labels == own) & (torch.arange(N) != j)] = (own + 1) % C
+    cache = make_cache(tw, keys, labels, caps)
+    delta = 0.0 if method == "tipx" else 0.3
+    params = BlendParams(alpha=0.0, beta=1.0, gamma=1.0, delta=delta)
+    feats = f[None]
+
+    kl = ref_kl_row(f, tw, keys)
+    assert abs(kl[j]) < 1e-9
+    # over the D feature dims the two distributions differ (the reference-code defect)
+    sf = torch.softmax(f.double() / 0.5, 0)
+    sk = torch.softmax(k.double() / 0.5, 0)
+    assert float((sf * (sf.log() - sk.log())).sum()) > 1e-3
+
+    aff = [
+        (1 - delta) * _dot(f.double(), keys[i].double()) + delta * _dot(f.double(), caps[i].double())
+        for i in range(N)
+    ]
+    got = blend(feats, cache, params, method) - blend(feats, cache, params, "zeroshot")
+    assert float(got[0, own]) == pytest.approx(-min(aff), abs=TOL)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method)
+    assert _maxdiff(blend(feats, cache, params, method), ref) <= TOL
+
+
+def test_signature_depends_on_class_count():
+    """Dropping one class column of W_t changes s(x) and so the KL term (beyond just removing
+    a logit column) in the way the reference predicts."""
+    feats, tw, keys, labels, caps = make_data(seed=67)
+    keep = labels != C - 1
+    tw6, keys6, labels6, caps6 = tw[:, : C - 1].contiguous(), keys[keep], labels[keep], caps[keep]
+    params = BlendParams(alpha=1.0, beta=5.0, gamma=2.0, delta=0.5)
+    for method in ("tipx", "caps"):
+        cache6 = make_cache(tw6, keys6, labels6, caps6)
+        got6 = blend(feats, cache6, params, method)
+        ref6 = ref_logits(feats, tw6, keys6, labels6, caps6, params, method)
+        assert got6.shape == (Q, C - 1)
+        assert _maxdiff(got6, ref6) <= TOL
