@@ -71,7 +71,8 @@ def build_cache(config: BuildConfig, encoder: Encoder | None = None) -> BuildRes
     labels = order_labels(items, wanted)
     templates = load_templates(config.templates) if config.templates else list(DEFAULT_TEMPLATES)
     descriptions = load_descriptions(config.descriptions) if config.descriptions else None
-    selection = select_support([it for it in items if it.label in set(labels)], labels,
+    label_id = {label: i for i, label in enumerate(labels)}
+    selection = select_support([it for it in items if it.label in label_id], labels,
                                config.shots, config.seed, config.progress)
     for skipped in selection.skipped:
         log.warning("skipped %s: %s", skipped.path, skipped.reason)
@@ -84,7 +85,7 @@ def build_cache(config: BuildConfig, encoder: Encoder | None = None) -> BuildRes
     support = encode_support(encoder, selection.items, captioner, config.views,
                              config.batch_size, config.seed, config.progress)
     caption_keys = encode_captions(encoder, support.captions)
-    label_ids = torch.tensor([labels.index(it.label) for it in selection.items])
+    label_ids = torch.tensor([label_id[it.label] for it in selection.items])
 
     cache = CacheTensors.build(text_weights, support.image_keys, label_ids, caption_keys,
                                temperature=DEFAULT_TEMPERATURE, device=encoder.device)

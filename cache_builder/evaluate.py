@@ -56,7 +56,8 @@ def evaluate(
     check_model_matches(encoder, artifact)
 
     features, kept, skipped = encode_image_files(encoder, [it.path for it in items], batch_size, progress)
-    truth = torch.tensor([artifact.labels.index(items[i].label) for i in kept], device=encoder.device)
+    label_id = {label: i for i, label in enumerate(artifact.labels)}
+    truth = torch.tensor([label_id[items[i].label] for i in kept], device=encoder.device)
     cache = artifact.tensors(encoder.device)
     features = features.to(encoder.device)
     methods, faiss = {}, ({"k": faiss_k, "methods": {}} if faiss_k else None)

@@ -154,12 +154,17 @@ def log_signatures(x: torch.Tensor, text_weights: torch.Tensor, temperature: flo
     return torch.log_softmax((x @ text_weights) / temperature, dim=-1)
 
 
-def kl_divergence(features: torch.Tensor, cache: CacheTensors) -> torch.Tensor:
-    """KL(s(f) ‖ s(k_j)) for every query and support item, by one matmul (queries x items)."""
+def kl_divergence(
+    features: torch.Tensor, cache: CacheTensors, key_log_signatures: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(s(f) ‖ s(k_j)) by one matmul: queries x items against every support item, or
+    against each query's own candidates when given their log signatures (queries x M x C)."""
     log_s_f = log_signatures(features, cache.text_weights, cache.temperature)
     s_f = log_s_f.exp()
     negative_entropy = (s_f * log_s_f).sum(dim=-1, keepdim=True)
-    return negative_entropy - s_f @ cache.key_log_signatures.T
+    if key_log_signatures is None:
+        return negative_entropy - s_f @ cache.key_log_signatures.T
+    return negative_entropy - torch.einsum("qc,qmc->qm", s_f, key_log_signatures)
 
 
 def rescale_rows(
@@ -252,11 +257,7 @@ def blend_candidates(
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
         logits = logits + p.alpha * torch.einsum("qm,qmc->qc", weights, values)
     if p.gamma != 0.0:
-        log_s_f = log_signatures(features, cache.text_weights, cache.temperature)
-        s_f = log_s_f.exp()
-        kl = (s_f * log_s_f).sum(-1, keepdim=True) - torch.einsum(
-            "qc,qmc->qm", s_f, cache.key_log_signatures[ids]
-        )
+        kl = kl_divergence(features, cache, cache.key_log_signatures[ids])
         weights = (-rescale_rows(kl, affinity, invalid)).masked_fill(invalid, 0.0)
         logits = logits + p.gamma * torch.einsum("qm,qmc->qc", weights, values)
     return logits
