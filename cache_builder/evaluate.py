@@ -8,9 +8,9 @@ import torch
 
 from cache_builder.features import encode_image_files
 from cache_builder.sources import SupportItem, discover_folder, read_manifest
-from kvclip.artifact import CacheArtifact, load_cache
+from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import blend, blend_candidates
-from kvclip.errors import DataError, ModelLoadError
+from kvclip.errors import DataError
 from kvclip.index import search_candidates
 from kvclip.models import Encoder, load_encoder
 
@@ -75,17 +75,6 @@ def evaluate(
                   "model": artifact.manifest["model"]["id"], "classes": len(artifact.labels),
                   "items": len(artifact.label_ids)}
     return EvalReport(len(kept), methods, params, cache_info, [vars(s) for s in skipped], faiss)
-
-
-def check_model_matches(encoder: Encoder, artifact: CacheArtifact) -> None:
-    """Features from another model are meaningless against this cache's keys."""
-    built = artifact.manifest["model"]
-    if built.get("weights_sha256") and encoder.weights_sha256 and built["weights_sha256"] != encoder.weights_sha256:
-        raise ModelLoadError(
-            f"cache {artifact.path} was built with {built['id']} (weights sha256 "
-            f"{built['weights_sha256'][:12]}…), not with {encoder.model_id} "
-            f"({encoder.weights_sha256[:12]}…); use the same model or rebuild the cache"
-        )
 
 
 def _faiss_logits(artifact: CacheArtifact, cache, features, method: str, k: int) -> torch.Tensor:

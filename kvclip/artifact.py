@@ -33,7 +33,7 @@ import torch
 
 from kvclip import index as key_index
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, check_method
-from kvclip.errors import ArtifactError
+from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
 
 SCHEMA_VERSION = 1
@@ -199,6 +199,46 @@ def load_cache(
         **arrays,
         **loaded,
     )
+
+
+def delete_version(cache_dir: str | Path, version: str) -> None:
+    """Remove one version's folder; the version CURRENT names is never removed."""
+    cache_dir = Path(cache_dir)
+    if not _VERSION_RE.match(version):
+        raise ArtifactError(f"invalid version name {version!r}: expected v0001, v0002, ...")
+    folder = cache_dir / VERSIONS_DIR / version
+    with _locked(cache_dir):
+        if current_version(cache_dir) == version:
+            raise ArtifactError(f"{cache_dir}: {version} is the current version; activate another one first")
+        if not folder.is_dir():
+            raise ArtifactError(f"{cache_dir}: no version {version!r}")
+        # Rename first so a reader never sees a half-deleted version folder.
+        trash = cache_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+        _fsync_dir(cache_dir / VERSIONS_DIR)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_model_matches(encoder, artifact: CacheArtifact) -> None:
+    """Features from another model are meaningless against this cache's keys.
+
+    `encoder` is a kvclip.models.Encoder. Weights are compared by sha256 when both sides
+    have one, otherwise by model name.
+    """
+    built = artifact.manifest["model"]
+    ours, theirs = encoder.weights_sha256, built.get("weights_sha256")
+    if ours and theirs:
+        if ours != theirs:
+            raise ModelLoadError(
+                f"cache {artifact.path} was built with {built['id']} (weights sha256 "
+                f"{theirs[:12]}…), not with {encoder.model_id} ({ours[:12]}…); "
+                "use the same model or rebuild the cache"
+            )
+    elif built.get("id") != encoder.model_id:
+        raise ModelLoadError(
+            f"cache {artifact.path} was built with {built.get('id')}, not with {encoder.model_id}; "
+            "use the same model or rebuild the cache"
+        )
 
 
 def _write_files(folder: Path, artifact: CacheArtifact) -> None:

@@ -246,12 +246,7 @@ def blend_candidates(
     p = params.for_method(method)
     candidates = candidates.to(device=cache.device, dtype=torch.long)
     ids, invalid = _dedupe_candidates(candidates)
-    affinity = torch.einsum("qd,qmd->qm", features, cache.image_keys[ids])
-    if p.delta != 0.0:
-        if cache.caption_keys is None:
-            raise ValueError("delta > 0 needs caption keys, and this cache has none")
-        caption_part = torch.einsum("qd,qmd->qm", features, cache.caption_keys[ids])
-        affinity = (1.0 - p.delta) * affinity + p.delta * caption_part
+    affinity = candidate_affinities(features, cache, ids, p.delta)
     values = cache.values[ids]  # queries x M x C
     if p.alpha != 0.0:
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
@@ -261,6 +256,19 @@ def blend_candidates(
         weights = (-rescale_rows(kl, affinity, invalid)).masked_fill(invalid, 0.0)
         logits = logits + p.gamma * torch.einsum("qm,qmc->qc", weights, values)
     return logits
+
+
+def candidate_affinities(
+    features: torch.Tensor, cache: CacheTensors, ids: torch.Tensor, delta: float = 0.0
+) -> torch.Tensor:
+    """Affinities (queries x M) of each query with its own candidate items `ids`."""
+    affinity = torch.einsum("qd,qmd->qm", features, cache.image_keys[ids])
+    if delta == 0.0:
+        return affinity
+    if cache.caption_keys is None:
+        raise ValueError("delta > 0 needs caption keys, and this cache has none")
+    caption_part = torch.einsum("qd,qmd->qm", features, cache.caption_keys[ids])
+    return (1.0 - delta) * affinity + delta * caption_part
 
 
 def _dedupe_candidates(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,38 @@
 #!/usr/bin/env bash
-# Real labelled images for tests and the demo: Debian's dataset-fashion-mnist package.
+# Real labelled images for tests and the demo:
+#  - the foolbox wheel from PyPI, whose foolbox/data/ holds 20 labelled images per subset
+#    (cifar10, cifar100, imagenet, mnist, fashionMNIST); kept as a zip in .cache/test-data/,
+#    never installed (cache_builder.datasets reads the images straight from it);
+#  - Debian's dataset-fashion-mnist package.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FOOLBOX_SPEC="foolbox==3.3.4"
+WHEEL_DIR=.cache/test-data
+if ! compgen -G "$WHEEL_DIR/foolbox-*.whl" >/dev/null; then
+  # .ci/run calls this before install.sh makes the venv, so fall back to the system pip.
+  if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    PIP=(.venv/bin/python -m pip)
+  elif command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; then
+    PIP=(python3 -m pip)
+  elif command -v pip3 >/dev/null; then
+    PIP=(pip3)
+  else
+    echo "fetch_test_data.sh: no pip found (tried .venv, python3 -m pip, pip3);" \
+         "install pip, or put foolbox-3.3.4-py3-none-any.whl in $WHEEL_DIR by hand" >&2
+    exit 1
+  fi
+  mkdir -p "$WHEEL_DIR"
+  # --no-deps --only-binary: just the wheel (a zip of data), none of foolbox's dependencies.
+  # pip's output is shown only on failure (it warns about unusable local index locations).
+  if ! log=$(PIP_DISABLE_PIP_VERSION_CHECK=1 "${PIP[@]}" download -q --no-deps \
+               --only-binary=:all: -d "$WHEEL_DIR" "$FOOLBOX_SPEC" 2>&1); then
+    printf '%s\n' "$log" >&2
+    echo "fetch_test_data.sh: could not download $FOOLBOX_SPEC into $WHEEL_DIR" >&2
+    exit 1
+  fi
+fi
+
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq >/dev/null

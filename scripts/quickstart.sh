@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install kvclip, build a cache, evaluate it.
+# Install kvclip, build a cache, evaluate it, serve it and classify a test image over HTTP.
 #   bash scripts/quickstart.sh [DATA_DIR [TEST_DIR]]
 # KVCLIP_MODEL picks the model (default ViT-B-32:openai, fetched from the hub; offline:
 # ARCH:/path/to/checkpoint, or tiny-random for plumbing only). Without DATA_DIR, a
@@ -25,3 +25,21 @@ if [ -z "$(find "$DATA" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '
 fi
 .venv/bin/kvclip build "$DATA" --out "$OUT/$NAME" --model "$MODEL" --shots 16 --captioner "$CAPTIONER"
 [ -n "$TEST" ] && .venv/bin/kvclip eval --cache "$OUT/$NAME" --data "$TEST"
+# Serve the cache for a moment and classify one test image over HTTP.
+if [ -n "$TEST" ] && [ "${KVCLIP_SKIP_SERVE:-0}" != 1 ]; then
+  PORT=${KVCLIP_PORT:-$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+  .venv/bin/kvclip serve --caches "$OUT" --model "$MODEL" --port "$PORT" --log-level WARNING &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break
+    kill -0 $SERVER 2>/dev/null || { echo "quickstart: the server exited" >&2; exit 1; }
+    sleep 1
+  done
+  IMAGE=$(find "$TEST" -type f \( -iname '*.png' -o -iname '*.jpg' \) | sort | head -1)
+  echo "POST /v1/classify  $IMAGE  (true label: $(basename "$(dirname "$IMAGE")"))"
+  curl -sf -F "file=@$IMAGE" "http://127.0.0.1:$PORT/v1/classify?cache=$NAME&top_k=3" | .venv/bin/python -m json.tool
+  kill $SERVER; wait $SERVER 2>/dev/null || true
+  trap - EXIT
+  echo "serve it yourself: .venv/bin/kvclip serve --caches $OUT --model $MODEL --port 8000"
+fi

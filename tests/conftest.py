@@ -54,3 +54,33 @@ def write_images(folder: Path, count: int, seed: int = 0, size: int = 40, suffix
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def served_caches(tmp_path_factory, fashion_train, tiny_encoder) -> Path:
+    """A caches folder for server tests: `fashion` with two versions (v0001 current, v0002
+    built with another seed) and `fashion-caps` with caption sidecars (caps method).
+    Tests that change caches copy it first (see tests/service_helpers.copy_caches)."""
+    import shutil
+
+    from cache_builder.build import BuildConfig, build_cache
+
+    root = tmp_path_factory.mktemp("served") / "caches"
+    common = dict(model="tiny-random", shots=8, views=2, batch_size=64, progress=False)
+    build_cache(BuildConfig(out=root / "fashion", data_dir=fashion_train, captioner="none", seed=0, **common),
+                tiny_encoder)
+    build_cache(BuildConfig(out=root / "fashion", data_dir=fashion_train, captioner="none", seed=1,
+                            activate=False, **common), tiny_encoder)
+    captioned = tmp_path_factory.mktemp("captioned") / "train"
+    shutil.copytree(fashion_train, captioned)
+    for image in captioned.rglob("*.png"):
+        image.with_suffix(".txt").write_text(f"a photo of a {image.parent.name}")
+    build_cache(BuildConfig(out=root / "fashion-caps", data_dir=captioned, captioner="sidecar", **common),
+                tiny_encoder)
+    return root
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (@pytest.mark.anyio) run on asyncio, the loop uvicorn uses."""
+    return "asyncio"

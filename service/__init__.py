@@ -1,0 +1,1 @@
+"""kvclip's HTTP service: FastAPI app, cross-request batcher, cache registry."""

@@ -1,0 +1,37 @@
+"""Liveness, readiness and Prometheus metrics (unauthenticated, for probes and scrapers)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import get_state
+from service.state import ServerState
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: ServerState = Depends(get_state)) -> JSONResponse:
+    """200 once the model and the caches folder are loaded, 503 before (or if loading failed)."""
+    registry = state.registry
+    body = {
+        "ready": state.ready,
+        "model": state.encoder.model_id if state.encoder else None,
+        "device": str(state.encoder.device) if state.encoder else None,
+        "caches": {n: c.version for n, c in registry.snapshot().items()} if registry else {},
+        "errors": ({"model": state.load_error} if state.load_error else {}) | (registry.errors if registry else {}),
+    }
+    headers = None if state.ready else {"Retry-After": str(state.config.retry_after_s)}
+    return JSONResponse(body, status_code=200 if state.ready else 503, headers=headers)
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,66 @@
+"""The FastAPI application: routes, error handlers, middleware and lifecycle."""
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from kvclip import __version__
+from kvclip.models import Encoder
+from service import api_caches, api_classify, api_health
+from service.config import ServerConfig
+from service.errors import error_response, install_handlers
+from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from service.state import ServerState
+
+
+def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
+    """The app for `config`; pass a loaded `encoder` to skip loading the model at start."""
+    state = ServerState(config=config, encoder=encoder)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="kvclip",
+        version=__version__,
+        description="Training-free zero-shot image classification: CLIP zero-shot logits blended "
+        "with a key-value cache of support images and their captions.",
+        lifespan=lifespan,
+    )
+    app.state.kv = state
+    install_handlers(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "too_large", str(exc))
+
+    _add_openapi_schemas(app, api_classify.OPENAPI_SCHEMAS)
+    app.include_router(api_health.router)
+    app.include_router(api_classify.router)
+    app.include_router(api_caches.router)
+    # Outermost first at run time: the request context sees every response, 413s included.
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    return app
+
+
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, dict]) -> None:
+    """Register models that routes reference by hand in the generated OpenAPI document."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description,
+                                   routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi

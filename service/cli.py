@@ -1,0 +1,57 @@
+"""`kvclip serve`: load the model, print the configuration, run uvicorn."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from service import config as server_config
+
+log = logging.getLogger("kvclip.service")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve", help="serve caches over HTTP",
+        description="Serve the caches in --caches over HTTP. Every flag can also be set by its "
+        "KVCLIP_* environment variable; API keys come from KVCLIP_API_KEYS or --api-keys-file.",
+    )
+    server_config.add_arguments(parser)
+    parser.set_defaults(run=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvclip.models import load_encoder
+    from service import logs
+    from service.app import create_app
+
+    try:
+        config = server_config.from_namespace(args)
+    except ValueError as exc:
+        print(f"kvclip serve: error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_format, config.log_level)
+    log.info("configuration %s", json.dumps(config.describe()))
+    # Load before listening: a model that cannot be had fails the command with its reason.
+    encoder = load_encoder(config.model, config.device, config.model_cache_dir)
+    app = create_app(config, encoder)
+    keys = app.state.kv.api_keys
+    if keys.enabled:
+        log.info("API keys: %d configured", len(keys.digests))
+    else:
+        log.warning("no API keys configured: every client may classify and change caches")
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        limit_concurrency=config.max_concurrency or None, timeout_graceful_shutdown=30,
+    ))
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
+    # handler that was installed before it; a no-op one makes a clean shutdown exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    log.info("server stopped")
+    return 0

@@ -1,0 +1,107 @@
+"""Server configuration: one dataclass, set by CLI flags or KVCLIP_* environment variables.
+
+Every field `foo_bar` is the flag `--foo-bar` and the variable `KVCLIP_FOO_BAR`; a flag
+wins over the variable, the variable over the default (12-factor). API keys are secrets and
+are never flags (flags show in `ps`): they come from KVCLIP_API_KEYS or --api-keys-file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "KVCLIP_"
+
+
+def _opt(help: str, default=MISSING, **kw):
+    meta = {"help": help, **kw}
+    if default is MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    caches: Path = _opt("folder whose subfolders are caches (each built by 'kvclip build')")
+    model: str = _opt("model name, e.g. ViT-B-32:openai, ARCH:/path/ckpt, hf-hub:ORG/REPO, tiny-random")
+    device: str | None = _opt("torch device (default: cuda when available, else cpu)", None)
+    model_cache_dir: str | None = _opt("where model weights are looked up and downloaded", None)
+    host: str = _opt("address to listen on", "127.0.0.1")
+    port: int = _opt("port to listen on", 8000)
+    max_batch: int = _opt("most images in one encoder batch", 32)
+    max_wait_ms: float = _opt("how long a batch waits for more images after its first", 5.0)
+    max_queue: int = _opt("most images waiting for the encoder; beyond it requests get 503", 512)
+    decode_workers: int = _opt("threads decoding and preprocessing images", 2)
+    max_concurrency: int = _opt("most open requests before uvicorn answers 503 (0: no limit)", 0)
+    max_body_bytes: int = _opt("largest request body", 64 * 2**20)
+    max_image_bytes: int = _opt("largest single image (encoded bytes)", 16 * 2**20)
+    max_images: int = _opt("most images in one request", 64)
+    max_pixels: int = _opt("most pixels in one decoded image (decompression bombs)", 40_000_000)
+    dense_max_keys: int = _opt("caches with more keys blend over FAISS candidates, not densely", 65_536)
+    faiss_k: int = _opt("FAISS candidates per query for large caches", 64)
+    explain_k: int = _opt("nearest support items returned with explain=true", 5)
+    reload_interval_s: float = _opt("poll the caches folder for new versions every N s (0: off)", 0.0)
+    retry_after_s: int = _opt("Retry-After seconds sent with 503", 1)
+    api_keys_file: Path | None = _opt("file of API keys, one 'KEY SCOPE[,SCOPE]' per line", None)
+    log_format: str = _opt("log format", "text", choices=("text", "json"))
+    log_level: str = _opt("log level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        # argparse checks choices for flags only; values from the environment land here.
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        for name in ("max_batch", "max_queue", "decode_workers", "max_body_bytes", "max_image_bytes",
+                     "max_images", "max_pixels", "faiss_k", "explain_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0 or self.reload_interval_s < 0:
+            raise ValueError("max_wait_ms and reload_interval_s cannot be negative")
+
+    def describe(self) -> dict:
+        """Every setting, as printed at start (no secrets live in this object)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _convert(f, raw: str):
+    if raw is None:
+        return None
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{f.name} must be a number, not {raw!r}") from None
+    if kind.startswith("Path"):
+        return Path(raw)
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults come from the environment, then the dataclass."""
+    for f in fields(ServerConfig):
+        env = ENV_PREFIX + f.name.upper()
+        default = os.environ.get(env)
+        required = f.default is MISSING and default is None
+        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=default,
+            required=required,
+            help=f"{f.metadata['help']} [env {env}]",
+            **kw,
+        )
+
+
+def from_namespace(args: argparse.Namespace) -> ServerConfig:
+    values = {}
+    for f in fields(ServerConfig):
+        raw = getattr(args, f.name, None)
+        if raw is not None:
+            values[f.name] = _convert(f, raw) if isinstance(raw, str) else raw
+    return ServerConfig(**values)

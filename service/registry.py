@@ -1,0 +1,181 @@
+"""Loaded caches, one immutable snapshot per cache, swapped atomically.
+
+A request takes its cache's LoadedCache once, at the start, and uses only that object; a
+swap replaces the registry's dict with a new one, so requests in flight finish on the
+version they started with and new ones see the new version. Loading (checksums, tensors
+to the device) happens before the swap, off the event loop; a version that fails to load
+is never swapped in and the previous one keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvclip import artifact as store
+from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
+from kvclip.blend import BlendParams, CacheTensors
+from kvclip.errors import ArtifactError, KvclipError
+from kvclip.models import Encoder
+
+log = logging.getLogger("kvclip.registry")
+
+
+class CacheNotFound(KvclipError):
+    pass
+
+
+class VersionConflict(KvclipError):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedCache:
+    name: str
+    version: str
+    artifact: CacheArtifact
+    tensors: CacheTensors  # resident on the encoder's device
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.artifact.labels
+
+    @property
+    def model_id(self) -> str:
+        return self.artifact.manifest["model"]["id"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.artifact.labels)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.artifact.label_ids.shape[0])
+
+    def params(self, method: str) -> BlendParams:
+        return self.artifact.params(method).for_method(method)
+
+
+@dataclass
+class ReloadReport:
+    loaded: dict[str, str] = field(default_factory=dict)  # name -> version newly loaded
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> error
+
+    def as_dict(self) -> dict:
+        return {"loaded": self.loaded, "unchanged": self.unchanged, "removed": self.removed,
+                "failed": self.failed}
+
+
+class CacheRegistry:
+    def __init__(self, root: Path, encoder: Encoder, on_change=None) -> None:
+        self.root = Path(root)
+        self.encoder = encoder
+        self._caches: dict[str, LoadedCache] = {}
+        self.errors: dict[str, str] = {}  # cache -> why its latest load failed
+        self._mutate = threading.Lock()  # one load/swap at a time; readers never lock
+        self._on_change = on_change
+
+    # Readers -------------------------------------------------------------------------
+    def get(self, name: str) -> LoadedCache:
+        loaded = self._caches.get(name)
+        if loaded is None:
+            known = ", ".join(sorted(self._caches)) or "none loaded"
+            raise CacheNotFound(f"unknown cache {name!r} (caches: {known})")
+        return loaded
+
+    def snapshot(self) -> dict[str, LoadedCache]:
+        return self._caches
+
+    def cache_dir(self, name: str) -> Path:
+        store.validate_cache_name(name)
+        return self.root / name
+
+    # Mutations -----------------------------------------------------------------------
+    def reload(self) -> ReloadReport:
+        """Load every cache whose CURRENT differs from what is served; drop removed ones."""
+        report = ReloadReport()
+        with self._mutate:
+            on_disk = self._scan()
+            caches = dict(self._caches)
+            for name in sorted(set(caches) - set(on_disk)):
+                del caches[name]
+                report.removed.append(name)
+            for name, version in on_disk.items():
+                if name in caches and caches[name].version == version:
+                    report.unchanged.append(name)
+                    continue
+                try:
+                    caches[name] = self._load(name, version)
+                    report.loaded[name] = version
+                    self.errors.pop(name, None)
+                except KvclipError as exc:
+                    report.failed[name] = str(exc)
+                    self.errors[name] = str(exc)
+                    log.error("cache %s %s not loaded: %s", name, version, exc)
+            self._swap(caches)
+        return report
+
+    def activate(self, name: str, version: str) -> LoadedCache:
+        """Load `version`, point CURRENT at it and swap it in; on failure nothing changes."""
+        cache_dir = self.cache_dir(name)
+        with self._mutate:
+            if name not in self._caches and not cache_dir.is_dir():
+                raise CacheNotFound(f"unknown cache {name!r}")
+            if version not in store.list_versions(cache_dir):
+                raise VersionConflict(f"cache {name!r} has no version {version!r} "
+                                      f"(versions: {', '.join(store.list_versions(cache_dir)) or 'none'})")
+            loaded = self._load(name, version)
+            store.set_current(cache_dir, version)
+            self._swap({**self._caches, name: loaded})
+            self.errors.pop(name, None)
+            return loaded
+
+    def delete_version(self, name: str, version: str) -> None:
+        cache_dir = self.cache_dir(name)
+        with self._mutate:
+            if not cache_dir.is_dir():
+                raise CacheNotFound(f"unknown cache {name!r}")
+            served = self._caches.get(name)
+            if served is not None and served.version == version:
+                raise VersionConflict(f"{name} {version} is being served; activate another version first")
+            if version not in store.list_versions(cache_dir):
+                raise CacheNotFound(f"cache {name!r} has no version {version!r}")
+            try:
+                store.delete_version(cache_dir, version)
+            except ArtifactError as exc:
+                raise VersionConflict(str(exc)) from exc
+
+    # Internals -----------------------------------------------------------------------
+    def _scan(self) -> dict[str, str]:
+        found = {}
+        if not self.root.is_dir():
+            return found
+        for path in sorted(self.root.iterdir()):
+            if path.is_dir() and not path.name.startswith("."):
+                version = store.current_version(path)
+                if version is not None:
+                    found[path.name] = version
+        return found
+
+    def _load(self, name: str, version: str) -> LoadedCache:
+        start = time.perf_counter()
+        artifact = load_cache(self.cache_dir(name), version)
+        check_model_matches(self.encoder, artifact)
+        tensors = artifact.tensors(self.encoder.device)
+        if self.encoder.device.type == "cuda":
+            torch.cuda.synchronize(self.encoder.device)
+        log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
+                 len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
+        return LoadedCache(name, version, artifact, tensors)
+
+    def _swap(self, caches: dict[str, LoadedCache]) -> None:
+        self._caches = caches  # one reference assignment: readers see old or new, never a mix
+        if self._on_change:
+            self._on_change(caches)

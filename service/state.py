@@ -1,0 +1,95 @@
+"""What the app holds while it runs, and its start and stop.
+
+The model loads in a background thread so /healthz answers at once and /readyz says 503
+until the model and the first scan of the caches folder are done. `kvclip serve` loads
+the model before starting the server instead, so a bad model name fails the command.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvclip.models import Encoder, load_encoder
+from service.batcher import Batcher
+from service.config import ServerConfig
+from service.metrics import Metrics
+from service.registry import CacheRegistry
+from service.security import ENV_VAR, ApiKeys
+
+log = logging.getLogger("kvclip.service")
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    api_keys: ApiKeys | None = None
+    encoder: Encoder | None = None
+    registry: CacheRegistry | None = None
+    batcher: Batcher | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    ready: bool = False
+    load_error: str | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.api_keys is None:
+            self.api_keys = ApiKeys.load(os.environ.get(ENV_VAR), self.config.api_keys_file)
+
+    async def start(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="kvclip-decode")
+        self._tasks.append(asyncio.create_task(self._load(), name="kvclip-load"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.ready = False
+        self.metrics.ready.set(0)
+
+    async def _load(self) -> None:
+        try:
+            if self.encoder is None:
+                self.encoder = await asyncio.to_thread(
+                    load_encoder, self.config.model, self.config.device, self.config.model_cache_dir
+                )
+            self.metrics.model.info({
+                "model": self.encoder.model_id, "device": str(self.encoder.device),
+                "precision": str(self.encoder.dtype).replace("torch.", ""),
+                "weights_sha256": self.encoder.weights_sha256 or "",
+            })
+            self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches)
+            report = await asyncio.to_thread(self.registry.reload)
+            log.info("caches loaded: %s", report.as_dict())
+            self.batcher = Batcher(
+                self.encoder.encode_images, self.config.max_batch, self.config.max_wait_ms / 1000,
+                self.config.max_queue, self.metrics,
+            )
+            await self.batcher.start()
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("server not ready: %s", self.load_error)
+            return
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready: model %s on %s", self.encoder.model_id, self.encoder.device)
+        if self.config.reload_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._poll(), name="kvclip-reload"))
+
+    async def _poll(self) -> None:
+        """Pick up versions other processes published (e.g. replicas sharing a volume)."""
+        while True:
+            await asyncio.sleep(self.config.reload_interval_s)
+            try:
+                report = await asyncio.to_thread(self.registry.reload)
+                if report.loaded or report.removed or report.failed:
+                    log.info("reload: %s", report.as_dict())
+            except Exception:  # noqa: BLE001 - keep polling; the current caches keep serving
+                log.exception("periodic reload failed")

@@ -1,0 +1,46 @@
+"""Helpers for server tests: run the app in-process (httpx over ASGI) with its lifespan."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from service.app import create_app
+from service.config import ServerConfig
+from service.metrics import metric_value  # noqa: F401  (re-exported for tests)
+
+
+def make_config(caches: Path, **overrides) -> ServerConfig:
+    return replace(ServerConfig(caches=Path(caches), model="tiny-random", device="cpu"), **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_app(config: ServerConfig, encoder=None, wait_ready: bool = True):
+    """Yields (app, client) with the lifespan running; waits for /readyz unless told not to."""
+    app = create_app(config, encoder)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kvclip.test", timeout=60) as client:
+            if wait_ready:
+                for _ in range(600):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"server never became ready: {(await client.get('/readyz')).json()}")
+            yield app, client
+
+
+def copy_caches(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def image_files(folder: Path, count: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart `files=` for the first `count` PNGs under folder (sorted by name)."""
+    paths = sorted(Path(folder).rglob("*.png"), key=lambda p: p.name)[:count]
+    return [("file", (p.name, p.read_bytes(), "image/png")) for p in paths]
