@@ -80,7 +80,7 @@ def run_build(args: argparse.Namespace) -> int:
           f"  skipped {report['skipped_count']}")
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
-    print(f"  leave-one-out top-1 on the support set: " +
+    print("  leave-one-out top-1 on the support set: " +
           ", ".join(f"{k} {v:.3f}" for k, v in m["tuning"]["loo_top1"].items()))
     print(f"  best method {m['params']['best_method']}: {m['params']['methods'].get(m['params']['best_method'], {})}")
     return 0

@@ -299,7 +299,7 @@ def timing_table(rows: list[TimingRow]) -> list[str]:
 
 
 def index_table(rows: list[IndexRow], cache_mb: dict[int, float], agreement_queries: int) -> list[str]:
-    lines = [f"| N | cache tensors MB | index | build s | index MB | top-1 agree | cache-term top-1 agree |",
+    lines = ["| N | cache tensors MB | index | build s | index MB | top-1 agree | cache-term top-1 agree |",
              "|---:|---:|:---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.size} | {cache_mb[r.size]:.1f} | {r.index} | {r.build_s:.2f} | {r.index_mb:.1f} | "

@@ -8,117 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.server_process import REPO, base_env, free_port, kvclip_cmd, serve_process
 from tests.service_helpers import copy_caches, image_files, metric_value
 
-REPO = Path(__file__).resolve().parents[1]
 READ_KEY, ADMIN_KEY = "reader", "boss"
 READ = {"Authorization": f"Bearer {READ_KEY}"}
 ADMIN = {"X-API-Key": ADMIN_KEY}
-START_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any KVCLIP_* setting, hub switched off."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCLIP_")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def kvclip_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kvclip.cli", *args]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-    caches: Path
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_records(self) -> list[dict]:
-        records = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line being written right now
-        return records
-
-    def wait_for_record(self, predicate, timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for record in self.log_records():
-                if predicate(record):
-                    return record
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no matching log record; log tail:\n{self.log_text()[-4000:]}")
-            time.sleep(0.05)
-
-
-def _wait_http(server: Server, path: str, deadline: float) -> None:
-    last = None
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise AssertionError(f"kvclip serve exited with {server.proc.returncode} before {path} "
-                                 f"answered 200; stderr:\n{server.log_text()[-6000:]}")
-        try:
-            response = httpx.get(server.url + path, timeout=2)
-            if response.status_code == 200:
-                return
-            last = f"{response.status_code} {response.text[:500]}"
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    raise AssertionError(f"{path} not 200 after {START_TIMEOUT_S} s (last: {last}); "
-                         f"stderr:\n{server.log_text()[-6000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(served_caches, tmp_path_factory):
     root = tmp_path_factory.mktemp("uvicorn")
     caches = copy_caches(served_caches, root / "caches")
-    log_path = root / "server.log"
-    port = free_port()
-    env = base_env(KVCLIP_API_KEYS=f"{READ_KEY}:read,{ADMIN_KEY}:admin",
-                   KVCLIP_MAX_BATCH="8", KVCLIP_MAX_WAIT_MS="50")
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            kvclip_cmd("serve", "--caches", str(caches), "--model", "tiny-random", "--device", "cpu",
-                       "--port", str(port), "--log-format", "json"),
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log_path, caches)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        _wait_http(srv, "/healthz", deadline)
-        _wait_http(srv, "/readyz", deadline)
+    env = {"KVCLIP_API_KEYS": f"{READ_KEY}:read,{ADMIN_KEY}:admin",
+           "KVCLIP_MAX_BATCH": "8", "KVCLIP_MAX_WAIT_MS": "50"}
+    with serve_process(caches, root, "--log-format", "json", env=env) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def batch_metrics(url: str) -> tuple[float, float, float]:
