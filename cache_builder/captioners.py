@@ -74,8 +74,9 @@ class CocaCaptioner:
     needs_images = True
 
     def __init__(self, model: str = DEFAULT_COCA_MODEL, device: torch.device | None = None,
-                 generation_type: str = "beam_search", seq_len: int = 30) -> None:
+                 generation_type: str = "beam_search", seq_len: int = 30, seed: int = 0) -> None:
         self.model_name = model
+        self.seed = seed
         self.device = device or default_device()
         self.generation_type = generation_type
         self.seq_len = seq_len
@@ -90,7 +91,12 @@ class CocaCaptioner:
             raise ValueError("the coca captioner needs the images")
         dtype = next(self.model.parameters()).dtype
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, dtype)
-        tokens = self.model.generate(pixels, generation_type=self.generation_type, seq_len=self.seq_len)
+        # Sampling generation types draw from torch's RNG: seed it so a build's captions repeat
+        # whatever ran before in the process.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            tokens = self.model.generate(pixels, generation_type=self.generation_type, seq_len=self.seq_len)
         return [_clean(open_clip.decode(row)) for row in tokens]
 
     def describe(self) -> dict:

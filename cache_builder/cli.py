@@ -10,7 +10,11 @@ from kvclip.index import INDEX_KINDS
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    build = sub.add_parser("build", help="build a cache version from labelled images")
+    build = sub.add_parser(
+        "build", help="build a cache version from labelled images, labels alone, or labels and unlabelled images",
+        description="Give DATA_DIR, or --manifest, or --labels FILE alone (a zero-shot cache with no support "
+                    "images), or --labels FILE --pool DIR (support images pseudo-labelled from a folder of "
+                    "unlabelled images).")
     build.add_argument("data_dir", nargs="?", type=Path, help="DATA_DIR/<label>/<image> folder")
     build.add_argument("--manifest", type=Path, help='JSONL rows {"path", "label", "caption"?} instead of a folder')
     build.add_argument("--out", type=Path, required=True, help="cache folder; its name is the cache name")
@@ -23,7 +27,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--captioner-model", help="CoCa model for --captioner coca (default coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k)")
     build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
     build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
-    build.add_argument("--labels", type=Path, help="labels file, one per line: the label set and its order")
+    build.add_argument("--labels", type=Path,
+                       help="labels file, one per line: the label set and its order; alone (no DATA_DIR, "
+                            "--manifest or --pool) it builds a zero-shot cache")
+    build.add_argument("--pool", type=Path,
+                       help="with --labels: a folder of unlabelled images (searched recursively) that zero-shot "
+                            "CLIP pseudo-labels into the support set")
+    build.add_argument("--pool-per-class", type=int, default=16,
+                       help="with --pool: most confident pseudo-labelled images kept per class (default 16)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (x views crops)")
     build.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -67,7 +78,7 @@ def run_build(args: argparse.Namespace) -> int:
         templates=args.templates, descriptions=args.descriptions, labels_file=args.labels,
         seed=args.seed, batch_size=args.batch_size, device=args.device, index_kind=args.index,
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
-        progress=not args.quiet,
+        progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
     )
     result = build_cache(config)
     m = result.manifest
@@ -75,13 +86,21 @@ def run_build(args: argparse.Namespace) -> int:
         print(json.dumps({"version": result.version, "path": str(result.path), **m}, indent=2))
         return 0
     report = m["build_report"]
-    print(f"published {m['name']} {result.version} at {result.path}")
+    print(f"published {m['name']} {result.version} at {result.path} ({report['mode']})")
     print(f"  model {m['model']['id']}  classes {m['counts']['classes']}  items {m['counts']['items']}"
           f"  skipped {report['skipped_count']}")
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['path']}: {skipped['reason']}")
-    print("  leave-one-out top-1 on the support set: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in m["tuning"]["loo_top1"].items()))
+    if "pool" in report:
+        pool = report["pool"]
+        print(f"  pool: {pool['usable']} usable of {pool['images']} images; per class: " +
+              ", ".join(f"{lb} {c['count']}" for lb, c in pool["per_class"].items()))
+        if pool["empty_classes"]:
+            print(f"  no pool image for: {', '.join(pool['empty_classes'])} (zero-shot text weights only)")
+    if m["tuning"]["loo_top1"]:
+        on = "pseudo-labels (zero-shot agrees by construction)" if report["mode"] == "pool" else "the support set"
+        print(f"  leave-one-out top-1 on {on}: " +
+              ", ".join(f"{k} {v:.3f}" for k, v in m["tuning"]["loo_top1"].items()))
     print(f"  best method {m['params']['best_method']}: {m['params']['methods'].get(m['params']['best_method'], {})}")
     return 0
 

@@ -13,6 +13,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from cache_builder.captioners import Captioner
+from cache_builder.progress import BuildMonitor
 from cache_builder.sources import Skipped, SupportItem
 from kvclip.errors import ImageDecodeError
 from kvclip.images import load_image
@@ -48,14 +49,17 @@ def encode_support(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    monitor: BuildMonitor | None = None,
 ) -> SupportFeatures:
     """Decode each support image once; encode `views` random views and the plain view.
 
     Views are drawn from torch's RNG, seeded here, in item order, so a build is repeatable.
     `batch_size` counts images; an encoder batch holds batch_size x views crops.
+    `monitor` is checked before each batch and advanced by its images.
     """
     if views < 1:
         raise ValueError("views must be at least 1")
+    monitor = monitor or BuildMonitor()
     augment = random_view_transform(encoder)
     captions = captioner.caption(items, None) if not captioner.needs_images else []
     keys, queries = [], []
@@ -64,6 +68,7 @@ def encode_support(
     with ThreadPoolExecutor(max_workers=2) as pool, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(items), batch_size):
+            monitor.check()
             chunk = items[start : start + batch_size]
             t0 = time.perf_counter()
             images = list(pool.map(lambda it: load_image(it.path), chunk))
@@ -80,24 +85,45 @@ def encode_support(
             timings["encode_s"] += t2 - t1
             timings["caption_s"] += time.perf_counter() - t2
             bar.update(len(chunk))
+            monitor.advance(len(chunk))
     bar.close()
     return SupportFeatures(torch.cat(keys), torch.cat(queries), captions, timings)
 
 
-def encode_captions(encoder: Encoder, captions: Sequence[str | None]) -> torch.Tensor | None:
+def has_captions(captions: Sequence[str | None]) -> bool:
+    """Caption keys exist only when every support item has a caption."""
+    return bool(captions) and all(c is not None for c in captions)
+
+
+def encode_captions(
+    encoder: Encoder, captions: Sequence[str | None], batch_size: int = 256, monitor: BuildMonitor | None = None
+) -> torch.Tensor | None:
     """Caption keys through the text tower; None when the build has no captions."""
-    if not captions or any(c is None for c in captions):
+    if not has_captions(captions):
         return None
-    return encoder.encode_texts(list(captions)).cpu()
+    monitor = monitor or BuildMonitor()
+    keys = []
+    for start in range(0, len(captions), batch_size):
+        monitor.check()
+        chunk = list(captions[start : start + batch_size])
+        keys.append(encoder.encode_texts(chunk).cpu())
+        monitor.advance(len(chunk))
+    return torch.cat(keys)
 
 
 def encode_image_files(
-    encoder: Encoder, paths: Sequence[Path], batch_size: int = 128, progress: bool = True
+    encoder: Encoder,
+    paths: Sequence[Path],
+    batch_size: int = 128,
+    progress: bool = True,
+    monitor: BuildMonitor | None = None,
 ) -> tuple[torch.Tensor, list[int], list[Skipped]]:
     """Plain-view features of image files; unreadable files are skipped and reported.
 
     Returns (features of the readable files, their positions in `paths`, skipped files).
+    `monitor` is checked before each batch and advanced by its files, skipped ones included.
     """
+    monitor = monitor or BuildMonitor()
     def decode(path):
         try:
             return encoder.preprocess(load_image(path))
@@ -108,6 +134,7 @@ def encode_image_files(
     bar = tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress)
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(paths), batch_size):
+            monitor.check()
             pixels = []
             for offset, result in enumerate(pool.map(decode, paths[start : start + batch_size])):
                 if isinstance(result, Exception):
@@ -118,6 +145,7 @@ def encode_image_files(
             if pixels:
                 features.append(encoder.encode_images(torch.stack(pixels)).cpu())
             bar.update(min(batch_size, len(paths) - start))
+            monitor.advance(min(batch_size, len(paths) - start))
     bar.close()
     dim = features[0].shape[1] if features else 0
     return (torch.cat(features) if features else torch.empty(0, dim)), kept, skipped

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError, ImageDecodeError
 from kvclip.images import IMAGE_SUFFIXES, load_image
 from kvclip.prompts import class_text
@@ -58,6 +59,21 @@ def discover_folder(data_dir: str | Path) -> list[SupportItem]:
     return items
 
 
+def discover_images(folder: str | Path) -> list[Path]:
+    """Every image file under `folder`, searched recursively (hidden files and folders skipped)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    paths = sorted(
+        path for path in root.rglob("*")
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+    if not paths:
+        raise DataError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
 def read_manifest(manifest: str | Path) -> list[SupportItem]:
     """JSONL rows {"path", "label", "caption"?}; relative paths are relative to the file."""
     manifest = Path(manifest)
@@ -86,7 +102,11 @@ def read_manifest(manifest: str | Path) -> list[SupportItem]:
 
 
 def read_labels_file(path: str | Path) -> list[str]:
-    labels = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels:
         raise DataError(f"labels file {path} is empty")
     return labels
@@ -118,23 +138,34 @@ def order_labels(items: Iterable[SupportItem], labels: Sequence[str] | None = No
     return labels
 
 
+def planned_support(items: Iterable[SupportItem], labels: Sequence[str], shots: int | None) -> int:
+    """How many images `select_support` will choose at most (the checking pass's size)."""
+    counts: dict[str, int] = defaultdict(int)
+    for item in items:
+        counts[item.label] += 1
+    return sum(min(counts[label], shots if shots is not None else counts[label]) for label in labels)
+
+
 def select_support(
     items: Sequence[SupportItem],
     labels: Sequence[str],
     shots: int | None,
     seed: int = 0,
     progress: bool = True,
+    monitor: BuildMonitor | None = None,
 ) -> Selection:
     """Up to `shots` readable images per class (all when None), sampled with `seed`.
 
     Unreadable files are skipped, recorded, and replaced by the class's next candidates.
+    `monitor` is checked before each file and advanced by each chosen image.
     """
+    monitor = monitor or BuildMonitor()
     by_label: dict[str, list[SupportItem]] = defaultdict(list)
     for item in items:
         by_label[item.label].append(item)
     selection = Selection(labels=list(labels), items=[])
-    bar = tqdm(total=sum(min(len(by_label[lb]), shots or 10**12) for lb in labels),
-               desc="checking images", unit="img", disable=not progress)
+    bar = tqdm(total=planned_support(items, labels, shots), desc="checking images", unit="img",
+               disable=not progress)
     for label in labels:
         candidates = sorted(by_label[label], key=lambda it: str(it.path))
         random.Random(f"{seed}:{label}").shuffle(candidates)
@@ -143,6 +174,7 @@ def select_support(
         for item in candidates:
             if shots is not None and chosen >= shots:
                 break
+            monitor.check()
             try:
                 load_image(item.path)
             except ImageDecodeError as exc:
@@ -151,6 +183,7 @@ def select_support(
             selection.items.append(item)
             chosen += 1
             bar.update(1)
+            monitor.advance(1)
         if chosen == 0:
             raise DataError(
                 f"class {label!r} has no readable images ({len(candidates)} files, all skipped)"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from cache_builder.progress import BuildMonitor
 from kvclip.blend import (
     CACHE_METHODS,
     METHODS,
@@ -36,6 +37,10 @@ class Grid:
 
     def as_dict(self) -> dict[str, list[float]]:
         return {k: list(getattr(self, k)) for k in ("alphas", "betas", "gammas", "deltas")}
+
+    def deltas_for(self, captions: bool) -> tuple[float, ...]:
+        """δ only varies when the cache has caption keys; the tuner's outer loop (and progress unit)."""
+        return self.deltas if captions else (0.0,)
 
 
 @dataclass
@@ -68,8 +73,13 @@ def tune(
     grid: Grid = Grid(),
     max_queries: int = 4000,
     seed: int = 0,
+    monitor: BuildMonitor | None = None,
 ) -> TuningResult:
-    """Grid-search each cache method's parameters by leave-one-out top-1 accuracy."""
+    """Grid-search each cache method's parameters by leave-one-out top-1 accuracy.
+
+    `monitor` is checked before and advanced after each δ of `grid.deltas_for(...)`.
+    """
+    monitor = monitor or BuildMonitor()
     device = cache.device
     ids = query_ids(cache.num_items, max_queries, seed).to(device)
     queries = query_features.to(device, torch.float32)[ids]
@@ -80,8 +90,8 @@ def tune(
     zs = zeroshot_logits(queries, cache.text_weights)
     alphas = torch.tensor(grid.alphas, device=device).view(-1, 1, 1)
     best: dict[str, tuple[tuple[float, float], BlendParams]] = {}
-    deltas = grid.deltas if cache.caption_keys is not None else (0.0,)
-    for delta in deltas:
+    for delta in grid.deltas_for(cache.caption_keys is not None):
+        monitor.check()
         affinity = affinities(queries, cache, delta)
         kl_term = kl_logits(queries, cache, affinity, exclude) if any(grid.gammas) else None
         for beta in grid.betas:
@@ -94,6 +104,7 @@ def tune(
                     for method in _methods_for(gamma, delta, cache.caption_keys is not None):
                         if method not in best or score > best[method][0]:
                             best[method] = (score, params)
+        monitor.advance(1)
 
     chosen = {method: params for method, (_, params) in best.items()}
     loo = {"zeroshot": _accuracy(zs, truth)}

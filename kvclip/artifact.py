@@ -12,6 +12,9 @@ On disk, one folder per cache:
         image_keys.faiss   caption_keys.faiss              items.jsonl (path, label, caption)
       .staging-PID-*/      a version being written; never read
 
+A zero-shot cache (built from labels only) has N = 0: its key arrays are 0 x D, items.jsonl
+is empty, there are no .faiss files, and it serves the zero-shot method only.
+
 Publishing writes a whole version into a staging folder, fsyncs it, renames it into
 versions/ and only then points CURRENT at it. A crash at any moment leaves either the old
 CURRENT or the new one, each naming a complete folder.
@@ -69,12 +72,19 @@ class CacheArtifact:
         return float(self.manifest.get("temperature", DEFAULT_TEMPERATURE))
 
     @property
+    def num_items(self) -> int:
+        return int(self.label_ids.shape[0])
+
+    @property
     def best_method(self) -> str:
-        return self.manifest.get("params", {}).get("best_method", "zeroshot")
+        best = self.manifest.get("params", {}).get("best_method", "zeroshot")
+        return best if best in self.methods else "zeroshot"
 
     @property
     def methods(self) -> list[str]:
-        """Methods this cache can serve (caps needs caption keys)."""
+        """Methods this cache can serve: zero-shot only without support items; caps needs caption keys."""
+        if self.num_items == 0:
+            return ["zeroshot"]
         return [m for m in ("zeroshot", *CACHE_METHODS) if m != "caps" or self.caption_keys is not None]
 
     def params(self, method: str) -> BlendParams:

@@ -213,7 +213,7 @@ def blend(
     check_method(method)
     features = features.to(device=cache.device, dtype=torch.float32)
     logits = zeroshot_logits(features, cache.text_weights)
-    if method == "zeroshot":
+    if method == "zeroshot" or cache.num_items == 0:  # no support items: every cache sum is empty
         return logits
     p = params.for_method(method)
     affinity = affinities(features, cache, p.delta)

@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     from cache_builder.cli import add_commands as add_builder_commands
+    from clients.cli import add_commands as add_client_commands
     from service.cli import add_commands as add_server_commands
 
     add_builder_commands(sub)
     add_server_commands(sub)
+    add_client_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=(args.log_level or "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

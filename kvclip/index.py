@@ -7,16 +7,21 @@ module finds them. Keys are L2-normalised, so inner product is cosine affinity.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # faiss and torch load lazily: `kvclip --help` and the client commands start fast
+    import faiss
+    import torch
 
 INDEX_KINDS = ("flat", "hnsw")
 
 
 def build_index(keys: np.ndarray, kind: str = "flat") -> faiss.Index:
     """An inner-product index over N x D float32 keys: exact ("flat") or HNSW graph."""
+    import faiss
+
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     dim = keys.shape[1]
     if kind == "flat":
@@ -31,10 +36,14 @@ def build_index(keys: np.ndarray, kind: str = "flat") -> faiss.Index:
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
+    import faiss
+
     faiss.write_index(index, str(path))
 
 
 def read_index(path: str | Path) -> faiss.Index:
+    import faiss
+
     return faiss.read_index(str(path))
 
 
@@ -50,6 +59,8 @@ def search_candidates(
     Returns queries x M long ids (-1 where an index had fewer than k items); duplicates
     between the two lists are left for blend_candidates to drop.
     """
+    import torch
+
     queries = np.ascontiguousarray(features.detach().to("cpu", torch.float32).numpy())
     k = min(k, image_index.ntotal)
     parts = []

@@ -142,6 +142,17 @@ def load_encoder(
     return Encoder(spec, model, preprocess, tokenizer, device, digest)
 
 
+def _fill_uninitialised(model: torch.nn.Module) -> None:
+    """open_clip leaves CoCa's text_decoder.text_projection as torch.empty (checkpoints fill
+    it); a random model must not compute with whatever memory held, so seed it like the
+    text tower's projection."""
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
+
+
 def create_open_clip_model(name: str, device: torch.device, cache_dir: str | None = None):
     """(model, deterministic preprocess, checkpoint path or None) for any model name."""
     return _create_model(parse_model_spec(name), device, cache_dir)
@@ -157,6 +168,7 @@ def _create_model(spec: ModelSpec, device: torch.device, cache_dir: str | None):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.arch, pretrained=None, precision=precision, device=device
             )
+            _fill_uninitialised(model)
         return model, preprocess, None
 
     checkpoint = _resolve_checkpoint(spec, cache_dir)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,20 +68,28 @@ def text_classifier(
     labels: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     descriptions: Mapping[str, Sequence[str]] | None = None,
+    on_classes: Callable[[int], None] | None = None,
+    classes_per_call: int = 64,
 ) -> torch.Tensor:
     """W_t (D x C): per class, normalise each prompt's feature, average, normalise again.
 
     `encode_texts` maps a list of strings to L2-normalised features (Encoder.encode_texts).
+    Classes are encoded `classes_per_call` at a time; `on_classes(n)` follows each call
+    (build progress and cancellation).
     """
     if descriptions:
         unknown = sorted(set(descriptions) - set(labels))
         if unknown:
             raise DataError(f"descriptions name labels that are not in the label set: {unknown[:5]}")
     prompts = [class_prompts(label, templates, descriptions) for label in labels]
-    flat = [p for group in prompts for p in group]
-    features = F.normalize(encode_texts(flat).float(), dim=-1)
-    columns, start = [], 0
-    for group in prompts:
-        columns.append(features[start : start + len(group)].mean(dim=0))
-        start += len(group)
+    columns = []
+    for first in range(0, len(prompts), classes_per_call):
+        groups = prompts[first : first + classes_per_call]
+        features = F.normalize(encode_texts([p for group in groups for p in group]).float(), dim=-1)
+        start = 0
+        for group in groups:
+            columns.append(features[start : start + len(group)].mean(dim=0))
+            start += len(group)
+        if on_classes is not None:
+            on_classes(len(groups))
     return F.normalize(torch.stack(columns, dim=1), dim=0)

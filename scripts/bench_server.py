@@ -55,6 +55,16 @@ def random_checkpoint(arch: str, folder: Path) -> str:
     return f"{arch}:{path}"
 
 
+def bench_cache(arch: str, tmp: Path, device) -> str:
+    """A random `arch` checkpoint and a small cache `bench` under tmp/caches; returns the model name."""
+    print(f"# making a random {arch} checkpoint and a cache ...", file=sys.stderr)
+    model = random_checkpoint(arch, tmp)
+    export_fashion_mnist(tmp / "support", "train", per_class=4, seed=0)
+    build_cache(BuildConfig(out=tmp / "caches" / "bench", data_dir=tmp / "support", model=model,
+                            shots=4, views=1, captioner="none", device=str(device), progress=False))
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,11 +156,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print(f"# making a random {args.arch} checkpoint and a cache ...", file=sys.stderr)
-        model = random_checkpoint(args.arch, tmp)
-        export_fashion_mnist(tmp / "support", "train", per_class=4, seed=0)
-        build_cache(BuildConfig(out=tmp / "caches" / "bench", data_dir=tmp / "support", model=model,
-                                shots=4, views=1, captioner="none", device=str(device), progress=False))
+        model = bench_cache(args.arch, tmp, device)
         images = [img.data for img in read_foolbox_images("imagenet")]
         port = free_port()
         server = start_server(model, tmp / "caches", port, args)

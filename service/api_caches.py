@@ -9,7 +9,7 @@ from kvclip import artifact as store
 from kvclip.errors import ArtifactError, KvclipError
 from service.deps import ready_state, require
 from service.errors import ApiError
-from service.registry import CacheNotFound, LoadedCache, VersionConflict
+from service.registry import CacheNotFound, LoadedCache, VersionConflict, VersionNotFound
 from service.schemas import ActivateRequest, CacheDetail, CacheSummary, ReloadResponse
 from service.state import ServerState
 
@@ -71,8 +71,10 @@ async def delete_version(name: str = CacheName, version: str = Version,
                          state: ServerState = Depends(ready_state)) -> None:
     try:
         await asyncio.to_thread(state.registry.delete_version, name, version)
+    except VersionNotFound as exc:
+        raise ApiError(404, "unknown_version", str(exc)) from exc
     except CacheNotFound as exc:
-        raise ApiError(404, "not_found", str(exc)) from exc
+        raise ApiError(404, "unknown_cache", str(exc)) from exc
     except (VersionConflict, ArtifactError) as exc:
         raise ApiError(409, "version_in_use", str(exc)) from exc
 

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from service.batcher import Overloaded, Stopped
 from service.classify import ImageInput, Prepared, ScoreOptions, prepare, score
 from service.deps import ready_state, require
-from service.errors import ApiError
+from service.errors import ApiError, invalid
 from service.registry import CacheNotFound, LoadedCache
 from service.schemas import ClassifyJson, ClassifyParams, ClassifyResponse, ImageResult, MethodName
 from service.state import ServerState
@@ -130,7 +130,7 @@ async def _read_body(request: Request, state: ServerState) -> tuple[list[ImageIn
 
 
 async def _read_multipart(request: Request, state: ServerState) -> tuple[list[ImageInput], dict]:
-    # Let the parser accept a few more files than allowed so we can answer 413 with the count.
+    # Past max_files the parser refuses; that refusal becomes 413 below.
     try:
         form = await request.form(max_files=state.config.max_images, max_fields=32)
     except HTTPException as exc:  # Starlette's parser refuses past its limits with a bare 400
@@ -165,7 +165,7 @@ async def _read_json(request: Request) -> tuple[list[ImageInput], dict]:
     try:
         body = ClassifyJson.model_validate(json.loads(await request.body()))
     except ValidationError as exc:
-        raise _invalid("invalid JSON body", exc) from exc
+        raise invalid("invalid JSON body", exc) from exc
     except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8 text
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from exc
     inputs = []
@@ -186,13 +186,7 @@ def _merge_params(query: dict, body: dict) -> ClassifyParams:
     try:
         return ClassifyParams.model_validate(merged)
     except ValidationError as exc:
-        raise _invalid("invalid parameters", exc) from exc
-
-
-def _invalid(what: str, exc: ValidationError) -> ApiError:
-    details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
-    return ApiError(422, "invalid_parameters", f"{what}: {summary}", details)
+        raise invalid("invalid parameters", exc) from exc
 
 
 def _check_sizes(inputs: list[ImageInput], state: ServerState) -> None:

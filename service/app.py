@@ -9,11 +9,12 @@ from fastapi.responses import JSONResponse
 
 from kvclip import __version__
 from kvclip.models import Encoder
-from service import api_caches, api_classify, api_health
+from service import api_builds, api_caches, api_classify, api_health
 from service.config import ServerConfig
 from service.errors import error_response, install_handlers
 from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
 from service.state import ServerState
+from service.web.router import router as web_router
 
 
 def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
@@ -42,12 +43,14 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "too_large", str(exc))
 
-    _add_openapi_schemas(app, api_classify.OPENAPI_SCHEMAS)
+    _add_openapi_schemas(app, {**api_classify.OPENAPI_SCHEMAS, **api_builds.OPENAPI_SCHEMAS})
     app.include_router(api_health.router)
     app.include_router(api_classify.router)
     app.include_router(api_caches.router)
+    app.include_router(api_builds.router)
+    app.include_router(web_router)  # the browser page at /, no API key
     # Outermost first at run time: the request context sees every response, 413s included.
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes, build_limit=config.max_build_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 

@@ -44,6 +44,14 @@ class ServerConfig:
     reload_interval_s: float = _opt("poll the caches folder for new versions every N s (0: off)", 0.0)
     retry_after_s: int = _opt("Retry-After seconds sent with 503", 1)
     api_keys_file: Path | None = _opt("file of API keys, one 'KEY SCOPE[,SCOPE]' per line", None)
+    jobs_dir: Path | None = _opt("work folder of build jobs (default: CACHES/.jobs)", None)
+    build_roots: str | None = _opt("server folders builds may read, ':'-separated (default: none)", None)
+    max_build_bytes: int = _opt("largest build upload (archive of images)", 2 * 2**30)
+    max_archive_files: int = _opt("most files in a build archive", 200_000)
+    max_extracted_bytes: int = _opt("most bytes a build archive may unpack to (zip bombs)", 8 * 2**30)
+    build_nice: int = _opt("niceness of build worker processes (0-19; higher yields more CPU)", 15)
+    build_threads: int = _opt("torch threads of a build worker process", 1)
+    max_jobs_kept: int = _opt("finished build jobs remembered for GET /v1/jobs", 100)
     log_format: str = _opt("log format", "text", choices=("text", "json"))
     log_level: str = _opt("log level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -54,11 +62,22 @@ class ServerConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
         for name in ("max_batch", "max_queue", "decode_workers", "max_body_bytes", "max_image_bytes",
-                     "max_images", "max_pixels", "faiss_k", "explain_k"):
+                     "max_images", "max_pixels", "faiss_k", "explain_k", "max_build_bytes",
+                     "max_archive_files", "max_extracted_bytes", "build_threads", "max_jobs_kept"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.reload_interval_s < 0:
             raise ValueError("max_wait_ms and reload_interval_s cannot be negative")
+        if not 0 <= self.build_nice <= 19:
+            raise ValueError("build_nice must lie in 0..19")
+
+    @property
+    def jobs_root(self) -> Path:
+        return self.jobs_dir if self.jobs_dir is not None else Path(self.caches) / ".jobs"
+
+    @property
+    def build_root_paths(self) -> list[Path]:
+        return [Path(p).resolve() for p in (self.build_roots or "").split(":") if p.strip()]
 
     def describe(self) -> dict:
         """Every setting, as printed at start (no secrets live in this object)."""

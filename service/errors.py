@@ -34,6 +34,13 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def invalid(what: str, exc) -> ApiError:
+    """422 naming each invalid field of a pydantic ValidationError."""
+    details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return ApiError(422, "invalid_parameters", f"{what}: {summary}", details)
+
+
 def internal_error_body() -> dict:
     """The 500 body: no internals, just where to look (service/middleware.py sends it)."""
     return {"error": {"code": "internal",

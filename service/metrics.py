@@ -30,6 +30,9 @@ class Metrics:
         self.cache_info = Gauge("kvclip_cache_info", "Loaded caches (value 1), by version",
                                 ("cache", "version", "model", "classes", "items"), registry=r)
         self.ready = Gauge("kvclip_ready", "1 when the model and caches are loaded", registry=r)
+        self.build_jobs = Counter("kvclip_build_jobs", "Build jobs by the state they reached",
+                                  ("state",), registry=r)
+        self.build_running = Gauge("kvclip_build_jobs_running", "Build jobs running now", registry=r)
 
     def set_caches(self, caches: dict) -> None:
         """Replace the cache info series with the loaded caches (name -> LoadedCache)."""

@@ -14,6 +14,7 @@ from service.metrics import Metrics
 access_log = logging.getLogger("kvclip.access")
 log = logging.getLogger("kvclip.service")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_BUILDS_PATH = re.compile(r"^/v1/caches/[^/]+/builds/?$")
 
 
 class RequestContextMiddleware:
@@ -73,16 +74,21 @@ class BodyLimitMiddleware:
     """Refuses bodies over `limit` bytes with 413: by Content-Length before reading, and by
     counting while reading for chunked uploads, so a huge body is never buffered."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, build_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.build_limit = build_limit or limit  # build uploads (archives of images) are larger
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.build_limit if _BUILDS_PATH.match(scope["path"]) else self.limit
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send, int(length))
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_json(send, 413, {"error": {
+                "code": "too_large",
+                "message": f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
+            }})
         seen = 0
 
         async def limited_receive():
@@ -90,17 +96,11 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+                if seen > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
-
-    async def _refuse(self, send, length: int) -> None:
-        await send_json(send, 413, {"error": {
-            "code": "too_large",
-            "message": f"request body of {length} bytes exceeds the limit of {self.limit} bytes",
-        }})
 
 
 async def send_json(send, status: int, payload: dict) -> None:

@@ -29,6 +29,10 @@ class CacheNotFound(KvclipError):
     pass
 
 
+class VersionNotFound(CacheNotFound):
+    pass
+
+
 class VersionConflict(KvclipError):
     pass
 
@@ -146,7 +150,7 @@ class CacheRegistry:
             if served is not None and served.version == version:
                 raise VersionConflict(f"{name} {version} is being served; activate another version first")
             if version not in store.list_versions(cache_dir):
-                raise CacheNotFound(f"cache {name!r} has no version {version!r}")
+                raise VersionNotFound(f"cache {name!r} has no version {version!r}")
             try:
                 store.delete_version(cache_dir, version)
             except ArtifactError as exc:

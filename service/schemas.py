@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MethodName = Literal["auto", "zeroshot", "tip", "tipx", "caps"]
 
@@ -116,3 +116,74 @@ class ReadyResponse(BaseModel):
     device: str | None
     caches: dict[str, str]
     errors: dict[str, str]
+
+
+class BuildOptions(BaseModel):
+    """Options of POST /v1/caches/{name}/builds: the JSON body, or the multipart `options` field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] | None = Field(None, min_length=1, max_length=100_000, description=(
+        "the label set and its order; required without data (labels-only or pool builds)"))
+    templates: list[str] | None = Field(None, min_length=1, description="prompt templates, each with {}")
+    descriptions: dict[str, list[str]] | None = Field(None, description="per-label sentences averaged into its weights")
+    shots: int | Literal["all"] = Field(16, description="support images per class, or 'all'")
+    views: int = Field(10, ge=1, le=64, description="random views averaged per image key")
+    captioner: Literal["sidecar", "none", "coca"] = "sidecar"
+    seed: int = 0
+    data_dir: str | None = Field(None, description="server folder DATA/<label>/<image> under --build-roots")
+    pool_dir: str | None = Field(None, description="server folder of unlabelled images under --build-roots")
+    pool_per_class: int = Field(16, ge=1, le=100_000, description="pool images kept per class")
+    activate: bool = Field(True, description="make the new version current when the build succeeds")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        cleaned = [label.strip() for label in labels]
+        if any(not label for label in cleaned):
+            raise ValueError("labels cannot be empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("labels must be unique")
+        return cleaned
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: list[str] | None) -> list[str] | None:
+        if templates is not None and any("{}" not in t for t in templates):
+            raise ValueError("every template needs a {} where the label goes")
+        return templates
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, shots: int | str) -> int | str:
+        if shots != "all" and shots < 1:
+            raise ValueError("shots must be at least 1, or 'all'")
+        return shots
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobInfo(BaseModel):
+    id: str
+    cache: str
+    state: JobState
+    step: str | None = Field(description="the build step running now")
+    done: int = Field(description="units of the current step done")
+    total: int = Field(description="units of the current step (0: not counted)")
+    elapsed_s: float
+    eta_s: float | None = Field(description="seconds left in the current step, from its rate so far")
+    created_at: str
+    finished_at: str | None
+    cancel_requested: bool
+    version: str | None = Field(description="the version the build published")
+    activated: bool
+    error: str | None
+    report: dict | None = Field(description="the build report, when it succeeded")
+    options: dict
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]

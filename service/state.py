@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from kvclip.models import Encoder, load_encoder
 from service.batcher import Batcher
 from service.config import ServerConfig
+from service.jobs import JobManager
 from service.metrics import Metrics
 from service.registry import CacheRegistry
 from service.security import ENV_VAR, ApiKeys
@@ -30,6 +31,7 @@ class ServerState:
     encoder: Encoder | None = None
     registry: CacheRegistry | None = None
     batcher: Batcher | None = None
+    jobs: JobManager | None = None
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
     load_error: str | None = None
@@ -47,6 +49,8 @@ class ServerState:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.jobs is not None:
+            await asyncio.to_thread(self.jobs.stop)
         if self.batcher is not None:
             await self.batcher.stop()
         if self.decode_pool is not None:
@@ -73,6 +77,9 @@ class ServerState:
                 self.config.max_queue, self.metrics,
             )
             await self.batcher.start()
+            self.jobs = JobManager(self.registry.activate, self.registry.delete_version, self.metrics,
+                                   self.config.max_jobs_kept)
+            self.jobs.start()
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("server not ready: %s", self.load_error)

@@ -53,3 +53,15 @@ def test_coca_captioner_generates_text_with_tiny_model(tmp_path):
     captions = coca.caption([SupportItem(p, "x") for p in paths], [load_image(p) for p in paths])
     assert len(captions) == 2 and all(isinstance(c, str) and c and "<" not in c for c in captions)
     assert coca.describe()["model"] == "tiny-coca-random"
+
+
+def test_tiny_coca_weights_are_finite_and_repeatable():
+    """open_clip leaves CoCa's decoder projection uninitialised (torch.empty); the random test
+    model must not inherit whatever memory held (it made captioning flaky)."""
+    first = CocaCaptioner("tiny-coca-random", device=torch.device("cpu")).model.state_dict()
+    second = CocaCaptioner("tiny-coca-random", device=torch.device("cpu")).model.state_dict()
+    assert all(torch.isfinite(t).all() for t in first.values())
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    projection = first["text_decoder.text_projection"]
+    expected_std = projection.shape[0] ** -0.5  # seeded like open_clip's text projection
+    assert abs(float(projection.std()) - expected_std) < 0.25 * expected_std

@@ -682,8 +682,8 @@ async def test_delete_versions(served_caches, tiny_encoder, fashion_test, tmp_pa
     async with running_app(make_config(caches), tiny_encoder) as (_, client):
         assert_error(await client.delete("/v1/caches/fashion/versions/v0001"), 409, "version_in_use", "v0001")
         assert (versions / "v0001").is_dir()
-        assert_error(await client.delete("/v1/caches/fashion/versions/v0009"), 404, None, "v0009")
-        assert_error(await client.delete("/v1/caches/nope/versions/v0001"), 404, None, "nope")
+        assert_error(await client.delete("/v1/caches/fashion/versions/v0009"), 404, "unknown_version", "v0009")
+        assert_error(await client.delete("/v1/caches/nope/versions/v0001"), 404, "unknown_cache", "nope")
         assert_error(await client.delete("/v1/caches/fashion/versions/latest"), 422, "invalid_parameters")
 
         response = await client.delete("/v1/caches/fashion/versions/v0002")

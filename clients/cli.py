@@ -1,0 +1,234 @@
+"""`kvclip classify`, `kvclip caches ...` and `kvclip jobs ...`: the HTTP client on the command line.
+
+The API key comes from $KVCLIP_API_KEY or --api-key-file, never from a flag value (which
+`ps` would show to every user of the machine).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from clients import render
+from clients.client import KvclipClient
+from clients.errors import InputError, KvclipClientError
+from clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
+from clients.models import Job
+from clients.progress import JobProgress
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", help=f"server URL (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
+    common.add_argument("--api-key-file", type=Path,
+                        help=f"file holding the API key (default: ${API_KEY_ENV})")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
+    common.add_argument("--retries", type=int, default=3, help="retries after 503 or a failed connection")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+
+    p = sub.add_parser("classify", parents=[common, as_json], help="classify images with a served cache",
+                       description="Classify images against a cache on a kvclip server.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--cache", required=True, help="cache name")
+    p.add_argument("--top-k", type=int, help="labels per image (server default 5)")
+    p.add_argument("--method", choices=("auto", "zeroshot", "tip", "tipx", "caps"))
+    p.add_argument("--explain", action="store_true", help="also show the nearest support items")
+    p.add_argument("--partial", action="store_true", help="report unreadable images instead of failing")
+    p.set_defaults(run=_guarded(_classify))
+
+    caches = sub.add_parser("caches", help="list, show, activate, delete, reload and build caches on a server")
+    csub = caches.add_subparsers(dest="caches_command", required=True, metavar="{list,show,activate,delete,reload,build}")
+    p = csub.add_parser("list", parents=[common, as_json], help="the served caches")
+    p.set_defaults(run=_guarded(_caches_list))
+    p = csub.add_parser("show", parents=[common, as_json], help="one cache: versions, labels, methods")
+    p.add_argument("name")
+    p.set_defaults(run=_guarded(_caches_show))
+    p = csub.add_parser("activate", parents=[common, as_json], help="serve a version and make it CURRENT")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.set_defaults(run=_guarded(_caches_activate))
+    p = csub.add_parser("delete", parents=[common], help="delete a version that is not served")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.set_defaults(run=_guarded(_caches_delete))
+    p = csub.add_parser("reload", parents=[common, as_json], help="load caches changed on the server's disk")
+    p.set_defaults(run=_guarded(_caches_reload))
+    _add_build(csub, common, as_json)
+
+    jobs = sub.add_parser("jobs", help="list, show and cancel cache builds on a server")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="{list,show,cancel}")
+    p = jsub.add_parser("list", parents=[common, as_json], help="recent build jobs")
+    p.set_defaults(run=_guarded(_jobs_list))
+    p = jsub.add_parser("show", parents=[common, as_json], help="one build job")
+    p.add_argument("job_id")
+    p.set_defaults(run=_guarded(_jobs_show))
+    p = jsub.add_parser("cancel", parents=[common, as_json], help="stop a build job")
+    p.add_argument("job_id")
+    p.set_defaults(run=_guarded(_jobs_cancel))
+
+
+def _add_build(csub: argparse._SubParsersAction, *parents: argparse.ArgumentParser) -> None:
+    p = csub.add_parser(
+        "build", parents=list(parents), help="build a new cache version on the server",
+        description="Upload DATA/<label>/<image> (zipped on the fly; <image>.txt captions ride along) "
+        "or an archive of it, build a new version of cache NAME on the server and follow the job. "
+        "Without --data, --labels alone builds a zero-shot cache (optionally with a --pool).")
+    p.add_argument("name", help="cache name")
+    p.add_argument("--data", type=Path, help="local DATA/<label>/<image> folder, or a .zip/.tar/.tar.gz of one")
+    p.add_argument("--labels", type=Path, help="labels file, one per line (label set and order)")
+    p.add_argument("--pool", type=Path, help="local folder or archive of unlabelled images")
+    p.add_argument("--remote-data", metavar="DIR", help="a data folder on the server (under its --build-roots)")
+    p.add_argument("--remote-pool", metavar="DIR", help="a pool folder on the server (under its --build-roots)")
+    p.add_argument("--shots", help="support images per class, or 'all' (server default 16)")
+    p.add_argument("--views", type=int, help="augmented views per image key (server default 10)")
+    p.add_argument("--captioner", choices=("sidecar", "none", "coca"), help="server default sidecar")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--templates", type=Path, help="JSON list or one template per line, each with {}")
+    p.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]}")
+    p.add_argument("--pool-per-class", type=int, help="pool images kept per class (server default 16)")
+    p.add_argument("--no-activate", action="store_true", help="publish the version without serving it")
+    p.add_argument("--no-wait", action="store_true", help="print the job and return without following it")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between job polls")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=_guarded(_caches_build))
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Client errors become one line on stderr and exit status 1."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except KvclipClientError as exc:
+            message = " ".join(str(exc).split())
+            print(f"kvclip: error: {message}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _client(args: argparse.Namespace) -> KvclipClient:
+    api_key = None
+    if args.api_key_file is not None:
+        try:
+            api_key = next((line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()), "")
+        except OSError as exc:
+            raise InputError(f"cannot read API key file {args.api_key_file}: {exc.strerror or exc}") from exc
+        if not api_key:
+            raise InputError(f"API key file {args.api_key_file} is empty")
+    return KvclipClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
+
+
+def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], object],
+                text: Callable[[object], str]) -> int:
+    """Run one client call; print its result as JSON (--json) or as `text` renders it."""
+    with _client(args) as client:
+        result = call(client)
+    print(render.to_json(result) if args.json else text(result))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.classify(args.images, args.cache, top_k=args.top_k, method=args.method,
+                                                  explain=args.explain, partial=args.partial),
+                       render.classification)
+
+
+def _caches_list(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.caches(), render.caches)
+
+
+def _caches_show(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.cache(args.name), render.cache_detail)
+
+
+def _caches_activate(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.activate(args.name, args.version),
+                       lambda info: f"cache {info.name} now serves {info.version}")
+
+
+def _caches_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_version(args.name, args.version)
+    print(f"deleted {args.name} {args.version}")
+    return 0
+
+
+def _caches_reload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.reload()
+    if args.json:
+        print(render.to_json(report))
+        return 0
+    for name, version in sorted(report.loaded.items()):
+        print(f"loaded     {name} {version}")
+    for name in report.removed:
+        print(f"removed    {name}")
+    for name, reason in sorted(report.failed.items()):
+        print(f"failed     {name}: {reason}")
+    print(f"unchanged  {len(report.unchanged)} cache(s)")
+    return 1 if report.failed else 0
+
+
+def _caches_build(args: argparse.Namespace) -> int:
+    if args.data is None and args.labels is None and args.remote_data is None:
+        raise InputError("caches build needs --data DIR (or an archive), --remote-data DIR or --labels FILE")
+    watch = None if args.quiet or args.no_wait else JobProgress()
+    latest: list[Job] = []
+
+    def progress(job: Job) -> None:
+        latest[:] = [job]  # remembered so an interrupt can say which job goes on
+        if watch is not None:
+            watch(job)
+
+    try:
+        with _client(args) as client:
+            job = client.build_cache(
+                args.name, data=args.data, labels=args.labels, pool=args.pool, templates=args.templates,
+                descriptions=args.descriptions, shots=args.shots, views=args.views, captioner=args.captioner,
+                activate=not args.no_activate, data_dir=args.remote_data, pool_dir=args.remote_pool,
+                wait=not args.no_wait, progress=progress, poll_interval=args.poll_interval,
+                seed=args.seed, pool_per_class=args.pool_per_class)
+    except KeyboardInterrupt:
+        if watch is not None:
+            watch.close()
+        if latest:
+            job_id = latest[0].id
+            print(f"kvclip: interrupted; job {job_id} goes on on the server "
+                  f"(`kvclip jobs cancel {job_id}` stops it)", file=sys.stderr)
+        return 130
+    finally:
+        if watch is not None:
+            watch.close()
+    print(render.to_json(job) if args.json else render.job(job))
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.jobs(), render.jobs)
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.job(args.job_id), render.job)
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    return _print_call(args, lambda c: c.cancel_job(args.job_id), render.job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The client commands alone (`python -m clients.cli`), without the builder's and server's imports."""
+    parser = argparse.ArgumentParser(prog="kvclip", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Typed results, built from the server's JSON (service/schemas.py and the jobs API).
+
+Parsing is lenient on purpose: fields a newer server adds are ignored and optional fields
+it leaves out get their defaults, so a client keeps working across server versions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float  # softmax probability over the cache's labels
+    logit: float
+
+    @classmethod
+    def from_json(cls, data: dict) -> LabelScore:
+        return cls(label=data["label"], score=float(data["score"]), logit=float(data["logit"]))
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """A support item close to the query (explain=True)."""
+
+    item: int
+    label: str
+    caption: str | None
+    name: str | None
+    affinity: float
+
+    @classmethod
+    def from_json(cls, data: dict) -> Neighbor:
+        return cls(item=int(data["item"]), label=data["label"], caption=data.get("caption"),
+                   name=data.get("name"), affinity=float(data["affinity"]))
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """Why one image was not classified (only with partial=True; otherwise the request fails)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int  # position in the request
+    name: str
+    labels: list[LabelScore] = field(default_factory=list)  # best first
+    neighbors: list[Neighbor] | None = None
+    error: ImageError | None = None
+
+    @property
+    def top(self) -> LabelScore | None:
+        """The best label, or None for an image that could not be classified."""
+        return self.labels[0] if self.labels else None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_json(cls, data: dict) -> ImageResult:
+        neighbors = data.get("neighbors")
+        error = data.get("error")
+        return cls(
+            index=int(data["index"]), name=data["name"],
+            labels=[LabelScore.from_json(x) for x in data.get("labels") or []],
+            neighbors=None if neighbors is None else [Neighbor.from_json(x) for x in neighbors],
+            error=None if error is None else ImageError(code=error["code"], message=error["message"]),
+        )
+
+
+@dataclass(frozen=True)
+class Classification:
+    cache: str
+    version: str
+    method: str  # the method actually used ('auto' resolved to the cache's tuned method)
+    model: str
+    results: list[ImageResult]  # in request order
+
+    @classmethod
+    def from_json(cls, data: dict) -> Classification:
+        return cls(cache=data["cache"], version=data["version"], method=data["method"],
+                   model=data["model"], results=[ImageResult.from_json(x) for x in data["results"]])
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A served cache. The detail fields are filled by `cache(name)` only, None in `caches()`."""
+
+    name: str
+    version: str
+    model: str
+    classes: int
+    items: int
+    methods: list[str]
+    best_method: str
+    captions: bool
+    labels: list[str] | None = None
+    versions: list[str] | None = None  # versions on disk
+    current_version: str | None = None  # the version CURRENT names on disk
+    params: dict | None = None  # tuned parameters per method
+    report: dict | None = None  # the build report
+    created: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> CacheInfo:
+        return cls(
+            name=data["name"], version=data["version"], model=data["model"],
+            classes=int(data["classes"]), items=int(data["items"]), methods=list(data["methods"]),
+            best_method=data["best_method"], captions=bool(data["captions"]),
+            labels=data.get("labels"), versions=data.get("versions"),
+            current_version=data.get("current_version"), params=data.get("params"),
+            report=data.get("report"), created=data.get("created"),
+        )
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    loaded: dict[str, str]  # cache -> version newly loaded
+    unchanged: list[str]
+    removed: list[str]
+    failed: dict[str, str]  # cache -> reason
+
+    @classmethod
+    def from_json(cls, data: dict) -> ReloadResult:
+        return cls(loaded=dict(data.get("loaded", {})), unchanged=list(data.get("unchanged", [])),
+                   removed=list(data.get("removed", [])), failed=dict(data.get("failed", {})))
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    model: str | None
+    device: str | None
+    caches: dict[str, str]  # cache -> served version
+    errors: dict[str, str]  # what keeps the server (or a cache) from loading
+
+    @classmethod
+    def from_json(cls, data: dict) -> Readiness:
+        return cls(ready=bool(data.get("ready")), model=data.get("model"), device=data.get("device"),
+                   caches=dict(data.get("caches") or {}), errors=dict(data.get("errors") or {}))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A cache build running (or queued, or finished) on the server."""
+
+    id: str
+    cache: str
+    state: str  # queued, running, succeeded, failed, cancelled
+    step: str | None = None
+    done: int = 0
+    total: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    created_at: str | None = None
+    finished_at: str | None = None
+    version: str | None = None  # the version the build published
+    activated: bool = False
+    error: str | None = None
+    report: dict | None = None
+    options: dict = field(default_factory=dict)
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "succeeded"
+
+    @classmethod
+    def from_json(cls, data: dict) -> Job:
+        eta = data.get("eta_s")
+        return cls(
+            id=str(data["id"]), cache=data.get("cache", ""), state=data["state"], step=data.get("step"),
+            done=int(data.get("done") or 0), total=int(data.get("total") or 0),
+            elapsed_s=float(data.get("elapsed_s") or 0.0), eta_s=None if eta is None else float(eta),
+            created_at=data.get("created_at"), finished_at=data.get("finished_at"),
+            version=data.get("version"), activated=bool(data.get("activated")), error=data.get("error"),
+            report=data.get("report"), options=dict(data.get("options") or {}),
+            cancel_requested=bool(data.get("cancel_requested")),
+        )

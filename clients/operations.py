@@ -1,0 +1,144 @@
+"""Every API operation, written once for both clients ("sans-I/O").
+
+An operation is a generator: it yields a `Call` and receives its parsed JSON body, or
+yields a `Sleep` and receives None, then returns a typed result. KvclipClient drives it
+with blocking I/O, AsyncKvclipClient with await; request building, response parsing and
+the build job's polling loop therefore exist only here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from clients.archives import open_upload, read_descriptions, read_labels, read_templates
+from clients.errors import ApiError, InputError, JobFailed
+from clients.http import Call, Sleep
+from clients.images import ImageInput, image_files
+from clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
+
+T = TypeVar("T")
+Operation = Generator[Call | Sleep, Any, T]
+PathLike = str | os.PathLike
+
+
+def _seg(value: str) -> str:
+    """A path segment, escaped: a name can never step into another route."""
+    return quote(str(value), safe="")
+
+
+def classify(images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
+             method: str | None = None, explain: bool = False, partial: bool = False) -> Operation[Classification]:
+    files = [("file", f.multipart()) for f in image_files(images)]
+    params = {"cache": cache, "top_k": top_k, "method": method,
+              "explain": "true" if explain else None, "partial": "true" if partial else None}
+    body = yield Call("POST", "/v1/classify", params=params, files=files)
+    return Classification.from_json(body)
+
+
+def caches() -> Operation[list[CacheInfo]]:
+    body = yield Call("GET", "/v1/caches")
+    return [CacheInfo.from_json(item) for item in body]
+
+
+def cache(name: str) -> Operation[CacheInfo]:
+    body = yield Call("GET", f"/v1/caches/{_seg(name)}")
+    return CacheInfo.from_json(body)
+
+
+def activate(name: str, version: str) -> Operation[CacheInfo]:
+    body = yield Call("POST", f"/v1/caches/{_seg(name)}/activate", json={"version": version})
+    return CacheInfo.from_json(body)
+
+
+def reload() -> Operation[ReloadResult]:
+    body = yield Call("POST", "/v1/caches/reload")
+    return ReloadResult.from_json(body)
+
+
+def delete_version(name: str, version: str) -> Operation[None]:
+    # Not idempotent: resent after a lost answer, it would report the deleted version as unknown.
+    yield Call("DELETE", f"/v1/caches/{_seg(name)}/versions/{_seg(version)}", idempotent=False)
+
+
+def job(job_id: str) -> Operation[Job]:
+    body = yield Call("GET", f"/v1/jobs/{_seg(job_id)}")
+    return Job.from_json(body)
+
+
+def jobs() -> Operation[list[Job]]:
+    body = yield Call("GET", "/v1/jobs")
+    return [Job.from_json(item) for item in body["jobs"]]
+
+
+def cancel_job(job_id: str) -> Operation[Job]:
+    body = yield Call("DELETE", f"/v1/jobs/{_seg(job_id)}")
+    return Job.from_json(body)
+
+
+def health() -> Operation[bool]:
+    try:
+        yield Call("GET", "/healthz")
+    except ApiError:
+        return False
+    return True
+
+
+def ready() -> Operation[Readiness]:
+    body = yield Call("GET", "/readyz", answers=(503,))
+    return Readiness.from_json(body)
+
+
+def build_options(*, labels: Sequence[str] | PathLike | None = None, templates: Sequence[str] | PathLike | None = None,
+                  descriptions: dict[str, list[str]] | PathLike | None = None, shots: int | str | None = None,
+                  views: int | None = None, captioner: str | None = None, seed: int | None = None,
+                  pool_per_class: int | None = None, activate: bool = True, data_dir: str | None = None,
+                  pool_dir: str | None = None) -> dict[str, Any]:
+    """The BuildOptions JSON; options left None are left to the server's defaults."""
+    if isinstance(shots, str) and shots != "all":
+        if not shots.isdigit():
+            raise InputError(f"shots must be a number or 'all', not {shots!r}")
+        shots = int(shots)
+    options: dict[str, Any] = {
+        "labels": None if labels is None else read_labels(labels),
+        "templates": None if templates is None else read_templates(templates),
+        "descriptions": None if descriptions is None else read_descriptions(descriptions),
+        "shots": shots, "views": views, "captioner": captioner, "seed": seed,
+        "pool_per_class": pool_per_class, "data_dir": data_dir, "pool_dir": pool_dir,
+        "activate": activate,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def build_cache(name: str, *, data: PathLike | None = None, pool: PathLike | None = None,
+                wait: bool = True, progress: Callable[[Job], None] | None = None,
+                poll_interval: float = 1.0, **options: Any) -> Operation[Job]:
+    """Upload (or name) the build inputs, start the build job, then poll it until it ends."""
+    options = build_options(**options)
+    if data is None and "data_dir" not in options and "labels" not in options:
+        raise InputError("a build needs data (a folder or archive), a server-side data_dir, or labels")
+    path = f"/v1/caches/{_seg(name)}/builds"
+    with contextlib.ExitStack() as uploads:
+        files = [(field, uploads.enter_context(open_upload(source, what)))
+                 for field, source, what in (("data", data, "data"), ("pool", pool, "pool")) if source is not None]
+        if files:
+            call = Call("POST", path, data={"options": json.dumps(options)}, files=files, idempotent=False)
+        else:
+            call = Call("POST", path, json=options, idempotent=False)
+        current = Job.from_json((yield call))
+    # The temporary zip is gone by now; only polling is left.
+    if not wait:
+        return current
+    while True:
+        if progress is not None:
+            progress(current)
+        if current.finished:
+            break
+        yield Sleep(poll_interval)
+        current = Job.from_json((yield Call("GET", f"/v1/jobs/{_seg(current.id)}")))
+    if not current.succeeded:
+        raise JobFailed(current)
+    return current

@@ -1,0 +1,90 @@
+"""Plain-text tables and JSON for the CLI's output."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from clients.models import CacheInfo, Classification, Job
+from clients.progress import format_seconds
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; columns listed in `right` are right-aligned."""
+    cells = [[str(c) for c in headers]] + [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def to_json(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return json.dumps(value, indent=2)
+
+
+def classification(result: Classification) -> str:
+    rows: list[list[Any]] = []
+    for image in result.results:
+        if image.error is not None:
+            rows.append([image.name, "-", f"error: {image.error.code}: {image.error.message}", ""])
+            continue
+        for rank, label in enumerate(image.labels, 1):
+            rows.append([image.name if rank == 1 else "", rank, label.label, f"{label.score:.4f}"])
+        for n in image.neighbors or []:
+            caption = f' "{n.caption}"' if n.caption else ""
+            rows.append(["", "", f"  ~ {n.label} (item {n.item}, {n.name or '?'}){caption}", f"{n.affinity:.4f}"])
+    head = f"cache {result.cache} {result.version}, method {result.method}, model {result.model}"
+    return head + "\n" + table(("image", "rank", "label", "score"), rows, right=(1, 3))
+
+
+def caches(infos: list[CacheInfo]) -> str:
+    if not infos:
+        return "no caches are served"
+    rows = [[c.name, c.version, c.best_method, ",".join(c.methods), c.classes, c.items, "yes" if c.captions else "no"]
+            for c in infos]
+    return table(("cache", "version", "best", "methods", "classes", "items", "captions"), rows, right=(4, 5))
+
+
+def cache_detail(info: CacheInfo) -> str:
+    versions = []
+    for v in info.versions or []:
+        marks = [m for m, on in (("served", v == info.version), ("CURRENT", v == info.current_version)) if on]
+        versions.append(f"{v} ({', '.join(marks)})" if marks else v)
+    lines = [
+        f"cache        {info.name}",
+        f"serving      {info.version}",
+        f"versions     {', '.join(versions) or '-'}",
+        f"model        {info.model}",
+        f"methods      {', '.join(info.methods)} (best: {info.best_method})",
+        f"classes      {info.classes}",
+        f"items        {info.items}" + (" with captions" if info.captions else ""),
+        f"created      {info.created or '-'}",
+        f"labels       {', '.join(info.labels or [])}",
+    ]
+    return "\n".join(lines)
+
+
+def jobs(items: list[Job]) -> str:
+    if not items:
+        return "no jobs"
+    rows = [[j.id, j.cache, j.state, j.step or "", f"{j.done}/{j.total}", format_seconds(j.elapsed_s),
+             j.version or "", j.error or ""] for j in items]
+    return table(("job", "cache", "state", "step", "done", "elapsed", "version", "error"), rows)
+
+
+def job(item: Job) -> str:
+    lines = [f"job {item.id}: cache {item.cache}, {item.state}"
+             + (f" at {item.step} {item.done}/{item.total}" if not item.finished and item.step else "")
+             + f", {format_seconds(item.elapsed_s)} elapsed"]
+    if item.version:
+        lines.append(f"version {item.version}" + (" (activated)" if item.activated else " (not activated)"))
+    if item.error:
+        lines.append(f"error: {item.error}")
+    return "\n".join(lines)

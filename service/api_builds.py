@@ -1,0 +1,173 @@
+"""Cache builds over HTTP: POST /v1/caches/{name}/builds starts a job; /v1/jobs reports and
+cancels. The build itself runs in a worker process (service/jobs.py)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+from fastapi import APIRouter, Depends, Path as PathParam, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from kvclip import artifact as store
+from kvclip.errors import ArtifactError
+from service.api_caches import CacheName
+from service.archives import ArchiveError, extract_archive, remove_tree
+from service.build_requests import build_config, check_mode, server_folder
+from service.build_worker import WorkerSpec
+from service.deps import ready_state, require
+from service.errors import ApiError, invalid
+from service.jobs import JobNotFound
+from service.schemas import BuildOptions, JobInfo, JobList
+from service.state import ServerState
+
+router = APIRouter(tags=["builds"])
+# The body is read by hand (JSON or multipart), so app.py registers its model for OpenAPI.
+OPENAPI_SCHEMAS: dict[str, dict] = {"BuildOptions": BuildOptions.model_json_schema()}
+JobId = PathParam(pattern=r"^[0-9a-f]{1,64}$", description="job id")
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "options": {"type": "string", "description": "BuildOptions as a JSON string"},
+                "data": {"type": "string", "format": "binary",
+                         "description": "zip or tar of DATA/<label>/<image> (+ <image>.txt captions)"},
+                "pool": {"type": "string", "format": "binary",
+                         "description": "zip or tar of unlabelled images (needs labels)"}}}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/BuildOptions"}},
+        },
+    }
+}
+
+
+@router.post("/v1/caches/{name}/builds", status_code=202, response_model=JobInfo, openapi_extra=_BODY_DOC,
+             dependencies=[require("admin")])
+async def start_build(request: Request, name: str = CacheName,
+                      state: ServerState = Depends(ready_state)) -> JSONResponse:
+    try:
+        store.validate_cache_name(name)
+    except ArtifactError as exc:
+        raise ApiError(422, "invalid_parameters", str(exc)) from exc
+    job = state.jobs.new_job(name, {}, state.config.jobs_root)
+    try:
+        options, data_root, pool_root = await _read_request(request, state, job.workdir)
+        job.options = options.model_dump(exclude_none=True)
+        job.spec = WorkerSpec(
+            config=build_config(name, options, data_root, pool_root, job.workdir, state.config),
+            nice=state.config.build_nice, threads=state.config.build_threads,
+        )
+    except BaseException:
+        remove_tree(job.workdir)
+        raise
+    state.jobs.submit(job)
+    return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs", response_model=JobList, dependencies=[require("read")])
+async def list_jobs(state: ServerState = Depends(ready_state)) -> dict:
+    return {"jobs": [job.as_dict() for job in state.jobs.list()]}
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[require("read")])
+async def show_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
+    return _job(state, job_id).as_dict()
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobInfo, dependencies=[require("admin")])
+async def cancel_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
+    _job(state, job_id)
+    return state.jobs.cancel(job_id).as_dict()
+
+
+def _job(state: ServerState, job_id: str):
+    try:
+        return state.jobs.get(job_id)
+    except JobNotFound as exc:
+        raise ApiError(404, "unknown_job", str(exc)) from exc
+
+
+async def _read_request(request: Request, state: ServerState, workdir):
+    """(options, data folder or None, pool folder or None), uploads unpacked into workdir."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    uploads: dict[str, UploadFile] = {}
+    if content_type == "application/json":
+        options = _parse_options(await request.body())
+    elif content_type == "multipart/form-data":
+        options, uploads = await _read_form(request)
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {content_type or 'none'!r} is not supported: send application/json "
+                       "options, or multipart/form-data with an 'options' field and 'data'/'pool' archives")
+    try:
+        has_data = "data" in uploads or options.data_dir is not None
+        has_pool = "pool" in uploads or options.pool_dir is not None
+        check_mode(options, has_data, has_pool)
+        if "data" in uploads and options.data_dir or "pool" in uploads and options.pool_dir:
+            raise ApiError(422, "invalid_parameters", "give an uploaded archive or a server folder, not both")
+        data_root = pool_root = None
+        if options.data_dir:
+            data_root = server_folder(options.data_dir, state.config, "data_dir")
+        if options.pool_dir:
+            pool_root = server_folder(options.pool_dir, state.config, "pool_dir")
+        if "data" in uploads:
+            data_root = await _unpack(uploads["data"], workdir / "data", state)
+        if "pool" in uploads:
+            pool_root = await _unpack(uploads["pool"], workdir / "pool", state)
+        return options, data_root, pool_root
+    finally:
+        for upload in uploads.values():
+            await upload.close()
+
+
+async def _read_form(request: Request) -> tuple[BuildOptions, dict[str, UploadFile]]:
+    try:
+        form = await request.form(max_files=2, max_fields=4)
+    except HTTPException as exc:
+        raise ApiError(400, "bad_multipart", f"the multipart body was refused: {exc.detail}") from exc
+    uploads, raw = {}, None
+    for field, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if field not in ("data", "pool") or field in uploads:
+                raise ApiError(422, "invalid_parameters",
+                               f"unexpected file field {field!r}: send one 'data' and/or one 'pool' archive")
+            uploads[field] = value
+        elif field == "options":
+            raw = value
+        else:
+            raise ApiError(422, "invalid_parameters", f"unexpected form field {field!r}")
+    return _parse_options(raw or "{}"), uploads
+
+
+def _parse_options(raw: str | bytes) -> BuildOptions:
+    try:
+        return BuildOptions.model_validate(json.loads(raw))
+    except ValidationError as exc:
+        raise invalid("invalid build options", exc) from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ApiError(400, "bad_json", f"the build options are not valid JSON: {exc}") from exc
+
+
+async def _unpack(upload: UploadFile, dest, state: ServerState):
+    config = state.config
+    archive = dest.parent / f"{dest.name}.upload"
+
+    def work():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(archive, "wb") as out:
+            upload.file.seek(0)
+            shutil.copyfileobj(upload.file, out, 1 << 20)
+        try:
+            return extract_archive(archive, dest, config.max_archive_files, config.max_extracted_bytes)
+        finally:
+            archive.unlink(missing_ok=True)
+
+    try:
+        return await asyncio.to_thread(work)
+    except ArchiveError as exc:
+        status, code = (413, "too_large") if exc.too_large else (400, "bad_archive")
+        raise ApiError(status, code, f"{upload.filename or 'the upload'}: {exc}") from exc

@@ -1,0 +1,74 @@
+"""A build request -> the builder's BuildConfig: options, unpacked uploads, allowed folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cache_builder.build import BuildConfig
+from service.config import ServerConfig
+from service.errors import ApiError
+from service.schemas import BuildOptions
+
+
+def check_mode(options: BuildOptions, has_data: bool, has_pool: bool) -> None:
+    """Data (labelled images), labels only, or labels + an unlabelled pool; nothing else."""
+    if has_data and has_pool:
+        raise ApiError(422, "invalid_parameters", "give labelled data or an unlabelled pool, not both")
+    if not has_data and not options.labels:
+        raise ApiError(422, "invalid_parameters",
+                       "a build needs labelled data (a 'data' archive or data_dir) or 'labels' "
+                       "(alone for a zero-shot cache, or with a pool)")
+
+
+def server_folder(path: str, config: ServerConfig, what: str) -> Path:
+    """A server-side folder the request names, allowed only under --build-roots."""
+    roots = config.build_root_paths
+    if not roots:
+        raise ApiError(403, "forbidden", f"{what}: server-side folders are disabled; start the server "
+                       "with --build-roots to allow them, or upload an archive")
+    resolved = Path(path).resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise ApiError(403, "forbidden", f"{what} {path!r} is not under a configured build root")
+    if not resolved.is_dir():
+        raise ApiError(422, "invalid_parameters", f"{what} {path!r} is not a folder on the server")
+    return resolved
+
+
+def build_config(
+    name: str,
+    options: BuildOptions,
+    data_root: Path | None,
+    pool_root: Path | None,
+    workdir: Path,
+    config: ServerConfig,
+) -> BuildConfig:
+    """The builder's configuration; option lists become files in the job's work folder."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    labels_file = templates = descriptions = None
+    if options.labels:
+        labels_file = workdir / "labels.txt"
+        labels_file.write_text("\n".join(options.labels) + "\n")
+    if options.templates:
+        templates = workdir / "templates.json"
+        templates.write_text(json.dumps(options.templates))
+    if options.descriptions:
+        descriptions = workdir / "descriptions.json"
+        descriptions.write_text(json.dumps(options.descriptions))
+    return BuildConfig(
+        out=Path(config.caches) / name,
+        data_dir=data_root,
+        model=config.model,
+        shots=None if options.shots == "all" else options.shots,
+        views=options.views,
+        captioner=options.captioner,
+        templates=templates,
+        descriptions=descriptions,
+        labels_file=labels_file,
+        seed=options.seed,
+        device=config.device,
+        model_cache_dir=config.model_cache_dir,
+        activate=False,  # the server activates it when the job succeeds (service/jobs.py)
+        progress=False,
+        pool_dir=pool_root,
+        pool_per_class=options.pool_per_class,
+    )

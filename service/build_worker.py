@@ -1,0 +1,59 @@
+"""A build job's own process: runs cache_builder.build_cache at low CPU priority and reports
+progress over a pipe.
+
+Why a process and not a thread of the server: the OS scheduler then gives online requests
+the CPU first (the worker is niced), a build's Python work (decoding, augmenting, tuning)
+never holds the server's GIL, a crash or out-of-memory kill takes only the build down, and
+cancelling can always end it. The worker loads its own copy of the model; it publishes the
+version without activating it, and the server activates it (service/jobs.py).
+
+Messages sent (tuples): ("progress", step, done, total), ("done", version, report),
+("cancelled",), ("error", message).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+
+from cache_builder.build import BuildConfig
+
+
+@dataclass
+class WorkerSpec:
+    config: BuildConfig  # activate False, no monitor (set up in the child)
+    nice: int
+    threads: int
+
+
+def run(spec: WorkerSpec, conn, cancel_event) -> None:
+    """Process entry point (spawned)."""
+    import torch
+
+    from cache_builder.build import build_cache
+    from cache_builder.progress import BuildCancelled, CallbackMonitor
+    from kvclip.errors import KvclipError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s build-worker %(name)s: %(message)s")
+    if spec.nice:
+        os.nice(spec.nice)
+    torch.set_num_threads(spec.threads)
+
+    def progress(step: str, done: int, total: int) -> None:
+        conn.send(("progress", step, done, total))
+
+    config = spec.config
+    config.monitor = CallbackMonitor(on_progress=progress, cancelled=cancel_event.is_set)
+    try:
+        result = build_cache(config)
+        conn.send(("done", result.version, result.report))
+    except BuildCancelled:
+        conn.send(("cancelled",))
+    except KvclipError as exc:
+        conn.send(("error", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported to the job, traceback to the server log
+        traceback.print_exc()
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

@@ -1,0 +1,276 @@
+"""Build jobs: a queue, one worker process at a time, progress, cancel, publish and activate.
+
+A job runs service/build_worker.py in its own spawned process. The worker publishes the new
+version without activating it; when it succeeds, the manager activates it through the
+registry (an atomic swap, like POST /activate). A job that fails or is cancelled leaves the
+served version untouched, and a version published by a cancelled build is deleted, so
+nothing half-done is ever visible. Jobs run one at a time: builds of one cache must not race
+for version numbers, and one build already uses the CPU the server leaves spare.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from service.archives import remove_tree
+from service.build_worker import WorkerSpec, run as run_worker
+from service.metrics import Metrics
+
+log = logging.getLogger("kvclip.jobs")
+TERMINAL = ("succeeded", "failed", "cancelled")
+_CANCEL_GRACE_S = 10.0  # a cancelled worker that does not stop by itself is terminated
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    cache: str
+    options: dict
+    workdir: Path
+    spec: WorkerSpec | None = None
+    state: str = "queued"
+    step: str | None = None
+    done: int = 0
+    total: int = 0
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step_started: float | None = None
+    cancel_requested: bool = False
+    version: str | None = None
+    activated: bool = False
+    error: str | None = None
+    report: dict | None = None
+
+    def progress(self, step: str, done: int, total: int) -> None:
+        if step != self.step:
+            self.step, self.step_started = step, time.monotonic()
+        self.done, self.total = done, total
+
+    def eta_s(self) -> float | None:
+        if self.state != "running" or not self.done or not self.total or self.step_started is None:
+            return None
+        rate = self.done / max(time.monotonic() - self.step_started, 1e-9)
+        return round(max(self.total - self.done, 0) / rate, 1)
+
+    def as_dict(self) -> dict:
+        end = self.finished or time.time()
+        return {
+            "id": self.id, "cache": self.cache, "state": self.state, "step": self.step,
+            "done": self.done, "total": self.total,
+            "elapsed_s": round(end - (self.started or end), 3), "eta_s": self.eta_s(),
+            "created_at": _iso(self.created), "finished_at": _iso(self.finished),
+            "cancel_requested": self.cancel_requested, "version": self.version,
+            "activated": self.activated, "error": self.error, "report": self.report,
+            "options": self.options,
+        }
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobManager:
+    """Queues jobs and runs them one at a time on a background thread."""
+
+    def __init__(
+        self,
+        activate: Callable[[str, str], object],
+        delete_version: Callable[[str, str], None],
+        metrics: Metrics | None = None,
+        max_kept: int = 100,
+    ) -> None:
+        self._activate = activate
+        self._delete_version = delete_version
+        self.metrics = metrics
+        self.max_kept = max_kept
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._cancel_events: dict[str, object] = {}
+        self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
+        self._thread: threading.Thread | None = None
+
+    # API -------------------------------------------------------------------------------
+    @staticmethod
+    def new_job(cache: str, options: dict, jobs_root: Path) -> Job:
+        job_id = uuid.uuid4().hex[:12]
+        return Job(id=job_id, cache=cache, options=options, workdir=Path(jobs_root) / job_id)
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            self._jobs[job.id] = job
+            self._forget_old()
+        self._count("queued")
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"unknown job {job_id!r}")
+        return job
+
+    def list(self) -> list[Job]:
+        return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.state in TERMINAL:
+                return job
+            job.cancel_requested = True
+            if job.state == "queued":
+                self._finish(job, "cancelled", "cancelled before it started")
+            event = self._cancel_events.get(job.id)
+        if event is not None:
+            event.set()
+        return job
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kvclip-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Cancel every job (the running one included) and wait for the runner."""
+        for job in list(self._jobs.values()):
+            if job.state not in TERMINAL:
+                self.cancel(job.id)
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # Runner ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.state != "queued":
+                continue  # cancelled while it waited
+            try:
+                self._run_job(job)
+            except Exception as exc:  # noqa: BLE001 - one job's failure never stops the runner
+                log.exception("build job %s failed", job.id)
+                with self._lock:
+                    if job.state not in TERMINAL:
+                        self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
+            finally:
+                remove_tree(job.workdir)
+
+    def _run_job(self, job: Job) -> None:
+        parent, child = self._context.Pipe(duplex=False)
+        cancel = self._context.Event()
+        process = self._context.Process(target=run_worker, args=(job.spec, child, cancel),
+                                        name=f"kvclip-build-{job.id}", daemon=True)
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state, job.started = "running", time.time()
+            job.progress("starting", 0, 0)  # the worker process imports torch and loads the model
+            self._cancel_events[job.id] = cancel
+            if job.cancel_requested:
+                cancel.set()
+        self._gauge()
+        log.info("build job %s for cache %s started", job.id, job.cache)
+        process.start()
+        child.close()
+        outcome = self._follow(job, process, parent, cancel)
+        process.join(5)
+        parent.close()
+        remove_tree(job.workdir)  # before the job reads as ended: no leftovers once it has
+        with self._lock:
+            self._cancel_events.pop(job.id, None)
+        self._conclude(job, outcome, process.exitcode)
+        self._gauge()
+
+    def _follow(self, job: Job, process, conn, cancel) -> tuple:
+        """Read the worker's messages until it reports an outcome or dies."""
+        cancel_deadline = None
+        while True:
+            if cancel.is_set() and cancel_deadline is None:
+                cancel_deadline = time.monotonic() + _CANCEL_GRACE_S
+            if cancel_deadline is not None and time.monotonic() > cancel_deadline and process.is_alive():
+                log.warning("build job %s ignored its cancel; terminating it", job.id)
+                process.terminate()
+                return ("cancelled",)
+            try:
+                ready = conn.poll(0.2)
+                message = conn.recv() if ready else None
+            except (EOFError, OSError):
+                return ("died",)
+            if message is None:
+                if not process.is_alive() and not conn.poll(0):
+                    return ("died",)
+                continue
+            if message[0] == "progress":
+                with self._lock:
+                    job.progress(*message[1:])
+                continue
+            return message
+
+    def _conclude(self, job: Job, outcome: tuple, exitcode: int | None) -> None:
+        kind = outcome[0]
+        if kind == "done":
+            version, report = outcome[1], outcome[2]
+            job.version, job.report = version, report
+            if job.cancel_requested:
+                self._discard(job, version)
+                self._finish(job, "cancelled", "cancelled; the version it published was removed")
+                return
+            if job.options.get("activate", True):
+                with self._lock:
+                    job.progress("activating", 0, 1)
+                try:
+                    self._activate(job.cache, version)
+                    job.activated = True
+                except Exception as exc:  # noqa: BLE001 - the served version stays
+                    self._discard(job, version)
+                    self._finish(job, "failed", f"built {version} but could not activate it: {exc}")
+                    return
+            self._finish(job, "succeeded")
+        elif kind == "cancelled":
+            self._finish(job, "cancelled", "cancelled")
+        elif kind == "error":
+            self._finish(job, "failed", outcome[1])
+        else:
+            self._finish(job, "failed", f"the build worker exited with code {exitcode} without a result "
+                                        "(killed, or out of memory?)")
+
+    def _discard(self, job: Job, version: str) -> None:
+        try:
+            self._delete_version(job.cache, version)
+        except Exception:  # noqa: BLE001 - logged; an inactive version is harmless
+            log.exception("could not delete %s %s of job %s", job.cache, version, job.id)
+        job.version = None
+
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        job.state, job.finished = state, time.time()
+        job.error = None if state == "succeeded" else error
+        self._count(state)
+        log.info("build job %s for cache %s %s%s", job.id, job.cache, state, f": {error}" if error else "")
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self._jobs.values() if j.state in TERMINAL]
+        for job in sorted(finished, key=lambda j: j.created)[: max(len(finished) - self.max_kept, 0)]:
+            del self._jobs[job.id]
+
+    def _count(self, state: str) -> None:
+        if self.metrics:
+            self.metrics.build_jobs.labels(state).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.build_running.set(sum(1 for j in self._jobs.values() if j.state == "running"))

@@ -1,0 +1,1 @@
+"""The browser page served at `/`: static HTML, JS and CSS (no build step, no CDN)."""

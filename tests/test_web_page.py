@@ -1,0 +1,259 @@
+"""The web page at `/`: served in-process without an API key, and used in a real headless
+Chromium (Debian's chromium and chromedriver, driven by Selenium) against a real
+`kvclip serve` process with API keys, where what it renders must match the API.
+
+The browser comes from `bash scripts/install_browser.sh` (.ci/run calls it). Without it
+these browser tests fail, saying how to install it; set KVCLIP_SKIP_BROWSER=1 to skip them
+on a machine that cannot have it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_process import serve_process
+from tests.service_helpers import copy_caches, make_config, running_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+READ_KEY = "web-reader"
+READ = {"Authorization": f"Bearer {READ_KEY}"}
+WAIT_S = 30
+
+
+# In-process: the page and its files are served, with no key, with the right types -------
+
+
+@pytest.mark.anyio
+async def test_page_and_static_files_need_no_key(tmp_path, tiny_encoder, monkeypatch):
+    monkeypatch.setenv("KVCLIP_API_KEYS", f"{READ_KEY}:read")
+    (tmp_path / "caches").mkdir()
+    async with running_app(make_config(tmp_path / "caches"), tiny_encoder) as (_, client):
+        assert (await client.get("/v1/caches")).status_code == 401  # keys are on
+
+        page = await client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert 'src="/static/app.js"' in page.text and 'href="/static/style.css"' in page.text
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+
+        script = await client.get("/static/app.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert "/v1/classify" in script.text
+        style = await client.get("/static/style.css")
+        assert style.status_code == 200 and style.headers["content-type"] == "text/css; charset=utf-8"
+
+        for path in ("/static/index.html", "/static/..%2Frouter.py", "/static/nope.js"):
+            missing = await client.get(path)
+            assert missing.status_code == 404, path
+            assert missing.json()["error"]["code"] == "not_found"
+        assert "/" not in (await client.get("/openapi.json")).json()["paths"]
+
+
+def test_page_never_parses_server_text_as_html():
+    # Labels, captions and names come from whoever built the cache: text only, never markup.
+    script = (Path(__file__).resolve().parents[1] / "service/web/static/app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
+
+
+# In a real browser -----------------------------------------------------------------------
+
+
+def _require_browser() -> None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if not missing:
+        return
+    why = (f"{', '.join(missing)} missing: run `bash scripts/install_browser.sh` (Debian's chromium "
+           "and chromium-driver) and `bash scripts/install.sh` (selenium)")
+    if os.environ.get("KVCLIP_SKIP_BROWSER") == "1":
+        pytest.skip(f"{why}; skipped because KVCLIP_SKIP_BROWSER=1")
+    pytest.fail(f"{why}; or set KVCLIP_SKIP_BROWSER=1 to skip the browser tests on this machine",
+                pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def server(served_caches, tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    caches = copy_caches(served_caches, root / "caches")
+    with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read"}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    _require_browser()  # tests ask for `browser` before `server`: no browser fails in seconds
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = tmp_path_factory.mktemp("chromium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    # Root in a container: no sandbox; no GPU; /dev/shm may be tiny. Own profile directory,
+    # so parallel runs on one machine never share one.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,1000", f"--user-data-dir={root / 'profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver path: Selenium Manager is never run, so nothing is downloaded.
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(root / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition, message=what)
+
+
+def _by_testid(root, testid: str) -> list:
+    from selenium.webdriver.common.by import By
+
+    return root.find_elements(By.CSS_SELECTOR, f'[data-testid="{testid}"]')
+
+
+def _open_with_key(driver, url: str) -> None:
+    """Open the page, see the 401 it shows without a key, enter the key, see the caches."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(url + "/")
+    driver.execute_script("localStorage.clear()")
+    driver.refresh()
+    box = driver.find_element(By.ID, "caches-error")
+    _wait(driver, lambda d: box.is_displayed() and box.get_attribute("data-status") == "401",
+          "the caches list shows 401 without a key")
+    assert "unauthorized" in box.text and "API key" in box.text
+    key = driver.find_element(By.ID, "api-key")
+    key.send_keys(READ_KEY + Keys.TAB)  # change event: kept in localStorage, caches reloaded
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, '#cache option[value="fashion"]'),
+          "the cache list is filled once the key is given")
+    assert not box.is_displayed()
+
+
+def first_image(folder: Path) -> Path:
+    return min(folder.rglob("*.png"), key=lambda p: p.name)
+
+
+def _submit(driver, files: list[Path], *, top_k: int, explain: bool) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "cache")).select_by_value("fashion")
+    top = driver.find_element(By.ID, "top-k")
+    top.clear()
+    top.send_keys(str(top_k))
+    box = driver.find_element(By.ID, "explain")
+    if box.is_selected() != explain:
+        box.click()
+    driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in files))
+    driver.find_element(By.ID, "submit").click()
+    results = driver.find_element(By.ID, "results")
+    _wait(driver, lambda d: results.get_attribute("data-state") in ("done", "failed"),
+          "the classify request finishes")
+    return results.get_attribute("data-state")
+
+
+def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    good = first_image(fashion_test)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not an image")
+    # The browser types this text/plain, a part type the server refuses for the whole request
+    # (415); the page sends it as octet-stream, so it is reported as this one image's error.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image either")
+    api = httpx.post(server.url + "/v1/classify", params={"cache": "fashion", "top_k": 3, "explain": "true"},
+                     files=[("file", (good.name, good.read_bytes(), "image/png"))], headers=READ, timeout=30)
+    assert api.status_code == 200, api.text
+    expected = api.json()["results"][0]
+
+    _open_with_key(browser, server.url)
+    option = browser.find_element(By.CSS_SELECTOR, '#cache option[value="fashion"]')
+    assert "10 labels" in option.text and "v0001" in option.text
+    assert _submit(browser, [good, broken, notes], top_k=3, explain=True) == "done"
+
+    cards = _by_testid(browser, "result")
+    assert [c.get_attribute("data-index") for c in cards] == ["0", "1", "2"]  # request order
+    ok, bad, text = cards
+    assert [c.get_attribute("data-status") for c in cards] == ["ok", "error", "error"]
+
+    # The good image: same top-1 label and labels as the API, percentages to one decimal.
+    assert _by_testid(ok, "top1-label")[0].text == expected["labels"][0]["label"]
+    rows = _by_testid(ok, "label-row")
+    assert [r.get_attribute("data-label") for r in rows] == [lb["label"] for lb in expected["labels"]]
+    assert _by_testid(ok, "top1-percent")[0].text == f"{expected['labels'][0]['score'] * 100:.1f}%"
+    assert good.name in _by_testid(ok, "result-name")[0].text
+    thumb = _by_testid(ok, "thumbnail")[0]
+    _wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
+                                              thumb), "the thumbnail shows the chosen file")
+
+    # explain: one row per neighbour the API returns, same labels in the same order.
+    neighbors = _by_testid(ok, "neighbor")
+    assert len(neighbors) == len(expected["neighbors"]) > 0
+    assert [_by_testid(n, "neighbor-label")[0].text for n in neighbors] == \
+        [n["label"] for n in expected["neighbors"]]
+
+    # The undecodable files: error cards next to the good result, not instead of it.
+    for card, path in ((bad, broken), (text, notes)):
+        assert "bad_image" in _by_testid(card, "image-error")[0].text
+        assert path.name in _by_testid(card, "result-name")[0].text
+        assert not _by_testid(card, "top1-label")
+    assert not browser.find_element(By.ID, "request-error").is_displayed()
+    assert "1 of 3 classified" in browser.find_element(By.ID, "status").text
+
+    # The page's own code keeps to its Content-Security-Policy (no inline script or style).
+    logs = browser.get_log("browser")
+    assert not [e for e in logs if "Content Security Policy" in e["message"]], logs
+
+    # The key survives a reload (localStorage) and the caches load with it.
+    browser.refresh()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#cache option[value="fashion"]'),
+          "caches load with the stored key")
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == READ_KEY
+
+
+def test_page_shows_a_refused_request(browser, server, fashion_test):
+    from selenium.webdriver.common.by import By
+
+    _open_with_key(browser, server.url)
+    # The key goes bad after the caches were listed: the classify request itself gets 401.
+    browser.execute_script("document.getElementById('api-key').value = 'not-a-key'")
+    good = first_image(fashion_test)
+    assert _submit(browser, [good], top_k=2, explain=False) == "failed"
+    box = browser.find_element(By.ID, "request-error")
+    assert box.is_displayed() and box.get_attribute("data-status") == "401"
+    assert "401 unauthorized" in _by_testid(box, "error-code")[0].text
+    assert "not valid" in _by_testid(box, "error-message")[0].text
+    assert not _by_testid(browser, "result")
+
+
+def test_drop_zone_takes_dropped_files(browser, server):
+    from selenium.webdriver.common.by import By
+
+    _open_with_key(browser, server.url)
+    # What a drag from the desktop delivers: a drop event whose DataTransfer holds files.
+    browser.execute_script("""
+        const data = new DataTransfer();
+        for (const name of ['a.png', 'b <i>.jpg']) data.items.add(new File(['x'], name, {type: 'image/png'}));
+        document.getElementById('drop-zone').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+    """)
+    listing = browser.find_element(By.ID, "file-list")
+    assert listing.text == "2 images: a.png, b <i>.jpg"  # names shown as text, not markup
+    assert not listing.find_elements(By.TAG_NAME, "i")
