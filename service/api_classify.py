@@ -62,11 +62,7 @@ async def classify(
         loaded = state.registry.get(params.cache)
     except CacheNotFound as exc:
         raise ApiError(404, "unknown_cache", str(exc)) from exc
-    method_name = loaded.artifact.best_method if params.method == "auto" else params.method
-    if method_name not in loaded.artifact.methods:
-        raise ApiError(422, "invalid_parameters",
-                       f"cache {loaded.name!r} cannot serve method {method_name!r} "
-                       f"(it serves {', '.join(loaded.artifact.methods)})")
+    method_name = choose_method(loaded, params.method)
     _check_sizes(inputs, state)
 
     loop = asyncio.get_running_loop()
@@ -74,23 +70,39 @@ async def classify(
     prepared: list[Prepared] = await asyncio.gather(*(
         loop.run_in_executor(state.decode_pool, prepare, item, preprocess, max_pixels) for item in inputs
     ))
-    bad = [p for p in prepared if p.pixels is None]
-    if bad and not params.partial:
-        raise ApiError(400, "bad_image",
-                       f"{len(bad)} of {len(prepared)} images could not be decoded: {bad[0].error}",
-                       [{"index": p.index, "name": p.name, "message": p.error} for p in bad])
-    good = [p for p in prepared if p.pixels is not None]
-    scored = await _score(state, loaded, good, ScoreOptions(
-        method=method_name, top_k=params.top_k,
-        explain_k=state.config.explain_k if params.explain else 0,
-        dense_max_keys=state.config.dense_max_keys, faiss_k=state.config.faiss_k,
-    ))
+    good = decoded(prepared, params.partial)
+    scored = await _score(state, loaded, good, score_options(state.config, method_name, params))
     state.metrics.cache_requests.labels(loaded.name, method_name).inc()
     state.metrics.images.labels(loaded.name).inc(len(good))
     return ClassifyResponse(
         cache=loaded.name, version=loaded.version, method=method_name, model=loaded.model_id,
         results=[_result(p, scored.get(p.index)) for p in prepared],
     )
+
+
+def choose_method(loaded: LoadedCache, requested: str) -> str:
+    """The method to run: the cache's tuned one for 'auto'; 422 when the cache cannot serve it."""
+    method = loaded.artifact.best_method if requested == "auto" else requested
+    if method not in loaded.artifact.methods:
+        raise ApiError(422, "invalid_parameters",
+                       f"cache {loaded.name!r} cannot serve method {method!r} "
+                       f"(it serves {', '.join(loaded.artifact.methods)})")
+    return method
+
+
+def decoded(prepared: list[Prepared], partial: bool) -> list[Prepared]:
+    """The usable images; without `partial`, any unusable one fails the request (400, named)."""
+    bad = [p for p in prepared if p.pixels is None]
+    if bad and not partial:
+        raise ApiError(400, "bad_image",
+                       f"{len(bad)} of {len(prepared)} images could not be decoded: {bad[0].error}",
+                       [{"index": p.index, "name": p.name, "message": p.error} for p in bad])
+    return [p for p in prepared if p.pixels is not None]
+
+
+def score_options(config, method: str, params: ClassifyParams) -> ScoreOptions:
+    return ScoreOptions(method=method, top_k=params.top_k, explain_k=config.explain_k if params.explain else 0,
+                        dense_max_keys=config.dense_max_keys, faiss_k=config.faiss_k)
 
 
 async def _score(state: ServerState, loaded: LoadedCache, good: list[Prepared], options: ScoreOptions) -> dict:

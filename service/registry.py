@@ -169,17 +169,25 @@ class CacheRegistry:
         return found
 
     def _load(self, name: str, version: str) -> LoadedCache:
-        start = time.perf_counter()
-        artifact = load_cache(self.cache_dir(name), version)
-        check_model_matches(self.encoder, artifact)
-        tensors = artifact.tensors(self.encoder.device)
-        if self.encoder.device.type == "cuda":
-            torch.cuda.synchronize(self.encoder.device)
-        log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
-                 len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
-        return LoadedCache(name, version, artifact, tensors)
+        return load_version(self.cache_dir(name), name, version, self.encoder)
 
     def _swap(self, caches: dict[str, LoadedCache]) -> None:
         self._caches = caches  # one reference assignment: readers see old or new, never a mix
         if self._on_change:
             self._on_change(caches)
+
+
+def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
+    """Load one version and check it was built with `encoder`'s model; tensors go to its device.
+
+    Also used by the Ray Serve replicas (deploy/ray/app.py), which keep caches per replica.
+    """
+    start = time.perf_counter()
+    artifact = load_cache(cache_dir, version)
+    check_model_matches(encoder, artifact)
+    tensors = artifact.tensors(encoder.device)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize(encoder.device)
+    log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
+             len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
+    return LoadedCache(name, version, artifact, tensors)

@@ -1,0 +1,1 @@
+"""Deployment targets for kvclip beyond the plain server (`kvclip serve`)."""

@@ -1,0 +1,377 @@
+"""kvclip on Ray Serve: classification replicas spread over a cluster, caches routed by name.
+
+    serve run deploy.ray.app:build_app caches=/shared/caches model=ViT-B-32:openai num_replicas=4 num_gpus=0.5
+
+Two deployments:
+
+- `KvclipIngress` (FastAPI via @serve.ingress): POST /v1/classify and
+  POST /v1/caches/{name}/activate, with the plain server's request parsing, limits, API keys,
+  errors and response shape (reused from service/api_classify.py). It holds no model; it
+  calls the classifier through a handle with the cache name as the multiplexed model id.
+- `KvclipClassifier`: one encoder per replica (`num_gpus` may be a fraction). Images from
+  concurrent requests share encoder calls through @serve.batch (preprocessed pixels in,
+  features out, sized in images); each request then blends on its own cache snapshot with
+  service.classify.score. Caches are @serve.multiplexed by name, so Serve routes a cache's
+  requests to replicas that already hold it; each replica checks the cache's CURRENT file
+  at most every `refresh_interval_s` and swaps in a new version when it changed, so an
+  activation written by any replica (or by `kvclip.artifact.set_current`, a build, or a
+  plain server sharing the folder) reaches every replica. A request takes its snapshot
+  once and finishes on it.
+
+Nothing here re-implements the classify path: decode and preprocess are
+service.classify.prepare, the blend is service.classify.score, cache loading is
+service.registry.load_version (artifact checksums and the model check).
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from kvclip import artifact as store
+from kvclip.errors import KvclipError
+from kvclip.models import load_encoder
+from service.api_caches import summary
+from service.api_classify import (  # the plain server's request handling, reused as is
+    OPENAPI_SCHEMAS, _BODY_DOC, _ERRORS, _check_sizes, _merge_params, _read_body, _result,
+    choose_method, decoded, score_options,
+)
+from service.classify import ImageInput, prepare, score
+from service.config import ENV_PREFIX, ServerConfig, from_namespace
+from service.deps import require
+from service.errors import ApiError, install_handlers
+from service.registry import CacheNotFound, LoadedCache, load_version
+from service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
+from service.security import ENV_VAR, ApiKeys
+
+log = logging.getLogger("kvclip.ray")
+
+REPLICA_HEADER = "X-Kvclip-Replica"  # which classifier replica answered
+BATCH_HEADER = "X-Kvclip-Batch-Images"  # images in the largest encoder batch the request rode in
+VERSION_HEADER = "X-Kvclip-Version"
+
+
+class RayOptions(BaseModel):
+    """Ray-specific settings; every other `build_app` argument is a ServerConfig field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, description="classifier replicas (each loads the model once)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per classifier replica; 0.5 puts two on a GPU")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per classifier replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a classifier replica takes at once")
+    max_caches_per_replica: int = Field(4, ge=1, description="caches a replica keeps loaded (LRU)")
+    refresh_interval_s: float = Field(2.0, ge=0, description="how often a replica re-reads CURRENT (0: every request)")
+    torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: torch's default)")
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+
+
+def parse_args(args: dict) -> tuple[RayOptions, ServerConfig]:
+    """`serve run ... key=value` arguments (or a config file's `args`) -> (RayOptions, ServerConfig).
+
+    ServerConfig fields fall back to their KVCLIP_* variables, as for `kvclip serve`.
+    """
+    ray_keys = set(RayOptions.model_fields)
+    server_keys = {f.name for f in fields(ServerConfig)}
+    unknown = set(args) - ray_keys - server_keys
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; expected ServerConfig "
+                         f"fields or {', '.join(sorted(ray_keys))}")
+    options = RayOptions.model_validate({k: v for k, v in args.items() if k in ray_keys})
+    server = {name: os.environ.get(ENV_PREFIX + name.upper()) for name in server_keys}
+    server.update({k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k in server_keys})
+    missing = [k for k in ("caches", "model") if server.get(k) is None]
+    if missing:
+        raise ValueError(f"missing argument(s): {', '.join(missing)} (e.g. caches=/shared/caches model=tiny-random)")
+    return options, from_namespace(argparse.Namespace(**server))
+
+
+def build_app(args: dict) -> serve.Application:
+    """The Serve application: ingress -> classifier replicas (see the module docstring)."""
+    options, config = parse_args(dict(args))
+    classifier = KvclipClassifier.options(
+        num_replicas=options.num_replicas,
+        max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_gpus": options.num_gpus, "num_cpus": options.num_cpus},
+    ).bind(config, options)
+    return KvclipIngress.options(
+        num_replicas=options.ingress_replicas,
+        ray_actor_options={"num_cpus": options.ingress_num_cpus},
+    ).bind(classifier, config)
+
+
+# Classifier replicas ---------------------------------------------------------------------
+
+def _images_in(chunks: list[torch.Tensor]) -> int:
+    """@serve.batch sizes batches in images, not requests."""
+    return sum(chunk.shape[0] for chunk in chunks)
+
+
+class CacheSlot:
+    """One cache on one replica: the served snapshot, refreshed from CURRENT on disk."""
+
+    def __init__(self, name: str, cache_dir: Path, loaded: LoadedCache) -> None:
+        self.name, self.cache_dir, self.loaded = name, cache_dir, loaded
+        self.checked_at = time.monotonic()
+        self.failed_version: str | None = None  # a version on disk that did not load
+        self.lock = asyncio.Lock()
+
+    async def current(self, encoder, interval_s: float) -> LoadedCache:
+        """The snapshot to serve; re-reads CURRENT when `interval_s` has passed since the last look."""
+        if time.monotonic() - self.checked_at < interval_s:
+            return self.loaded
+        async with self.lock:
+            if time.monotonic() - self.checked_at < interval_s:  # checked while we waited
+                return self.loaded
+            version = store.current_version(self.cache_dir)  # one small file read
+            if version is None:
+                raise CacheNotFound(f"unknown cache {self.name!r} (no CURRENT version on disk)")
+            if version not in (self.loaded.version, self.failed_version):
+                try:
+                    self.loaded = await asyncio.to_thread(load_version, self.cache_dir, self.name, version, encoder)
+                    self.failed_version = None
+                except KvclipError as exc:  # corrupt or other model: keep serving what we have
+                    self.failed_version = version
+                    log.error("cache %s %s not loaded, still serving %s: %s",
+                              self.name, version, self.loaded.version, exc)
+            self.checked_at = time.monotonic()
+            return self.loaded
+
+    async def install(self, loaded: LoadedCache) -> None:
+        async with self.lock:
+            self.loaded, self.failed_version, self.checked_at = loaded, None, time.monotonic()
+
+
+# Helpers used inside the deployments sit above them: Serve pickles a deployment's class when
+# it is decorated, and names defined after that point would be missing in the replicas.
+def _error_dict(exc: ApiError) -> dict:
+    """An ApiError as plain data: replicas return errors to the ingress rather than raise them."""
+    return {"status": exc.status, "code": exc.code, "message": exc.message,
+            "details": exc.details, "headers": exc.headers}
+
+
+def _unwrap(outcome: dict, response: Response) -> dict:
+    if "error" in outcome:
+        raise ApiError(**outcome["error"])
+    response.headers[REPLICA_HEADER] = outcome["replica"]
+    return outcome["response"]
+
+
+@serve.deployment(name="KvclipClassifier")
+class KvclipClassifier:
+    def __init__(self, config: ServerConfig, options: RayOptions) -> None:
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+        self.config, self.options = config, options
+        self.root = Path(config.caches)
+        self.encoder = load_encoder(config.model, config.device, config.model_cache_dir)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvclip-device")
+        self._decode = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="kvclip-decode")
+        self._encode_batch.set_max_batch_size(config.max_batch)
+        self._encode_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
+
+        self._opened: set[str] = set()  # caches this replica has loaded at least once
+
+        async def open_slot(name: str) -> CacheSlot:
+            return await self._open_slot(name)
+
+        # Wired here so that max_caches_per_replica is a setting (Serve detects it on the instance).
+        self._slot = serve.multiplexed(max_num_models_per_replica=options.max_caches_per_replica)(open_slot)
+        log.info("classifier replica %s: model %s on %s", self.replica, self.encoder.model_id, self.encoder.device)
+
+    # Called by the ingress through a handle with multiplexed_model_id=<cache name>.
+    async def classify(self, inputs: list[ImageInput], params: ClassifyParams) -> dict:
+        try:
+            return await self._classify(inputs, params)
+        except ApiError as exc:
+            return {"error": _error_dict(exc), "replica": self.replica}
+
+    async def activate(self, version: str) -> dict:
+        try:
+            return await self._activate(serve.get_multiplexed_model_id(), version)
+        except ApiError as exc:
+            return {"error": _error_dict(exc), "replica": self.replica}
+
+    # Internals ---------------------------------------------------------------------------
+    async def _classify(self, inputs: list[ImageInput], params: ClassifyParams) -> dict:
+        loaded = await self._snapshot(params.cache)
+        method_name = choose_method(loaded, params.method)
+        _check_sizes(inputs, self)  # reads self.config, like the plain server's state
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(*(
+            loop.run_in_executor(self._decode, prepare, item, self.encoder.preprocess, self.config.max_pixels)
+            for item in inputs
+        ))
+        good = decoded(prepared, params.partial)
+        scored, batch_images = {}, 0
+        if good:
+            features, batch_images = await self._encode(torch.stack([p.pixels for p in good]))
+            options = score_options(self.config, method_name, params)
+            results = await loop.run_in_executor(self._device, score, features, loaded, options)
+            scored = {p.index: r for p, r in zip(good, results)}
+        response = ClassifyResponse(
+            cache=loaded.name, version=loaded.version, method=method_name, model=loaded.model_id,
+            results=[_result(p, scored.get(p.index)) for p in prepared],
+        )
+        return {"response": response.model_dump(mode="json"), "replica": self.replica,
+                "batch_images": batch_images}
+
+    async def _snapshot(self, name: str) -> LoadedCache:
+        try:
+            # Unknown names are refused before the multiplexer, which would evict a hot cache
+            # (LRU) to make room before trying to load one.
+            if name not in self._opened and store.current_version(self._cache_dir(name)) is None:
+                raise CacheNotFound(f"unknown cache {name!r}")
+            slot = await self._slot(name)
+            return await slot.current(self.encoder, self.options.refresh_interval_s)
+        except CacheNotFound as exc:
+            raise ApiError(404, "unknown_cache", str(exc)) from exc
+
+    async def _open_slot(self, name: str) -> CacheSlot:
+        """Multiplexed loader: the cache's CURRENT version (model checked), on first use here."""
+        cache_dir = self._cache_dir(name)
+        version = store.current_version(cache_dir) if cache_dir.is_dir() else None
+        if version is None:
+            raise CacheNotFound(f"unknown cache {name!r}")
+        try:
+            loaded = await asyncio.to_thread(load_version, cache_dir, name, version, self.encoder)
+        except KvclipError as exc:
+            raise CacheNotFound(f"cache {name!r} {version} could not be loaded: {exc}") from exc
+        self._opened.add(name)
+        return CacheSlot(name, cache_dir, loaded)
+
+    async def _activate(self, name: str, version: str) -> dict:
+        """Load and check `version` here, then write CURRENT; the other replicas follow it."""
+        cache_dir = self._cache_dir(name)
+        if not cache_dir.is_dir():
+            raise ApiError(404, "unknown_cache", f"unknown cache {name!r}")
+        versions = store.list_versions(cache_dir)
+        if version not in versions:
+            raise ApiError(404, "unknown_version", f"cache {name!r} has no version {version!r} "
+                                                   f"(versions: {', '.join(versions) or 'none'})")
+        try:
+            loaded = await asyncio.to_thread(load_version, cache_dir, name, version, self.encoder)
+        except KvclipError as exc:  # corrupt or incompatible: CURRENT is not touched
+            raise ApiError(409, "version_not_loadable", f"{name} {version} not activated: {exc}") from exc
+        await asyncio.to_thread(store.set_current, cache_dir, version)
+        try:
+            slot = await self._slot(name)
+        except CacheNotFound:
+            slot = None
+        if slot is not None:
+            await slot.install(loaded)
+        return {"response": summary(loaded), "replica": self.replica}
+
+    def _cache_dir(self, name: str) -> Path:
+        try:
+            store.validate_cache_name(name)
+        except KvclipError as exc:
+            raise CacheNotFound(f"unknown cache {name!r}: {exc}") from exc
+        return self.root / name
+
+    async def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Features for one request's images; chunks of at most max_batch join other requests' batches."""
+        parts = await asyncio.gather(*(self._encode_batch(chunk) for chunk in pixels.split(self.config.max_batch)))
+        features = parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
+        return features, max(n for _, n in parts)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def _encode_batch(self, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        sizes = [chunk.shape[0] for chunk in chunks]
+        pixels = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        features = await asyncio.get_running_loop().run_in_executor(self._device, self._run_encoder, pixels)
+        return [(part, pixels.shape[0]) for part in features.split(sizes)]
+
+    def _run_encoder(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.encoder.encode_images(pixels)
+        if features.is_cuda:
+            torch.cuda.synchronize(features.device)
+        return features
+
+
+
+# HTTP ingress ----------------------------------------------------------------------------
+
+app = FastAPI(title="kvclip (Ray Serve)", version="0.1.0")
+install_handlers(app)
+_CacheName = PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="cache name")
+
+
+def _openapi() -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(OPENAPI_SCHEMAS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+# Ray pickles the app to the replicas: closures such as service.deps.require's travel by value,
+# without the module globals their string annotations name, so FastAPI would read `request` as
+# a query parameter. These top-level functions travel by reference and call the same check.
+async def _read_scope(request: Request) -> None:
+    await require("read").dependency(request)
+
+
+async def _admin_scope(request: Request) -> None:
+    await require("admin").dependency(request)
+
+
+@serve.deployment(name="KvclipIngress")
+@serve.ingress(app)
+class KvclipIngress:
+    def __init__(self, classifier, config: ServerConfig) -> None:
+        self.classifier = classifier
+        self.config = config
+        # What service.deps.require and api_classify._read_body read from the plain server's state.
+        self.state = SimpleNamespace(config=config, api_keys=ApiKeys.load(os.environ.get(ENV_VAR),
+                                                                           config.api_keys_file))
+        app.state.kv = self.state
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC, responses=_ERRORS,
+              dependencies=[Depends(_read_scope)])
+    async def classify(
+        self,
+        request: Request,
+        response: Response,
+        cache: str | None = Query(None, description="cache name"),
+        top_k: int | None = Query(None, description="labels per image (default 5)"),
+        method: MethodName | None = Query(None, description="auto (tuned), zeroshot, tip, tipx or caps"),
+        explain: bool | None = Query(None, description="also return the nearest support items"),
+        partial: bool | None = Query(None, description="report unreadable images per image instead of 400"),
+    ) -> ClassifyResponse:
+        query = {"cache": cache, "top_k": top_k, "method": method, "explain": explain, "partial": partial}
+        inputs, body_params = await _read_body(request, self.state)
+        params = _merge_params(query, body_params)
+        outcome = await self.classifier.options(multiplexed_model_id=params.cache).classify.remote(inputs, params)
+        body = _unwrap(outcome, response)
+        response.headers[BATCH_HEADER] = str(outcome.get("batch_images", 0))
+        response.headers[VERSION_HEADER] = body["version"]
+        return ClassifyResponse.model_validate(body)
+
+    @app.post("/v1/caches/{name}/activate", response_model=CacheSummary, dependencies=[Depends(_admin_scope)])
+    async def activate(self, body: ActivateRequest, response: Response, name: str = _CacheName) -> dict:
+        """Load and check the version on one replica, write CURRENT; every replica follows
+        within refresh_interval_s (requests in flight finish on their snapshot)."""
+        outcome = await self.classifier.options(multiplexed_model_id=name).activate.remote(body.version)
+        return _unwrap(outcome, response)
