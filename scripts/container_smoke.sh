@@ -70,7 +70,7 @@ if [ ! -d "$DATA" ] || [ ! -d "$TEST" ]; then
   [ -d "$DATA" ] || .venv/bin/kvclip export-dataset fashion-mnist --out "$DATA" --per-class 16
   [ -d "$TEST" ] || .venv/bin/kvclip export-dataset fashion-mnist --out "$TEST" --split test --limit 1000
 fi
-IMAGE=$(find "$TEST" -type f \( -iname '*.png' -o -iname '*.jpg' \) | sort | head -1)
+IMAGE=$(find "$TEST" -type f \( -iname '*.png' -o -iname '*.jpg' \) | sort | sed -n 1p)  # sed reads to the end: no SIGPIPE under pipefail
 
 # Torch wheels for the build (see WHEELHOUSE_SPEC above). Never committed (.gitignore).
 if ! compgen -G ".wheels/torch-*.whl" >/dev/null || ! compgen -G ".wheels/torchvision-*.whl" >/dev/null; then

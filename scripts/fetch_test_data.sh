@@ -7,31 +7,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FOOLBOX_SPEC="foolbox==3.3.4"
 WHEEL_DIR=.cache/test-data
-if ! compgen -G "$WHEEL_DIR/foolbox-*.whl" >/dev/null; then
-  # .ci/run calls this before install.sh makes the venv, so fall back to the system pip.
-  if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
-    PIP=(.venv/bin/python -m pip)
-  elif command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; then
-    PIP=(python3 -m pip)
-  elif command -v pip3 >/dev/null; then
-    PIP=(pip3)
-  else
-    echo "fetch_test_data.sh: no pip found (tried .venv, python3 -m pip, pip3);" \
-         "install pip, or put foolbox-3.3.4-py3-none-any.whl in $WHEEL_DIR by hand" >&2
-    exit 1
+# Each wheel is kept as a zip and read by tests, never installed: foolbox for its images,
+# docker-compose 1.29 for the compose file JSON schema it ships (tests/test_deploy_files.py).
+for SPEC in "foolbox==3.3.4" "docker-compose==1.29.2"; do
+  prefix=$(printf '%s' "${SPEC%%==*}" | tr - _)
+  if ! compgen -G "$WHEEL_DIR/$prefix-*.whl" >/dev/null; then
+    # .ci/run calls this before install.sh makes the venv, so fall back to the system pip.
+    if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
+      PIP=(.venv/bin/python -m pip)
+    elif command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; then
+      PIP=(python3 -m pip)
+    elif command -v pip3 >/dev/null; then
+      PIP=(pip3)
+    else
+      echo "fetch_test_data.sh: no pip found (tried .venv, python3 -m pip, pip3);" \
+           "install pip, or put the $SPEC wheel in $WHEEL_DIR by hand" >&2
+      exit 1
+    fi
+    mkdir -p "$WHEEL_DIR"
+    # --no-deps --only-binary: just the wheel (a zip of data), none of its dependencies.
+    # pip's output is shown only on failure (it warns about unusable local index locations).
+    if ! log=$(PIP_DISABLE_PIP_VERSION_CHECK=1 "${PIP[@]}" download -q --no-deps \
+                 --only-binary=:all: -d "$WHEEL_DIR" "$SPEC" 2>&1); then
+      printf '%s\n' "$log" >&2
+      echo "fetch_test_data.sh: could not download $SPEC into $WHEEL_DIR" >&2
+      exit 1
+    fi
   fi
-  mkdir -p "$WHEEL_DIR"
-  # --no-deps --only-binary: just the wheel (a zip of data), none of foolbox's dependencies.
-  # pip's output is shown only on failure (it warns about unusable local index locations).
-  if ! log=$(PIP_DISABLE_PIP_VERSION_CHECK=1 "${PIP[@]}" download -q --no-deps \
-               --only-binary=:all: -d "$WHEEL_DIR" "$FOOLBOX_SPEC" 2>&1); then
-    printf '%s\n' "$log" >&2
-    echo "fetch_test_data.sh: could not download $FOOLBOX_SPEC into $WHEEL_DIR" >&2
-    exit 1
-  fi
-fi
+done
 
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -170,6 +170,32 @@ def test_compose_server(compose):
     assert "profiles" not in server  # starts with a plain `up`
 
 
+def compose_schema() -> dict:
+    """The compose file JSON schema shipped in the docker-compose 1.29 wheel, which
+    scripts/fetch_test_data.sh keeps in .cache/test-data (read, never installed)."""
+    import json
+    import zipfile
+
+    wheels = sorted((ROOT / ".cache" / "test-data").glob("docker_compose-*.whl"))
+    assert wheels, "no docker-compose wheel in .cache/test-data: run scripts/fetch_test_data.sh"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        schema = json.loads(wheel.read("compose/config/compose_spec.json"))
+    # The spec gained a top-level project `name` after 1.29; everything else is checked as is.
+    schema["properties"]["name"] = {"type": "string"}
+    return schema
+
+
+def test_compose_file_matches_the_compose_schema(compose):
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(compose_schema())
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+    broken = {**compose, "services": {**compose["services"],
+                                      "server": {**compose["services"]["server"], "helthcheck": {}}}}
+    assert any("helthcheck" in e.message for e in validator.iter_errors(broken))
+
+
 def test_compose_build_job(compose):
     job = compose["services"]["build"]
     assert job["profiles"] == ["build"]
