@@ -39,6 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("auto", "zeroshot", "tip", "tipx", "caps"))
     p.add_argument("--explain", action="store_true", help="also show the nearest support items")
     p.add_argument("--partial", action="store_true", help="report unreadable images instead of failing")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="images per request, at most the server's --max-images (default 64)")
     p.set_defaults(run=_guarded(_classify))
 
     caches = sub.add_parser("caches", help="list, show, activate, delete, reload and build caches on a server")
@@ -136,7 +138,8 @@ def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], object]
 
 def _classify(args: argparse.Namespace) -> int:
     return _print_call(args, lambda c: c.classify(args.images, args.cache, top_k=args.top_k, method=args.method,
-                                                  explain=args.explain, partial=args.partial),
+                                                  explain=args.explain, partial=args.partial,
+                                                  chunk_size=args.chunk_size),
                        render.classification)
 
 

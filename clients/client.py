@@ -71,13 +71,15 @@ class KvclipClient(_Settings):
 
     # --- classification -------------------------------------------------------------------
     def classify(self, images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
-                 method: str | None = None, explain: bool = False, partial: bool = False) -> Classification:
+                 method: str | None = None, explain: bool = False, partial: bool = False,
+                 chunk_size: int = ops.DEFAULT_CHUNK) -> Classification:
         """Classify one image or a list (paths, bytes, PIL images, numpy arrays, binary files).
 
         Results are in request order. `method`: auto (default), zeroshot, tip, tipx, caps.
         `partial=True` marks unreadable images in their result instead of failing with 400.
+        A longer list than `chunk_size` (the server's --max-images) goes in several requests.
         """
-        return self._run(ops.classify(images, cache, top_k, method, explain, partial))
+        return self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size))
 
     # --- caches -----------------------------------------------------------------------------
     def caches(self) -> list[CacheInfo]:
@@ -199,9 +201,10 @@ class AsyncKvclipClient(_Settings):
         self._sleep = sleep
 
     async def classify(self, images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
-                       method: str | None = None, explain: bool = False, partial: bool = False) -> Classification:
+                       method: str | None = None, explain: bool = False, partial: bool = False,
+                       chunk_size: int = ops.DEFAULT_CHUNK) -> Classification:
         """See KvclipClient.classify."""
-        return await self._run(ops.classify(images, cache, top_k, method, explain, partial))
+        return await self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size))
 
     async def caches(self) -> list[CacheInfo]:
         return await self._run(ops.caches())

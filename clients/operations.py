@@ -8,6 +8,7 @@ the build job's polling loop therefore exist only here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Generator, Sequence
@@ -15,9 +16,9 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from clients.archives import open_upload, read_descriptions, read_labels, read_templates
-from clients.errors import ApiError, InputError, JobFailed
+from clients.errors import ApiError, InputError, JobFailed, KvclipClientError
 from clients.http import Call, Sleep
-from clients.images import ImageInput, image_files
+from clients.images import ImageInput, image_file
 from clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
 
 T = TypeVar("T")
@@ -30,13 +31,51 @@ def _seg(value: str) -> str:
     return quote(str(value), safe="")
 
 
+# The server's default --max-images; a server configured lower answers 413 and says its limit.
+DEFAULT_CHUNK = 64
+
+
 def classify(images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
-             method: str | None = None, explain: bool = False, partial: bool = False) -> Operation[Classification]:
-    files = [("file", f.multipart()) for f in image_files(images)]
+             method: str | None = None, explain: bool = False, partial: bool = False,
+             chunk_size: int = DEFAULT_CHUNK) -> Operation[Classification]:
+    """Up to `chunk_size` images per request, reading one chunk's files at a time. All chunks
+    must be answered by one cache version: after a swap mid-way the whole list is sent again
+    (once), so the results never mix versions."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise InputError("no images given")
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be at least 1, not {chunk_size}")
     params = {"cache": cache, "top_k": top_k, "method": method,
               "explain": "true" if explain else None, "partial": "true" if partial else None}
-    body = yield Call("POST", "/v1/classify", params=params, files=files)
-    return Classification.from_json(body)
+    for _attempt in range(2):
+        answers: list[Classification] = []
+        for start in range(0, len(items), chunk_size):
+            chunk = items[start:start + chunk_size]
+            files = [("file", image_file(item, start + i).multipart()) for i, item in enumerate(chunk)]
+            try:
+                body = yield Call("POST", "/v1/classify", params=params, files=files)
+            except ApiError as exc:
+                raise _shifted(exc, start) from None
+            answers.append(Classification.from_json(body))
+        versions = sorted({a.version for a in answers})
+        if len(versions) == 1:
+            first = answers[0]
+            results = [dataclasses.replace(r, index=r.index + start)
+                       for start, a in zip(range(0, len(items), chunk_size), answers) for r in a.results]
+            return dataclasses.replace(first, results=results)
+    raise KvclipClientError(f"cache {cache!r} changed version while {len(items)} images were classified "
+                            f"in {len(answers)} requests ({', '.join(versions)}), twice; try again")
+
+
+def _shifted(error: ApiError, start: int) -> ApiError:
+    """A chunk's error with its image positions counted from the start of the whole list."""
+    if not start:
+        return error
+    details = [{**d, "index": d["index"] + start} if isinstance(d, dict) and isinstance(d.get("index"), int) else d
+               for d in error.details]
+    return ApiError(error.status, error.code, f"{error.message} (in the request for images {start}+)",
+                    details, error.request_id)
 
 
 def caches() -> Operation[list[CacheInfo]]:

@@ -91,8 +91,14 @@ def choose_method(loaded: LoadedCache, requested: str) -> str:
 
 
 def decoded(prepared: list[Prepared], partial: bool) -> list[Prepared]:
-    """The usable images; without `partial`, any unusable one fails the request (400, named)."""
+    """The usable images; without `partial`, any unusable one fails the request (named): 415 for
+    a part declared as a non-image type, 400 for bytes that do not decode."""
     bad = [p for p in prepared if p.pixels is None]
+    refused = [p for p in bad if p.code == "unsupported_media_type"]
+    if refused and not partial:
+        raise ApiError(415, "unsupported_media_type",
+                       f"image {refused[0].index} ({refused[0].name}): {refused[0].error}; send image files",
+                       [{"index": p.index, "name": p.name, "message": p.error} for p in refused])
     if bad and not partial:
         raise ApiError(400, "bad_image",
                        f"{len(bad)} of {len(prepared)} images could not be decoded: {bad[0].error}",
@@ -122,7 +128,7 @@ async def _score(state: ServerState, loaded: LoadedCache, good: list[Prepared], 
 
 def _result(p: Prepared, scored) -> ImageResult:
     if scored is None:
-        return ImageResult(index=p.index, name=p.name, error={"code": "bad_image", "message": p.error})
+        return ImageResult(index=p.index, name=p.name, error={"code": p.code, "message": p.error})
     return ImageResult(
         index=p.index, name=p.name,
         labels=[{"label": lb, "score": s, "logit": lg} for lb, s, lg in scored.labels],
@@ -158,9 +164,9 @@ async def _read_multipart(request: Request, state: ServerState) -> tuple[list[Im
                 name = value.filename or f"image[{index}]"
                 ctype = (value.content_type or "application/octet-stream").lower()
                 if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-                    raise ApiError(415, "unsupported_media_type",
-                                   f"image {index} ({name}) has content type {ctype!r}; send an image file",
-                                   [{"index": index, "name": name, "message": f"content type {ctype}"}])
+                    # 415 unless partial=true, which may come later in the form: decided in decoded()
+                    inputs.append(ImageInput(index, name, b"", refused=f"content type {ctype!r} is not an image"))
+                    continue
                 data = await value.read(state.config.max_image_bytes + 1)
                 inputs.append(ImageInput(index, name, data))
             else:

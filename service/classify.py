@@ -21,6 +21,7 @@ class ImageInput:
     index: int  # position in the request
     name: str  # file name, or "image[i]"
     data: bytes
+    refused: str | None = None  # set when the part was declared as something other than an image
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Prepared:
     name: str
     pixels: torch.Tensor | None  # 3 x H x W, or None when the image was not usable
     error: str | None = None
+    code: str = "bad_image"  # or "unsupported_media_type" for a refused part
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Scored:
 
 def prepare(item: ImageInput, preprocess, max_pixels: int) -> Prepared:
     """Decode and preprocess one image; an unusable image becomes an error, not an exception."""
+    if item.refused:
+        return Prepared(item.index, item.name, None, item.refused, "unsupported_media_type")
     try:
         image = decode_image(item.data, max_pixels=max_pixels, name=item.name)
     except Exception as exc:  # ImageDecodeError, and anything a codec throws on hostile bytes

@@ -189,6 +189,18 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_more_images_than_the_server_takes_in_one_request(reader, fashion_test):
+    many = sorted(fashion_test.rglob("*.png"), key=lambda p: p.name)[:70]  # server --max-images: 64
+    with pytest.raises(ApiError) as info:
+        reader.classify(many, "fashion", top_k=2, chunk_size=70)
+    assert info.value.status == 413 and info.value.code == "too_many_images"
+    result = reader.classify(many, "fashion", top_k=2)  # default chunks of 64
+    assert [r.index for r in result.results] == list(range(70))
+    assert [r.name for r in result.results] == [p.name for p in many]
+    assert_same_scores(dataclasses.replace(result, results=result.results[62:66]),
+                       reader.classify(many[62:66], "fashion", top_k=2))
+
+
 def test_cli_classify_table_and_json(server, images, capsys, monkeypatch):
     monkeypatch.setenv("KVCLIP_API_KEY", READ_KEY)
     with KvclipClient(server.url, api_key=READ_KEY) as client:
@@ -206,6 +218,9 @@ def test_cli_classify_table_and_json(server, images, capsys, monkeypatch):
                            "--json", "--explain")
     body = json.loads(out)
     assert code == 0 and [r["name"] for r in body["results"]] == [p.name for p in images[:2]]
+    code, out, _ = run_cli(capsys, "classify", *map(str, images[:2]), "--cache", "fashion", "--top-k", "2",
+                           "--json", "--chunk-size", "1")  # one request per image, one answer
+    assert code == 0 and [r["index"] for r in json.loads(out)["results"]] == [0, 1]
     assert body["results"][0]["labels"][0]["label"] == expected.results[0].top.label
     assert body["results"][0]["neighbors"]
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import ApiError, AsyncKvclipClient, InputError, JobFailed, KvclipClient, ServerUnreachable
+from clients import (ApiError, AsyncKvclipClient, InputError, JobFailed, KvclipClient, KvclipClientError,
+                     ServerUnreachable)
 from clients.http import parse_retry_after
 from clients.images import image_file, image_files
 from clients.models import Job
@@ -185,6 +186,56 @@ def test_classify_defaults_send_no_optional_parameters():
     handler = Recorder(httpx.Response(200, json=CLASSIFY_BODY))
     make_client(handler)[0].classify(b"x", "pets")
     assert dict(handler.requests[0].url.params) == {"cache": "pets"}
+
+
+class ChunkServer:
+    """Answers each classify request like the server would: one result per file part, named
+    after it, from the cache version `versions` gives for the n-th request."""
+
+    def __init__(self, *versions: str) -> None:
+        self.versions, self.requests = list(versions), []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        _, files = multipart(request)
+        version = self.versions[min(len(self.requests), len(self.versions)) - 1]
+        results = [{"index": i, "name": name, "labels": [{"label": "cat", "score": 1.0, "logit": 1.0}],
+                    "neighbors": None, "error": None} for i, (_, name, _) in enumerate(files)]
+        return httpx.Response(200, json={**CLASSIFY_BODY, "version": version, "results": results})
+
+
+def test_classify_splits_long_lists_into_chunks_and_keeps_order():
+    server = ChunkServer("v0002")
+    client, _ = make_client(server)
+    result = client.classify([b"x"] * 7, "pets", chunk_size=3)
+    assert [len(multipart(r)[1]) for r in server.requests] == [3, 3, 1]
+    assert [(r.index, r.name) for r in result.results] == [(i, f"image[{i}]") for i in range(7)]
+    assert result.version == "v0002"
+    with pytest.raises(InputError, match="chunk_size"):
+        client.classify([b"x"], "pets", chunk_size=0)
+
+
+def test_classify_resends_the_list_when_the_version_changes_between_chunks():
+    server = ChunkServer("v0001", "v0002", "v0002", "v0002")
+    client, _ = make_client(server)
+    result = client.classify([b"x"] * 4, "pets", chunk_size=2)
+    assert len(server.requests) == 4 and result.version == "v0002" and len(result.results) == 4
+    flapping = ChunkServer("v0001", "v0002", "v0001", "v0002")
+    client, _ = make_client(flapping)
+    with pytest.raises(KvclipClientError, match="changed version"):
+        client.classify([b"x"] * 4, "pets", chunk_size=2)
+
+
+def test_a_chunk_error_names_images_by_their_place_in_the_whole_list():
+    details = [{"index": 1, "name": "image[3]", "message": "not an image"}]
+    handler = Recorder(httpx.Response(200, json=CLASSIFY_BODY),
+                       error(400, "bad_image", "1 of 2 images could not be decoded", details=details))
+    client, _ = make_client(handler)
+    with pytest.raises(ApiError) as info:
+        client.classify([b"x"] * 4, "pets", chunk_size=2)
+    assert info.value.status == 400 and info.value.details[0]["index"] == 3
+    assert "images 2+" in info.value.message
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -356,6 +356,17 @@ async def test_unsupported_content_types_are_415(client, fashion_test):
     assert error["details"][0]["index"] == 1
 
 
+async def test_partial_reports_a_non_image_part_on_that_image_only(client, fashion_test):
+    # partial=true as a form field after the files: the part's type is judged once all is read.
+    files = [("file", ("notes.txt", b"just text", "text/plain"))] + image_files(fashion_test, 1)
+    response = await client.post(CLASSIFY, files=files, data={"cache": "fashion", "partial": "true"})
+    assert response.status_code == 200, response.text
+    refused, good = response.json()["results"]
+    assert refused["labels"] == [] and refused["error"]["code"] == "unsupported_media_type"
+    assert "text/plain" in refused["error"]["message"] and refused["name"] == "notes.txt"
+    assert good["error"] is None and len(good["labels"]) == 5
+
+
 async def test_invalid_parameters_are_422(client, fashion_test):
     files = image_files(fashion_test, 1)
     for params, field in [({"cache": "fashion", "top_k": 0}, "top_k"),

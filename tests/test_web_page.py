@@ -174,8 +174,8 @@ def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_pa
     good = first_image(fashion_test)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
-    # The browser types this text/plain, a part type the server refuses for the whole request
-    # (415); the page sends it as octet-stream, so it is reported as this one image's error.
+    # The browser types this text/plain; the page sends every file as octet-stream, so the
+    # server tries to decode it and reports it as this one image's error.
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image either")
     api = httpx.post(server.url + "/v1/classify", params={"cache": "fashion", "top_k": 3, "explain": "true"},
