@@ -32,8 +32,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         raise
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not an image in a format Pillow reads") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
 

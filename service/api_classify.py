@@ -173,9 +173,6 @@ async def _read_multipart(request: Request, state: ServerState) -> tuple[list[Im
                 params[field] = value
     finally:
         await form.close()
-    if len(inputs) > state.config.max_images:
-        raise ApiError(413, "too_many_images",
-                       f"more than {state.config.max_images} images in one request; split it")
     return inputs, params
 
 

@@ -43,7 +43,7 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, "too_large", str(exc))
 
-    _add_openapi_schemas(app, {**api_classify.OPENAPI_SCHEMAS, **api_builds.OPENAPI_SCHEMAS})
+    add_openapi_schemas(app, {**api_classify.OPENAPI_SCHEMAS, **api_builds.OPENAPI_SCHEMAS})
     app.include_router(api_health.router)
     app.include_router(api_classify.router)
     app.include_router(api_caches.router)
@@ -55,7 +55,7 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     return app
 
 
-def _add_openapi_schemas(app: FastAPI, schemas: dict[str, dict]) -> None:
+def add_openapi_schemas(app: FastAPI, schemas: dict[str, dict]) -> None:
     """Register models that routes reference by hand in the generated OpenAPI document."""
 
     def openapi() -> dict:

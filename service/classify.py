@@ -77,14 +77,13 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
     top_p = probs.gather(1, top_i)
     neighbors = _neighbors(features, cache, params.delta, options.explain_k, ids) if options.explain_k else None
     labels = cache.labels
-    out = []
-    for row in range(features.shape[0]):
-        out.append(Scored(
-            labels=[(labels[i], float(p), float(lg)) for i, p, lg in
-                    zip(top_i[row].tolist(), top_p[row].tolist(), top_logits[row].tolist())],
-            neighbors=None if neighbors is None else neighbors[row],
-        ))
-    return out
+    # One device-to-host copy per tensor, not one per image.
+    rows = zip(top_i.tolist(), top_p.tolist(), top_logits.tolist())
+    return [
+        Scored(labels=[(labels[i], p, lg) for i, p, lg in zip(ids, ps, lgs)],
+               neighbors=None if neighbors is None else neighbors[row])
+        for row, (ids, ps, lgs) in enumerate(rows)
+    ]
 
 
 def _use_candidates(cache: LoadedCache, options: ScoreOptions, gamma: float) -> bool:

@@ -59,12 +59,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg", "")}
-            for err in exc.errors()
-        ]
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
-        return error_response(422, "invalid_parameters", f"invalid request: {summary}", details)
+        error = invalid("invalid request", exc)
+        return error_response(error.status, error.code, error.message, error.details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

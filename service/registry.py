@@ -59,7 +59,7 @@ class LoadedCache:
 
     @property
     def num_items(self) -> int:
-        return int(self.artifact.label_ids.shape[0])
+        return self.artifact.num_items
 
     def params(self, method: str) -> BlendParams:
         return self.artifact.params(method).for_method(method)
@@ -132,11 +132,7 @@ class CacheRegistry:
         with self._mutate:
             if name not in self._caches and not cache_dir.is_dir():
                 raise CacheNotFound(f"unknown cache {name!r}")
-            if version not in store.list_versions(cache_dir):
-                raise VersionConflict(f"cache {name!r} has no version {version!r} "
-                                      f"(versions: {', '.join(store.list_versions(cache_dir)) or 'none'})")
-            loaded = self._load(name, version)
-            store.set_current(cache_dir, version)
+            loaded = activate_version(cache_dir, name, version, self.encoder)
             self._swap({**self._caches, name: loaded})
             self.errors.pop(name, None)
             return loaded
@@ -191,3 +187,18 @@ def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> 
     log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
              len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
     return LoadedCache(name, version, artifact, tensors)
+
+
+def activate_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
+    """Load and check `version`, then point CURRENT at it. A version that is missing
+    (VersionConflict), corrupt or built with another model leaves CURRENT untouched.
+
+    Also used by the Ray Serve replicas, whose peers follow CURRENT.
+    """
+    versions = store.list_versions(cache_dir)
+    if version not in versions:
+        raise VersionConflict(f"cache {name!r} has no version {version!r} "
+                              f"(versions: {', '.join(versions) or 'none'})")
+    loaded = load_version(cache_dir, name, version, encoder)
+    store.set_current(cache_dir, version)
+    return loaded

@@ -142,6 +142,8 @@ def test_ray_serve_two_replicas_match_plain_server_and_follow_activation(
     print(f"serve.run: {time.perf_counter() - start:.1f} s")
     url = serve_url
     assert httpx.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+    openapi = httpx.get(url + "/openapi.json", timeout=30).json()  # the hand-read JSON body is documented
+    assert "ClassifyJson" in openapi["components"]["schemas"] and "/v1/caches/{name}/activate" in openapi["paths"]
 
     # Spread over both replicas; every answer equals the plain server's.
     responses = _until_both_replicas(url, files)

@@ -34,14 +34,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from fastapi import Depends, FastAPI, Path as PathParam, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from kvclip import artifact as store
 from kvclip.errors import KvclipError
 from kvclip.models import load_encoder
-from service.api_caches import summary
+from service.api_caches import CacheName, summary
+from service.app import add_openapi_schemas
 from service.api_classify import (  # the plain server's request handling, reused as is
     OPENAPI_SCHEMAS, _BODY_DOC, _ERRORS, _check_sizes, _merge_params, _read_body, _result,
     choose_method, decoded, score_options,
@@ -50,7 +51,7 @@ from service.classify import ImageInput, prepare, score
 from service.config import ENV_PREFIX, ServerConfig, from_namespace
 from service.deps import require
 from service.errors import ApiError, install_handlers
-from service.registry import CacheNotFound, LoadedCache, load_version
+from service.registry import CacheNotFound, LoadedCache, VersionConflict, activate_version, load_version
 from service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
 from service.security import ENV_VAR, ApiKeys
 
@@ -257,15 +258,12 @@ class KvclipClassifier:
         cache_dir = self._cache_dir(name)
         if not cache_dir.is_dir():
             raise ApiError(404, "unknown_cache", f"unknown cache {name!r}")
-        versions = store.list_versions(cache_dir)
-        if version not in versions:
-            raise ApiError(404, "unknown_version", f"cache {name!r} has no version {version!r} "
-                                                   f"(versions: {', '.join(versions) or 'none'})")
         try:
-            loaded = await asyncio.to_thread(load_version, cache_dir, name, version, self.encoder)
+            loaded = await asyncio.to_thread(activate_version, cache_dir, name, version, self.encoder)
+        except VersionConflict as exc:
+            raise ApiError(404, "unknown_version", str(exc)) from exc
         except KvclipError as exc:  # corrupt or incompatible: CURRENT is not touched
             raise ApiError(409, "version_not_loadable", f"{name} {version} not activated: {exc}") from exc
-        await asyncio.to_thread(store.set_current, cache_dir, version)
         try:
             slot = await self._slot(name)
         except CacheNotFound:
@@ -306,20 +304,7 @@ class KvclipClassifier:
 
 app = FastAPI(title="kvclip (Ray Serve)", version="0.1.0")
 install_handlers(app)
-_CacheName = PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="cache name")
-
-
-def _openapi() -> dict:
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(OPENAPI_SCHEMAS)
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-app.openapi = _openapi
+add_openapi_schemas(app, OPENAPI_SCHEMAS)
 
 
 # Ray pickles the app to the replicas: closures such as service.deps.require's travel by value,
@@ -370,7 +355,7 @@ class KvclipIngress:
         return ClassifyResponse.model_validate(body)
 
     @app.post("/v1/caches/{name}/activate", response_model=CacheSummary, dependencies=[Depends(_admin_scope)])
-    async def activate(self, body: ActivateRequest, response: Response, name: str = _CacheName) -> dict:
+    async def activate(self, body: ActivateRequest, response: Response, name: str = CacheName) -> dict:
         """Load and check the version on one replica, write CURRENT; every replica follows
         within refresh_interval_s (requests in flight finish on their snapshot)."""
         outcome = await self.classifier.options(multiplexed_model_id=name).activate.remote(body.version)
