@@ -167,17 +167,13 @@ def build_cache(config: BuildConfig, encoder: Encoder | None = None) -> BuildRes
     captioner = make_captioner(config.captioner, config.captioner_model, encoder.device) if items else NoCaptioner()
     label_id = {label: i for i, label in enumerate(inputs.labels)}
     label_ids = torch.tensor([label_id[it.label] for it in items], dtype=torch.long)
-    support, caption_keys = encode_items(config, encoder, captioner, items, int(text_weights.shape[0]), monitor)
+    support, caption_keys = encode_items(config, encoder, captioner, items, int(text_weights.shape[0]), monitor,
+                                         None if pool is None else pool.features)
     if items:
-        fitted = fit_cache(config, encoder, text_weights, support, caption_keys, label_ids, monitor, timings)
+        fitted = fit_cache(config, encoder, text_weights, support, caption_keys, label_ids, monitor, timings,
+                           pool_build=mode == "pool")
     else:
         fitted = Fitted.zeroshot()
-    if mode == "pool" and items:  # docs/methods.md: tuning on pseudo-labels cannot pick a method
-        fitted.tuning["protocol"] = ("leave-one-out on the pool's zero-shot pseudo-labels (query i "
-                                     "excludes support item i); zero-shot agrees with them by construction, "
-                                     f"so auto serves tip with fixed parameters {POOL_TIP_PARAMS.as_dict()}")
-        fitted.params = {"best_method": "tip",
-                         "methods": {**fitted.params["methods"], "tip": POOL_TIP_PARAMS.as_dict()}}
 
     report = build_report(config, inputs, support, pool, timings, started)
     manifest = {
@@ -253,8 +249,10 @@ def encode_items(
     items: list[SupportItem],
     dim: int,
     monitor: BuildMonitor,
+    query_features: torch.Tensor | None = None,
 ) -> tuple[SupportFeatures, torch.Tensor | None]:
-    """The "encoding" and "captioning" steps: image keys, query features, caption keys.
+    """The "encoding" and "captioning" steps: image keys, query features (given by a pool
+    build, which encoded them already), caption keys.
 
     No items (a zero-shot cache): 0 x D arrays and no caption keys.
     """
@@ -264,7 +262,7 @@ def encode_items(
     monitor.check()
     monitor.step("encoding", len(items))
     support = encode_support(encoder, items, captioner, config.views, config.batch_size, config.seed,
-                             config.progress, monitor)
+                             config.progress, monitor, query_features)
     if not has_captions(support.captions):
         return support, None
     monitor.check()
@@ -305,15 +303,21 @@ def fit_cache(
     label_ids: torch.Tensor,
     monitor: BuildMonitor,
     timings: dict[str, float],
+    pool_build: bool = False,
 ) -> Fitted:
-    """The "tuning" and "indexing" steps."""
+    """The "tuning" and "indexing" steps.
+
+    A pool build serves tip with POOL_TIP_PARAMS under auto (docs/methods.md: tuning on
+    pseudo-labels cannot pick a method); the report and FAISS check describe those.
+    """
     cache = CacheTensors.build(text_weights, support.image_keys, label_ids, caption_keys,
                                temperature=DEFAULT_TEMPERATURE, device=encoder.device)
     grid = Grid()
     monitor.check()
     monitor.step("tuning", len(grid.deltas_for(caption_keys is not None)))
     t0 = time.perf_counter()
-    tuning = tune(cache, support.query_features, label_ids, grid, seed=config.seed, monitor=monitor)
+    fixed = {"fixed": {"tip": POOL_TIP_PARAMS}, "fixed_best": "tip"} if pool_build else {}
+    tuning = tune(cache, support.query_features, label_ids, grid, seed=config.seed, monitor=monitor, **fixed)
     timings["tune"] = time.perf_counter() - t0
 
     monitor.check()
@@ -328,7 +332,12 @@ def fit_cache(
     monitor.check()
     faiss_report = topk_agreement(cache, support.query_features, label_ids, tuning.params,
                                   image_index, caption_index, config.faiss_k)
-    return Fitted(tuning.manifest_params(), tuning.report(), {"index": config.index_kind, **faiss_report},
+    report = tuning.report()
+    if pool_build:
+        report["protocol"] = ("leave-one-out on the pool's zero-shot pseudo-labels (query i excludes support "
+                              "item i); zero-shot agrees with them by construction, so auto serves tip with "
+                              f"fixed parameters {POOL_TIP_PARAMS.as_dict()}")
+    return Fitted(tuning.manifest_params(), report, {"index": config.index_kind, **faiss_report},
                   image_index, caption_index)
 
 

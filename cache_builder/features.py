@@ -50,12 +50,15 @@ def encode_support(
     seed: int = 0,
     progress: bool = True,
     monitor: BuildMonitor | None = None,
+    query_features: torch.Tensor | None = None,
 ) -> SupportFeatures:
     """Decode each support image once; encode `views` random views and the plain view.
 
     Views are drawn from torch's RNG, seeded here, in item order, so a build is repeatable.
     `batch_size` counts images; an encoder batch holds batch_size x views crops.
     `monitor` is checked before each batch and advanced by its images.
+    `query_features` (len(items) x D): plain-view features already encoded (a pool build
+    has them from pseudo-labelling), used instead of encoding the plain view again.
     """
     if views < 1:
         raise ValueError("views must be at least 1")
@@ -73,11 +76,13 @@ def encode_support(
             t0 = time.perf_counter()
             images = list(pool.map(lambda it: load_image(it.path), chunk))
             view_pixels = torch.stack([augment(im) for im in images for _ in range(views)])
-            plain_pixels = torch.stack([encoder.preprocess(im) for im in images])
+            if query_features is None:
+                plain_pixels = torch.stack([encoder.preprocess(im) for im in images])
             t1 = time.perf_counter()
             view_features = encoder.encode_images(view_pixels).view(len(chunk), views, -1)
             keys.append(F.normalize(view_features.mean(dim=1), dim=-1).cpu())
-            queries.append(encoder.encode_images(plain_pixels).cpu())
+            queries.append(encoder.encode_images(plain_pixels).cpu() if query_features is None
+                           else query_features[start : start + batch_size].cpu())
             t2 = time.perf_counter()
             if captioner.needs_images:
                 captions.extend(captioner.caption(chunk, images))

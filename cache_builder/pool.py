@@ -45,6 +45,11 @@ class PoolSelection:
     pool: PoolFeatures
 
     @property
+    def features(self) -> torch.Tensor:
+        """The plain-view features of `items`, in their order (encoded while pseudo-labelling)."""
+        return self.pool.features[[row for pick in self.picks for row in pick.indices]]
+
+    @property
     def empty_classes(self) -> list[str]:
         return [label for label, pick in zip(self.labels, self.picks) if not pick.indices]
 

@@ -74,10 +74,15 @@ def tune(
     max_queries: int = 4000,
     seed: int = 0,
     monitor: BuildMonitor | None = None,
+    fixed: dict[str, BlendParams] | None = None,
+    fixed_best: str | None = None,
 ) -> TuningResult:
     """Grid-search each cache method's parameters by leave-one-out top-1 accuracy.
 
     `monitor` is checked before and advanced after each δ of `grid.deltas_for(...)`.
+    `fixed` replaces the search's choice for some methods and `fixed_best` the best method
+    (a pool build, whose pseudo-labels cannot choose them); leave-one-out accuracy is then
+    reported for the parameters that will be served.
     """
     monitor = monitor or BuildMonitor()
     device = cache.device
@@ -106,12 +111,12 @@ def tune(
                             best[method] = (score, params)
         monitor.advance(1)
 
-    chosen = {method: params for method, (_, params) in best.items()}
+    chosen = {method: params for method, (_, params) in best.items()} | (fixed or {})
     loo = {"zeroshot": _accuracy(zs, truth)}
     for method, params in chosen.items():
         loo[method] = _accuracy(blend(queries, cache, params, method, exclude), truth)
     # Ties go to the simpler, cheaper method (METHODS is ordered that way).
-    best_method = max(loo, key=lambda m: (round(loo[m], 6), -METHODS.index(m)))
+    best_method = fixed_best or max(loo, key=lambda m: (round(loo[m], 6), -METHODS.index(m)))
     return TuningResult(best_method, chosen, loo, len(ids), grid)
 
 

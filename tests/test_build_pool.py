@@ -14,6 +14,7 @@ from cache_builder.build import BuildConfig, build_cache
 from cache_builder.features import encode_image_files
 from cache_builder.pool import PoolFeatures, pseudo_label, select_confident
 from kvclip import artifact as store
+from kvclip.blend import BlendParams, CacheTensors, blend
 from kvclip.cli import main
 from kvclip.errors import DataError
 from tests.build_helpers import ProgressLog
@@ -153,6 +154,18 @@ def test_pool_build_pseudo_labels_the_support_set(pool, tiny_encoder, tmp_path, 
         assert int(probs[row].argmax()) == cls
         rivals = probs[(probs.argmax(1) == cls), cls]
         assert float(probs[row, cls]) >= float(rivals.sort(descending=True).values[:2][-1]) - 1e-5
+
+    # The query features are the pool's plain-view features, encoded once while pseudo-labelling.
+    expected = features[[row_of[item["path"]] for item in loaded.items]]
+    assert torch.allclose(torch.from_numpy(loaded.query_features), expected, atol=1e-5)
+
+    # The reported leave-one-out accuracy of tip is that of the parameters served.
+    cache = CacheTensors.build(torch.from_numpy(loaded.text_weights), torch.from_numpy(loaded.image_keys),
+                               torch.from_numpy(loaded.label_ids), None, temperature=loaded.temperature)
+    queries = torch.from_numpy(loaded.query_features)
+    served = blend(queries, cache, BlendParams(alpha=1.0, beta=5.5), "tip", torch.eye(n, dtype=torch.bool))
+    truth = torch.from_numpy(loaded.label_ids)
+    assert m["tuning"]["loo_top1"]["tip"] == pytest.approx(float((served.argmax(1) == truth).float().mean()))
 
     assert m["tuning"]["protocol"].startswith("leave-one-out on the pool's zero-shot pseudo-labels")
     assert m["tuning"]["loo_top1"]["zeroshot"] == pytest.approx(1.0)  # by construction (docs/methods.md)

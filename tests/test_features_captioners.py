@@ -33,6 +33,30 @@ def test_keys_average_views_and_are_repeatable(tiny_encoder, tmp_path):
     assert torch.allclose(one.query_features, plain, atol=1e-5)
 
 
+def test_given_query_features_are_used_not_encoded_again(tiny_encoder, tmp_path):
+    paths = write_images(tmp_path, 3, size=64)
+    items = [SupportItem(p, "x") for p in paths]
+    encoded = []
+
+    class Counting:  # the encoder, recording how many images each call encodes
+        preprocess = tiny_encoder.preprocess
+
+        def encode_images(self, pixels):
+            encoded.append(pixels.shape[0])
+            return tiny_encoder.encode_images(pixels)
+
+        def __getattr__(self, name):
+            return getattr(tiny_encoder, name)
+
+    given = torch.randn(3, tiny_encoder.encode_images(torch.zeros(1, 3, 32, 32)).shape[1])
+    support = encode_support(Counting(), items, NoCaptioner(), views=4, batch_size=2, seed=7, progress=False,
+                             query_features=given)
+    assert torch.equal(support.query_features, given)
+    assert encoded == [2 * 4, 1 * 4]  # the random views only
+    plain = encode_support(tiny_encoder, items, NoCaptioner(), views=4, batch_size=2, seed=7, progress=False)
+    assert torch.equal(support.image_keys, plain.image_keys)  # the views' random stream is unchanged
+
+
 def test_sidecar_captions_from_manifest_or_text_file(tmp_path):
     paths = write_images(tmp_path, 2)
     paths[1].with_suffix(".txt").write_text("  a grey square  \n")

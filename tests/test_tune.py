@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_builder.tune import tune
-from kvclip.blend import CacheTensors, blend
+from kvclip.blend import BlendParams, CacheTensors, blend
 
 
 def _clustered(seed=0, n_per=8, classes=5, dim=32, text_noise=True):
@@ -54,3 +54,16 @@ def test_caps_tunes_delta_when_caption_keys_help():
     exclude[ids, ids] = True
     logits = blend(queries, cache, result.params["caps"], "caps", exclude)
     assert abs(float((logits.argmax(1) == labels).float().mean()) - result.loo_top1["caps"]) < 1e-6
+
+
+def test_fixed_parameters_replace_the_search_and_are_the_ones_reported():
+    cache, queries, labels = _clustered()
+    searched = tune(cache, queries, labels)
+    fixed = BlendParams(alpha=1.0, beta=5.5)
+    assert searched.params["tip"] != fixed
+    result = tune(cache, queries, labels, fixed={"tip": fixed}, fixed_best="tip")
+    assert result.params["tip"] == fixed and result.best_method == "tip"
+    assert result.params["tipx"] == searched.params["tipx"]
+    exclude = torch.eye(len(labels), dtype=torch.bool)
+    logits = blend(queries, cache, fixed, "tip", exclude)
+    assert result.loo_top1["tip"] == float((logits.argmax(1) == labels).float().mean())
