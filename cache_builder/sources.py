@@ -113,11 +113,14 @@ def read_labels_file(path: str | Path) -> list[str]:
 
 
 def check_labels(labels: Sequence[str]) -> None:
-    """Labels must be distinct, also as they read in prompts ('Dog' vs 'dog ', 'a_b' vs 'a b')."""
+    """Labels must be distinct, also as they read in prompts ('Dog' vs 'dog ', 'a_b' vs 'a b'),
+    and one line each (labels files hold one per line)."""
     seen: dict[str, str] = {}
     for label in labels:
         if not label.strip():
             raise DataError("empty label")
+        if "\n" in label or "\r" in label:
+            raise DataError(f"label {label!r} spans several lines")
         key = class_text(label).casefold()
         if key in seen:
             raise DataError(f"duplicate labels: {seen[key]!r} and {label!r} name the same class")

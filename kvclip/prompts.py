@@ -36,10 +36,15 @@ def load_templates(path: str | Path) -> list[str]:
         templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not templates:
         raise DataError(f"{path}: no templates")
+    check_templates(templates, str(path))
+    return templates
+
+
+def check_templates(templates: Sequence[object], source: str = "templates") -> None:
+    """Each template is a string with exactly one {} where the label goes."""
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if bad:
-        raise DataError(f"{path}: every template needs exactly one {{}} placeholder; bad: {bad[:3]}")
-    return templates
+        raise DataError(f"{source}: every template needs exactly one {{}} placeholder; bad: {bad[:3]}")
 
 
 def load_descriptions(path: str | Path) -> dict[str, list[str]]:

@@ -5,6 +5,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cache_builder.sources import check_labels
+from kvclip.errors import DataError
+from kvclip.prompts import check_templates
+
 MethodName = Literal["auto", "zeroshot", "tip", "tipx", "caps"]
 
 
@@ -146,6 +150,10 @@ class BuildOptions(BaseModel):
             raise ValueError("labels cannot be empty")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("labels must be unique")
+        try:  # the builder's own rules, so a build is never refused only after it started
+            check_labels(cleaned)
+        except DataError as exc:
+            raise ValueError(str(exc)) from exc
         return cleaned
 
     @field_validator("templates")
@@ -153,6 +161,11 @@ class BuildOptions(BaseModel):
     def _templates(cls, templates: list[str] | None) -> list[str] | None:
         if templates is not None and any("{}" not in t for t in templates):
             raise ValueError("every template needs a {} where the label goes")
+        if templates is not None:
+            try:
+                check_templates(templates)
+            except DataError as exc:
+                raise ValueError(str(exc)) from exc
         return templates
 
     @field_validator("shots")

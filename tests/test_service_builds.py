@@ -237,6 +237,14 @@ async def test_request_errors(client, app_client):
     assert_error(await post_build(client, "fashion", {"labels": ["a"], "templates": ["no slot"]}), 422,
                  "invalid_parameters", "{}")
     assert_error(await post_build(client, "fashion", {"labels": ["a"], "bogus": 1}), 422, "invalid_parameters")
+    # The builder's own rules, checked before a job starts: a label is one line, labels differ
+    # as prompts read them, a template has exactly one {}.
+    assert_error(await post_build(client, "fashion", {"labels": ["a\nb", "c"]}), 422, "invalid_parameters",
+                 "several lines")
+    assert_error(await post_build(client, "fashion", {"labels": ["Dog", "dog"]}), 422, "invalid_parameters",
+                 "same class")
+    assert_error(await post_build(client, "fashion", {"labels": ["a"], "templates": ["{} and {}"]}), 422,
+                 "invalid_parameters", "exactly one")
     assert_error(await client.post(url, content=b"{nope", headers={**ADMIN, "content-type": "application/json"}),
                  400, "bad_json")
     assert_error(await post_build(client, "fashion", FAST, b"not an archive"), 400, "bad_archive", "zip nor a tar")

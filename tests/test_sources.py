@@ -50,6 +50,12 @@ def test_duplicate_labels_are_an_error(labels):
         check_labels(labels)
 
 
+@pytest.mark.parametrize("label", ["a\nb", "a\rb"])
+def test_a_label_spanning_lines_is_an_error(label):
+    with pytest.raises(DataError, match="several lines"):
+        check_labels([label, "c"])
+
+
 def test_labels_file_order_and_missing_class(tmp_path):
     items = [SupportItem(Path("a.png"), "cat"), SupportItem(Path("b.png"), "dog")]
     assert order_labels(items) == ["cat", "dog"]
