@@ -14,6 +14,7 @@ from cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError, ImageDecodeError
 from kvclip.images import IMAGE_SUFFIXES, load_image
 from kvclip.prompts import class_text
+from kvclip.textfiles import parse_labels
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def read_labels_file(path: str | Path) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read labels file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    labels = parse_labels(text)
     if not labels:
         raise DataError(f"labels file {path} is empty")
     return labels

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from clients.errors import InputError
+from kvclip.textfiles import parse_labels, parse_templates
 
 _ARCHIVE_TYPES = {".zip": "application/zip", ".tar": "application/x-tar",
                   ".tar.gz": "application/gzip", ".tgz": "application/gzip"}
@@ -75,7 +76,7 @@ def read_labels(labels: list[str] | str | os.PathLike) -> list[str]:
     """A list as given, or a labels file: one label per line, blank lines skipped."""
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels)
-        found = [line.strip() for line in _read_text(path, "labels file").splitlines() if line.strip()]
+        found = parse_labels(_read_text(path, "labels file"))
         if not found:
             raise InputError(f"labels file {path} lists no labels")
         return found
@@ -83,12 +84,14 @@ def read_labels(labels: list[str] | str | os.PathLike) -> list[str]:
 
 
 def read_templates(templates: list[str] | str | os.PathLike) -> list[str]:
-    """A list as given, or a file: a JSON list, or one template per line (each with {})."""
+    """A list as given, or a file read as `kvclip build --templates` reads it (JSON list, or one
+    template per line; '#' lines are comments)."""
     if isinstance(templates, (str, os.PathLike)):
         text = _read_text(Path(templates), "templates file")
-        if text.lstrip().startswith("["):
-            return list(_json(text, templates))
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            return list(parse_templates(text))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{templates} is not valid JSON: {exc}") from exc
     return list(templates)
 
 

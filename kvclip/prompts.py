@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvclip.errors import DataError
+from kvclip.textfiles import parse_templates
 
 # The 7-template ImageNet ensemble used by Tip-Adapter.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -29,11 +30,7 @@ def class_text(label: str) -> str:
 
 def load_templates(path: str | Path) -> list[str]:
     """A templates file: a JSON list of strings, or one template per line; each has one {}."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        templates = json.loads(text)
-    else:
-        templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    templates = parse_templates(Path(path).read_text(encoding="utf-8"))
     if not templates:
         raise DataError(f"{path}: no templates")
     check_templates(templates, str(path))

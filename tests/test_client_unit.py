@@ -461,3 +461,19 @@ def test_job_progress_bar():
     progress.close()
     text = out.getvalue()
     assert "encoding" in text and "2/4" in text and "ETA 1:15" in text and "tuning" in text
+
+
+def test_labels_and_templates_files_read_as_the_builder_reads_them(tmp_path):
+    from cache_builder.sources import read_labels_file
+    from clients.archives import read_labels, read_templates
+    from kvclip.prompts import load_templates
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\n\n  dog  \n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# ImageNet-style\na photo of a {}.\n\n  a {}.  \n")
+    assert read_labels(labels) == read_labels_file(labels) == ["cat", "dog"]
+    assert read_templates(templates) == load_templates(templates) == ["a photo of a {}.", "a {}."]
+    templates.write_text('["a {}",')
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_templates(templates)
