@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clients import render
-from clients.client import KvclipClient
+from clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, KvclipClient
 from clients.errors import InputError, KvclipClientError
 from clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
 from clients.models import Job
+from clients.operations import DEFAULT_CHUNK
 from clients.progress import JobProgress
 
 Handler = Callable[[argparse.Namespace], int]
@@ -26,8 +27,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--server", help=f"server URL (default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
     common.add_argument("--api-key-file", type=Path,
                         help=f"file holding the API key (default: ${API_KEY_ENV})")
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
-    common.add_argument("--retries", type=int, default=3, help="retries after 503 or a failed connection")
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds per HTTP request (default {DEFAULT_TIMEOUT:g})")
+    common.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                        help=f"retries after 503 or a failed connection (default {DEFAULT_RETRIES})")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the server's answer as JSON")
 
@@ -39,8 +42,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("auto", "zeroshot", "tip", "tipx", "caps"))
     p.add_argument("--explain", action="store_true", help="also show the nearest support items")
     p.add_argument("--partial", action="store_true", help="report unreadable images instead of failing")
-    p.add_argument("--chunk-size", type=int, default=64,
-                   help="images per request, at most the server's --max-images (default 64)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                   help=f"images per request, at most the server's --max-images (default {DEFAULT_CHUNK})")
     p.set_defaults(run=_guarded(_classify))
 
     caches = sub.add_parser("caches", help="list, show, activate, delete, reload and build caches on a server")

@@ -22,6 +22,8 @@ from clients.models import CacheInfo, Classification, Job, Readiness, ReloadResu
 
 T = TypeVar("T")
 USER_AGENT = "kvclip-client/0.1.0"
+DEFAULT_TIMEOUT = 60.0  # seconds per request
+DEFAULT_RETRIES = 3  # after a 503 or a failed connection
 
 
 def _advance(op: ops.Operation[T], value: Any, error: Exception | None) -> tuple[bool, Any]:
@@ -38,8 +40,8 @@ def _advance(op: ops.Operation[T], value: Any, error: Exception | None) -> tuple
 class _Settings:
     """Constructor arguments shared by both clients."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.5, *, max_backoff: float = 30.0,
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, backoff: float = 0.5, *, max_backoff: float = 30.0,
                  headers: dict[str, str] | None = None) -> None:
         """
         base_url: the server (default: $KVCLIP_SERVER, else http://127.0.0.1:8000).
@@ -60,8 +62,8 @@ class _Settings:
 class KvclipClient(_Settings):
     """Blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.5, *, max_backoff: float = 30.0,
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, backoff: float = 0.5, *, max_backoff: float = 30.0,
                  headers: dict[str, str] | None = None, transport: httpx.BaseTransport | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         """See _Settings; `transport` and `sleep` replace the network and the clock (tests)."""
@@ -192,8 +194,8 @@ class KvclipClient(_Settings):
 class AsyncKvclipClient(_Settings):
     """asyncio client with KvclipClient's methods as coroutines. Use `async with`, or aclose()."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.5, *, max_backoff: float = 30.0,
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, backoff: float = 0.5, *, max_backoff: float = 30.0,
                  headers: dict[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         super().__init__(base_url, api_key, timeout, retries, backoff, max_backoff=max_backoff, headers=headers)

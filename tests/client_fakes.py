@@ -76,3 +76,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array).save(out, format="PNG")
     return out.getvalue()
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`kvclip ARGV...` in-process: (exit code, stdout, stderr)."""
+    from kvclip.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

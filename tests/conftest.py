@@ -5,6 +5,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A developer's own server keys must not leak into apps the tests start: keyless unless a
+# test sets keys itself.
+for _name in ("KVCLIP_API_KEYS", "KVCLIP_API_KEYS_FILE"):
+    os.environ.pop(_name, None)
 
 from pathlib import Path  # noqa: E402
 
@@ -80,7 +84,8 @@ def served_caches(tmp_path_factory, fashion_train, tiny_encoder) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
-    """Async tests (@pytest.mark.anyio) run on asyncio, the loop uvicorn uses."""
+    """Async tests (@pytest.mark.anyio) run on asyncio, the loop uvicorn uses. Module scope, so
+    module-scoped async fixtures (a shared running app) and the tests run on one loop."""
     return "asyncio"

@@ -133,8 +133,7 @@ def test_cli_builds_a_zero_shot_cache_from_labels_alone(label_files, tmp_path, c
 
 
 @pytest.mark.anyio
-async def test_zero_shot_cache_serves_over_http(zeroshot_caches, tiny_encoder, tmp_path, monkeypatch):
-    monkeypatch.delenv("KVCLIP_API_KEYS", raising=False)
+async def test_zero_shot_cache_serves_over_http(zeroshot_caches, tiny_encoder, tmp_path):
     write_images(tmp_path / "q", 2, size=32)
     files = image_files(tmp_path / "q", 2)
     async with running_app(make_config(zeroshot_caches), tiny_encoder) as (_, client):

@@ -12,8 +12,7 @@ import pytest
 
 import clients.cli
 from clients import KvclipClient
-from kvclip.cli import main as kvclip_main
-from tests.client_fakes import Recorder, build_script, job_json, multipart, png_bytes
+from tests.client_fakes import Recorder, build_script, job_json, multipart, png_bytes, run_cli
 
 
 @pytest.fixture
@@ -29,12 +28,6 @@ def fake_server(monkeypatch):
         return handler
 
     return script
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = kvclip_main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -18,13 +18,11 @@ import pytest
 from PIL import Image
 
 from clients import ApiError, AsyncKvclipClient, Job, KvclipClient, ServerUnreachable
-from kvclip.cli import main as kvclip_main
+from tests.client_fakes import run_cli
 from tests.server_process import free_port, serve_process
 from tests.service_helpers import copy_caches
 
 READ_KEY, ADMIN_KEY = "reader", "boss"
-HAS_BUILDS = Path(__file__).resolve().parents[1].joinpath("service", "api_builds.py").exists()
-needs_builds = pytest.mark.skipif(not HAS_BUILDS, reason="the builds API (service/api_builds.py) is not in this tree yet")
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +181,6 @@ def test_cache_management(admin, reader):
 
 # --- the command line -----------------------------------------------------------------------
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = kvclip_main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_more_images_than_the_server_takes_in_one_request(reader, fashion_test):
     many = sorted(fashion_test.rglob("*.png"), key=lambda p: p.name)[:70]  # server --max-images: 64
     with pytest.raises(ApiError) as info:
@@ -263,7 +255,6 @@ def test_cli_caches_commands(server, capsys, monkeypatch, tmp_path):
 
 # --- builds ---------------------------------------------------------------------------------
 
-@needs_builds
 def test_build_cache_from_a_folder_then_classify(admin, reader, fashion_train, images, tmp_path):
     data = tmp_path / "data"
     for label in ("sneaker", "trouser", "bag"):
@@ -287,7 +278,6 @@ def test_build_cache_from_a_folder_then_classify(admin, reader, fashion_train, i
     assert reader.job(job.id).state == "succeeded"
 
 
-@needs_builds
 def test_cli_build_refusals_are_one_line(server, capsys, monkeypatch, tmp_path):
     # Refused before any build starts; the build-and-follow path is in test_client_unit.py.
     monkeypatch.setenv("KVCLIP_API_KEY", ADMIN_KEY)

@@ -36,17 +36,9 @@ LABELS = ["T-shirt or top", "ankle boot", "bag", "coat", "dress", "pullover", "s
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    # Module scope so the shared app (a module-scoped async fixture) and the tests run on one loop.
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def shared(served_caches, tiny_encoder):
     """One running app over the (read-only) served caches, without API keys."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("KVCLIP_API_KEYS", raising=False)
-        config = make_config(served_caches)
+    config = make_config(served_caches)
     async with running_app(config, tiny_encoder) as (app, client):
         yield app, client
 
@@ -54,11 +46,6 @@ async def shared(served_caches, tiny_encoder):
 @pytest.fixture(scope="module")
 def client(shared) -> httpx.AsyncClient:
     return shared[1]
-
-
-@pytest.fixture
-def no_api_keys(monkeypatch):
-    monkeypatch.delenv("KVCLIP_API_KEYS", raising=False)
 
 
 def png_bytes(size: int = 20, seed: int = 0, noise: bool = False) -> bytes:
@@ -391,9 +378,7 @@ async def test_invalid_parameters_are_422(client, fashion_test):
 @pytest.fixture(scope="module")
 async def limited(served_caches, tiny_encoder):
     """An app with small limits: 3 images, 5000 bytes per image, 20000 bytes per body."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("KVCLIP_API_KEYS", raising=False)
-        config = make_config(served_caches, max_images=3, max_image_bytes=5000, max_body_bytes=20_000)
+    config = make_config(served_caches, max_images=3, max_image_bytes=5000, max_body_bytes=20_000)
     async with running_app(config, tiny_encoder) as (app, client):
         yield client
 
@@ -457,7 +442,7 @@ async def test_many_more_images_than_max_images_is_still_413(limited, fashion_te
     assert_error(await limited.post(CLASSIFY, params={"cache": "fashion"}, files=files), 413, "too_many_images")
 
 
-async def test_decompression_bomb_is_400(served_caches, tiny_encoder, no_api_keys):
+async def test_decompression_bomb_is_400(served_caches, tiny_encoder):
     async with running_app(make_config(served_caches, max_pixels=100), tiny_encoder) as (_, client):
         bomb = ("file", ("bomb.png", png_bytes(20), "image/png"))  # 400 pixels > 100
         error = assert_error(await client.post(CLASSIFY, params={"cache": "fashion"}, files=[bomb]), 400,
@@ -471,7 +456,7 @@ async def test_decompression_bomb_is_400(served_caches, tiny_encoder, no_api_key
         assert results[1]["error"]["code"] == "bad_image" and not results[1]["labels"]
 
 
-async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test, no_api_keys):
+async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test):
     config = make_config(tmp_path, model="ViT-B-32:/nonexistent/weights.pt", retry_after_s=7)
     async with running_app(config, None, wait_ready=False) as (_, client):
         for _ in range(200):
@@ -490,7 +475,7 @@ async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test, no_api_
         assert response.headers["retry-after"] == "7"
 
 
-async def test_overloaded_is_503_with_retry_after(served_caches, tiny_encoder, fashion_test, no_api_keys):
+async def test_overloaded_is_503_with_retry_after(served_caches, tiny_encoder, fashion_test):
     config = make_config(served_caches, max_queue=1, retry_after_s=3)
     async with running_app(config, tiny_encoder) as (_, client):
         files = image_files(fashion_test, 2)
@@ -577,8 +562,7 @@ async def test_api_keys_from_environment(served_caches, tiny_encoder, fashion_te
             assert (await client.get(path)).status_code == 200, path
 
 
-async def test_api_keys_from_file(served_caches, tiny_encoder, fashion_test, tmp_path, monkeypatch):
-    monkeypatch.delenv("KVCLIP_API_KEYS", raising=False)
+async def test_api_keys_from_file(served_caches, tiny_encoder, fashion_test, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# reader and admin\nfile-reader read\n\nfile-admin admin   # ops\nboth read,admin\n")
     files = image_files(fashion_test, 1)
@@ -624,7 +608,7 @@ async def test_list_and_describe_caches(client):
     assert_error(await client.get("/v1/caches/nope"), 404, "unknown_cache", "nope")
 
 
-async def test_invalid_cache_names_never_reach_the_filesystem(served_caches, tiny_encoder, tmp_path, no_api_keys):
+async def test_invalid_cache_names_never_reach_the_filesystem(served_caches, tiny_encoder, tmp_path):
     root = tmp_path / "root"
     caches = copy_caches(served_caches, root / "caches")
     shutil.copytree(served_caches / "fashion", root / "outside")  # a valid cache next to the caches folder
@@ -644,7 +628,7 @@ async def test_invalid_cache_names_never_reach_the_filesystem(served_caches, tin
     assert (caches / "fashion" / "versions" / "v0001").is_dir()
 
 
-async def test_activate_version(served_caches, tiny_encoder, fashion_test, tmp_path, no_api_keys):
+async def test_activate_version(served_caches, tiny_encoder, fashion_test, tmp_path):
     caches = copy_caches(served_caches, tmp_path / "caches")
     files = image_files(fashion_test, 2)
     async with running_app(make_config(caches), tiny_encoder) as (_, client):
@@ -674,7 +658,7 @@ async def test_activate_version(served_caches, tiny_encoder, fashion_test, tmp_p
 
 
 async def test_activate_corrupted_version_is_409_and_old_version_keeps_serving(
-        served_caches, tiny_encoder, fashion_test, tmp_path, no_api_keys):
+        served_caches, tiny_encoder, fashion_test, tmp_path):
     caches = copy_caches(served_caches, tmp_path / "caches")
     npy = caches / "fashion" / "versions" / "v0002" / "image_keys.npy"
     npy.write_bytes(npy.read_bytes()[:100])
@@ -687,7 +671,7 @@ async def test_activate_corrupted_version_is_409_and_old_version_keeps_serving(
         assert (await client.get("/v1/caches/fashion")).json()["version"] == "v0001"
 
 
-async def test_delete_versions(served_caches, tiny_encoder, fashion_test, tmp_path, no_api_keys):
+async def test_delete_versions(served_caches, tiny_encoder, fashion_test, tmp_path):
     caches = copy_caches(served_caches, tmp_path / "caches")
     versions = caches / "fashion" / "versions"
     async with running_app(make_config(caches), tiny_encoder) as (_, client):
@@ -707,8 +691,7 @@ async def test_delete_versions(served_caches, tiny_encoder, fashion_test, tmp_pa
         assert_error(await client.delete("/v1/caches/fashion/versions/v0002"), 404)
 
 
-async def test_reload_picks_up_new_and_removed_caches(served_caches, tiny_encoder, fashion_test, tmp_path,
-                                                      no_api_keys):
+async def test_reload_picks_up_new_and_removed_caches(served_caches, tiny_encoder, fashion_test, tmp_path):
     caches = copy_caches(served_caches, tmp_path / "caches")
     files = image_files(fashion_test, 2)
     async with running_app(make_config(caches), tiny_encoder) as (_, client):

@@ -38,17 +38,6 @@ SWAP_METHOD = "tip"
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    """Module scope, so the module-scoped async reference fixture can run on it."""
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _no_api_keys(monkeypatch):
-    monkeypatch.delenv("KVCLIP_API_KEYS", raising=False)
-
-
-@pytest.fixture(scope="module")
 def images(fashion_test):
     return image_files(fashion_test, N_IMAGES)
 
@@ -68,28 +57,26 @@ async def classify(client, files, cache: str = "fashion", method: str = "zerosho
 async def reference(served_caches, tiny_encoder, images, tmp_path_factory) -> dict[str, dict[str, dict]]:
     """Each image classified alone (batches of one, no waiting): "zeroshot" -> name -> result
     for all images, and VERSION -> name -> result with SWAP_METHOD for the first POOL."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("KVCLIP_API_KEYS", raising=False)
-        caches = copy_caches(served_caches, tmp_path_factory.mktemp("reference") / "caches")
-        refs: dict[str, dict[str, dict]] = {"zeroshot": {}}
-        async with running_app(make_config(caches, max_batch=1, max_wait_ms=0), tiny_encoder) as (_, client):
-            for item in images:
-                body = await classify(client, [item])
-                assert body["method"] == "zeroshot" and body["version"] == "v0001"
-                refs["zeroshot"][name_of(item)] = body["results"][0]
-            for version in VERSIONS:
-                if version != "v0001":
-                    response = await client.post("/v1/caches/fashion/activate", json={"version": version})
-                    assert response.status_code == 200, response.text
-                refs[version] = {}
-                for item in images[:POOL]:
-                    body = await classify(client, [item], method=SWAP_METHOD)
-                    assert body["version"] == version and body["method"] == SWAP_METHOD
-                    refs[version][name_of(item)] = body["results"][0]
-            text = (await client.get("/metrics")).text
-        count = N_IMAGES + 2 * POOL
-        assert metric_value(text, "kvclip_batch_images_count") == count
-        assert metric_value(text, "kvclip_batch_images_sum") == count
+    caches = copy_caches(served_caches, tmp_path_factory.mktemp("reference") / "caches")
+    refs: dict[str, dict[str, dict]] = {"zeroshot": {}}
+    async with running_app(make_config(caches, max_batch=1, max_wait_ms=0), tiny_encoder) as (_, client):
+        for item in images:
+            body = await classify(client, [item])
+            assert body["method"] == "zeroshot" and body["version"] == "v0001"
+            refs["zeroshot"][name_of(item)] = body["results"][0]
+        for version in VERSIONS:
+            if version != "v0001":
+                response = await client.post("/v1/caches/fashion/activate", json={"version": version})
+                assert response.status_code == 200, response.text
+            refs[version] = {}
+            for item in images[:POOL]:
+                body = await classify(client, [item], method=SWAP_METHOD)
+                assert body["version"] == version and body["method"] == SWAP_METHOD
+                refs[version][name_of(item)] = body["results"][0]
+        text = (await client.get("/metrics")).text
+    count = N_IMAGES + 2 * POOL
+    assert metric_value(text, "kvclip_batch_images_count") == count
+    assert metric_value(text, "kvclip_batch_images_sum") == count
     # Each image must classify beyond tolerance apart on the two versions, or the hot-swap
     # tests could not tell a result of one version from a result of the other.
     for name in refs["v0001"]:

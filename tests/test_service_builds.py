@@ -86,11 +86,6 @@ def assert_error(response, status: int, code: str, *fragments: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def app_client(served_caches, tiny_encoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("builds")
     caches = copy_caches(served_caches, root / "caches")
