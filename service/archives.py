@@ -89,6 +89,7 @@ def _extract_zip(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
                 budget.add_file()
                 with archive.open(info) as member:
                     _copy_limited(member, dest / rel, budget)
+    # zipfile raises NotImplementedError for compression methods and encryption it cannot read.
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
         raise ArchiveError(f"the zip archive is unreadable: {exc}") from exc
 
