@@ -80,7 +80,7 @@ RUN --mount=type=bind,target=/ctx \
 print('\n'.join(r for r in requires('kvclip') if 'extra ==' not in r and not r.startswith('faiss')))" \
         > /tmp/requirements.txt; \
     pip install $find $PIP_EXTRA -r /tmp/requirements.txt "$faiss"; \
-    python -c "import torch, torchvision, open_clip, faiss, kvclip, service.app; \
+    python -c "import torch, torchvision, open_clip, faiss, kvclip, kvclip.service.app; \
 print('kvclip deps OK: torch', torch.__version__, 'faiss', faiss.__version__)"
 # 3. Optional: model weights baked in for hosts without hub access.
 ARG MODEL_WEIGHTS=

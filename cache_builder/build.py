@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_builder.captioners import Captioner, NoCaptioner, make_captioner
-from cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
-from cache_builder.pool import PoolSelection, encode_pool, pseudo_label
-from cache_builder.progress import BuildMonitor
-from cache_builder.sources import (
+from kvclip.cache_builder.captioners import Captioner, NoCaptioner, make_captioner
+from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
+from kvclip.cache_builder.pool import PoolSelection, encode_pool, pseudo_label
+from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.sources import (
     Selection,
     Skipped,
     SupportItem,
@@ -33,7 +33,7 @@ from cache_builder.sources import (
     read_manifest,
     select_support,
 )
-from cache_builder.tune import Grid, query_ids, tune
+from kvclip.cache_builder.tune import Grid, query_ids, tune
 from kvclip import artifact as store
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
 from kvclip.errors import DataError

@@ -12,7 +12,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from cache_builder.sources import SupportItem
+from kvclip.cache_builder.sources import SupportItem
 from kvclip.errors import DataError, ModelLoadError
 from kvclip.models import create_open_clip_model, default_device
 

@@ -69,7 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from cache_builder.build import BuildConfig, build_cache
+    from kvclip.cache_builder.build import BuildConfig, build_cache
 
     shots = None if args.shots == "all" else _positive_int(args.shots, "--shots")
     config = BuildConfig(
@@ -106,7 +106,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from cache_builder.evaluate import evaluate
+    from kvclip.cache_builder.evaluate import evaluate
 
     report = evaluate(args.cache, args.data, args.manifest, model=args.model, device=args.device,
                       batch_size=args.batch_size, limit=args.limit, faiss_k=args.faiss_k,
@@ -128,7 +128,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cache_builder.datasets import export_fashion_mnist
+    from kvclip.cache_builder.datasets import export_fashion_mnist
 
     count = export_fashion_mnist(args.out, args.split, args.per_class, args.limit, args.seed)
     print(f"wrote {count} images to {args.out}")

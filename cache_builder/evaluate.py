@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from cache_builder.features import encode_image_files
-from cache_builder.sources import discover_folder, read_manifest
+from kvclip.cache_builder.features import encode_image_files
+from kvclip.cache_builder.sources import discover_folder, read_manifest
 from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import blend, blend_candidates
 from kvclip.errors import DataError

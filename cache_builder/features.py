@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from cache_builder.captioners import Captioner
-from cache_builder.progress import BuildMonitor
-from cache_builder.sources import Skipped, SupportItem
+from kvclip.cache_builder.captioners import Captioner
+from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.sources import Skipped, SupportItem
 from kvclip.errors import ImageDecodeError
 from kvclip.images import load_image
 from kvclip.models import Encoder

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from cache_builder.features import encode_image_files
-from cache_builder.progress import BuildMonitor
-from cache_builder.sources import Skipped, SupportItem
+from kvclip.cache_builder.features import encode_image_files
+from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.sources import Skipped, SupportItem
 from kvclip.blend import zeroshot_logits
 from kvclip.errors import DataError
 from kvclip.models import Encoder

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError, ImageDecodeError
 from kvclip.images import IMAGE_SUFFIXES, load_image
 from kvclip.prompts import class_text

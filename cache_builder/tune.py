@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.blend import (
     CACHE_METHODS,
     METHODS,

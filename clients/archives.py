@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from clients.errors import InputError
+from kvclip.clients.errors import InputError
 from kvclip.textfiles import parse_labels, parse_templates
 
 _ARCHIVE_TYPES = {".zip": "application/zip", ".tar": "application/x-tar",

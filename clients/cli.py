@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from clients import render
-from clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, KvclipClient
-from clients.errors import InputError, KvclipClientError
-from clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
-from clients.models import Job
-from clients.operations import DEFAULT_CHUNK
-from clients.progress import JobProgress
+from kvclip.clients import render
+from kvclip.clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, KvclipClient
+from kvclip.clients.errors import InputError, KvclipClientError
+from kvclip.clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
+from kvclip.clients.models import Job
+from kvclip.clients.operations import DEFAULT_CHUNK
+from kvclip.clients.progress import JobProgress
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -229,7 +229,7 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The client commands alone (`python -m clients.cli`), without the builder's and server's imports."""
+    """The client commands alone (`python -m kvclip.clients.cli`), without the builder's and server's imports."""
     parser = argparse.ArgumentParser(prog="kvclip", description=__doc__)
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

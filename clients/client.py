@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 import httpx
 
-from clients import operations as ops
-from clients.errors import KvclipClientError
-from clients.http import (Call, RetryPolicy, Sleep, default_headers, parse_response, resolve_api_key,
+from kvclip.clients import operations as ops
+from kvclip.clients.errors import KvclipClientError
+from kvclip.clients.http import (Call, RetryPolicy, Sleep, default_headers, parse_response, resolve_api_key,
                           resolve_base_url, unreachable)
-from clients.images import ImageInput
-from clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
+from kvclip.clients.images import ImageInput
+from kvclip.clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
 
 T = TypeVar("T")
 USER_AGENT = "kvclip-client/0.1.0"

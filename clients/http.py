@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from clients.errors import ApiError, ServerUnreachable
+from kvclip.clients.errors import ApiError, ServerUnreachable
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 SERVER_ENV = "KVCLIP_SERVER"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
-from clients.errors import InputError
+from kvclip.clients.errors import InputError
 
 # PIL.Image.Image and numpy.ndarray are accepted too; they are not named here so that
 # importing the client does not import PIL or numpy (a caller holding one has imported it).

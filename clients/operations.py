@@ -15,11 +15,11 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from clients.archives import open_upload, read_descriptions, read_labels, read_templates
-from clients.errors import ApiError, InputError, JobFailed, KvclipClientError
-from clients.http import Call, Sleep
-from clients.images import ImageInput, image_file
-from clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
+from kvclip.clients.archives import open_upload, read_descriptions, read_labels, read_templates
+from kvclip.clients.errors import ApiError, InputError, JobFailed, KvclipClientError
+from kvclip.clients.http import Call, Sleep
+from kvclip.clients.images import ImageInput, image_file
+from kvclip.clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
 
 T = TypeVar("T")
 Operation = Generator[Call | Sleep, Any, T]

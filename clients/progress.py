@@ -11,7 +11,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from clients.models import Job
+from kvclip.clients.models import Job
 
 _BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
 _COUNT = "{desc}: {n_fmt}{postfix}"

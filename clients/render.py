@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from clients.models import CacheInfo, Classification, Job
-from clients.progress import format_seconds
+from kvclip.clients.models import CacheInfo, Classification, Job
+from kvclip.clients.progress import format_seconds
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:

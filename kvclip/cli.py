@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"kvclip {__version__}")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
-    from cache_builder.cli import add_commands as add_builder_commands
-    from clients.cli import add_commands as add_client_commands
-    from service.cli import add_commands as add_server_commands
+    from kvclip.cache_builder.cli import add_commands as add_builder_commands
+    from kvclip.clients.cli import add_commands as add_client_commands
+    from kvclip.service.cli import add_commands as add_server_commands
 
     add_builder_commands(sub)
     add_server_commands(sub)

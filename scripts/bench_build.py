@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from cache_builder.captioners import NoCaptioner  # noqa: E402
-from cache_builder.datasets import export_fashion_mnist  # noqa: E402
-from cache_builder.features import encode_support  # noqa: E402
-from cache_builder.sources import discover_folder  # noqa: E402
+from kvclip.cache_builder.captioners import NoCaptioner  # noqa: E402
+from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
+from kvclip.cache_builder.features import encode_support  # noqa: E402
+from kvclip.cache_builder.sources import discover_folder  # noqa: E402
 from kvclip.models import Encoder, default_device, load_encoder, parse_model_spec  # noqa: E402
 
 

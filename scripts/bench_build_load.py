@@ -35,7 +35,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import bench_cache, free_port, load_run, start_server  # noqa: E402
 
-from cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
+from kvclip.cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
 from kvclip.models import default_device  # noqa: E402
 
 

@@ -39,11 +39,11 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache_builder.build import BuildConfig, build_cache  # noqa: E402
-from cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
+from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
+from kvclip.cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
 from kvclip.images import decode_image  # noqa: E402
 from kvclip.models import default_device, load_encoder  # noqa: E402
-from service.metrics import metric_value  # noqa: E402
+from kvclip.service.metrics import metric_value  # noqa: E402
 
 
 def random_checkpoint(arch: str, folder: Path) -> str:

@@ -2,14 +2,14 @@
 # Real labelled images for tests and the demo:
 #  - the foolbox wheel from PyPI, whose foolbox/data/ holds 20 labelled images per subset
 #    (cifar10, cifar100, imagenet, mnist, fashionMNIST); kept as a zip in .cache/test-data/,
-#    never installed (cache_builder.datasets reads the images straight from it);
+#    never installed (kvclip.cache_builder.datasets reads the images straight from it);
 #  - Debian's dataset-fashion-mnist package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEEL_DIR=.cache/test-data
 # Each wheel is kept as a zip and read by tests, never installed: foolbox for its images,
-# docker-compose 1.29 for the compose file JSON schema it ships (tests/test_deploy_files.py).
+# docker-compose 1.29 for the compose file JSON schema it ships (tests/deploy/test_deploy_files.py).
 for SPEC in "foolbox==3.3.4" "docker-compose==1.29.2"; do
   prefix=$(printf '%s' "${SPEC%%==*}" | tr - _)
   if ! compgen -G "$WHEEL_DIR/$prefix-*.whl" >/dev/null; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Headless Chromium and its matching chromedriver from Debian's packages, for the web
-# page's browser test (tests/test_web_page.py). Nothing is downloaded outside apt: the
+# page's browser test (tests/e2e/test_web_page.py). Nothing is downloaded outside apt: the
 # test drives /usr/bin/chromium through /usr/bin/chromedriver. Safe to run again.
 set -euo pipefail
 

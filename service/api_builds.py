@@ -14,15 +14,15 @@ from starlette.exceptions import HTTPException
 
 from kvclip import artifact as store
 from kvclip.errors import ArtifactError
-from service.api_caches import CacheName
-from service.archives import ArchiveError, extract_archive, remove_tree
-from service.build_requests import build_config, check_mode, server_folder
-from service.build_worker import WorkerSpec
-from service.deps import ready_state, require
-from service.errors import ApiError, invalid
-from service.jobs import JobNotFound
-from service.schemas import BuildOptions, JobInfo, JobList
-from service.state import ServerState
+from kvclip.service.api_caches import CacheName
+from kvclip.service.archives import ArchiveError, extract_archive, remove_tree
+from kvclip.service.build_requests import build_config, check_mode, server_folder
+from kvclip.service.build_worker import WorkerSpec
+from kvclip.service.deps import ready_state, require
+from kvclip.service.errors import ApiError, invalid
+from kvclip.service.jobs import JobNotFound
+from kvclip.service.schemas import BuildOptions, JobInfo, JobList
+from kvclip.service.state import ServerState
 
 router = APIRouter(tags=["builds"])
 # The body is read by hand (JSON or multipart), so app.py registers its model for OpenAPI.

@@ -7,11 +7,11 @@ from fastapi import APIRouter, Depends, Path as PathParam
 
 from kvclip import artifact as store
 from kvclip.errors import ArtifactError, KvclipError
-from service.deps import ready_state, require
-from service.errors import ApiError
-from service.registry import CacheNotFound, LoadedCache, VersionConflict, VersionNotFound
-from service.schemas import ActivateRequest, CacheDetail, CacheSummary, ReloadResponse
-from service.state import ServerState
+from kvclip.service.deps import ready_state, require
+from kvclip.service.errors import ApiError
+from kvclip.service.registry import CacheNotFound, LoadedCache, VersionConflict, VersionNotFound
+from kvclip.service.schemas import ActivateRequest, CacheDetail, CacheSummary, ReloadResponse
+from kvclip.service.state import ServerState
 
 router = APIRouter(prefix="/v1/caches", tags=["caches"])
 CacheName = PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="cache name")

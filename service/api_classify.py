@@ -12,13 +12,13 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.batcher import Overloaded, Stopped
-from service.classify import ImageInput, Prepared, ScoreOptions, prepare, score
-from service.deps import ready_state, require
-from service.errors import ApiError, invalid
-from service.registry import CacheNotFound, LoadedCache
-from service.schemas import ClassifyJson, ClassifyParams, ClassifyResponse, ImageResult, MethodName
-from service.state import ServerState
+from kvclip.service.batcher import Overloaded, Stopped
+from kvclip.service.classify import ImageInput, Prepared, ScoreOptions, prepare, score
+from kvclip.service.deps import ready_state, require
+from kvclip.service.errors import ApiError, invalid
+from kvclip.service.registry import CacheNotFound, LoadedCache
+from kvclip.service.schemas import ClassifyJson, ClassifyParams, ClassifyResponse, ImageResult, MethodName
+from kvclip.service.state import ServerState
 
 router = APIRouter(tags=["classify"])
 

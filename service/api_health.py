@@ -5,8 +5,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import get_state
-from service.state import ServerState
+from kvclip.service.deps import get_state
+from kvclip.service.state import ServerState
 
 router = APIRouter(tags=["health"])
 

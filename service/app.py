@@ -9,12 +9,12 @@ from fastapi.responses import JSONResponse
 
 from kvclip import __version__
 from kvclip.models import Encoder
-from service import api_builds, api_caches, api_classify, api_health
-from service.config import ServerConfig
-from service.errors import error_response, install_handlers
-from service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
-from service.state import ServerState
-from service.web.router import router as web_router
+from kvclip.service import api_builds, api_caches, api_classify, api_health
+from kvclip.service.config import ServerConfig
+from kvclip.service.errors import error_response, install_handlers
+from kvclip.service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from kvclip.service.state import ServerState
+from kvclip.service.web.router import router as web_router
 
 
 def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:

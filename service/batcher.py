@@ -5,7 +5,7 @@ collector task takes the first waiting job, waits up to `max_wait` for more (nev
 `max_batch` images), and runs the encoder on a single worker thread, so the event loop
 stays free and the device sees one batch at a time. The encoder normalises each row on
 its own, so a request's features do not depend on its batch-mates beyond floating-point
-kernel choice (tests/test_service_batching.py checks results agree).
+kernel choice (tests/integration/test_service_batching.py checks results agree).
 
 The same worker thread runs `run_on_device` calls (per-request blends), which keeps all
 device work on one thread and ordered with the batches.
@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from service.metrics import Metrics
+from kvclip.service.metrics import Metrics
 
 log = logging.getLogger("kvclip.batcher")
 T = TypeVar("T")

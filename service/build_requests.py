@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cache_builder.build import BuildConfig
-from service.config import ServerConfig
-from service.errors import ApiError
-from service.schemas import BuildOptions
+from kvclip.cache_builder.build import BuildConfig
+from kvclip.service.config import ServerConfig
+from kvclip.service.errors import ApiError
+from kvclip.service.schemas import BuildOptions
 
 
 def check_mode(options: BuildOptions, has_data: bool, has_pool: bool) -> None:

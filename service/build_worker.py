@@ -1,4 +1,4 @@
-"""A build job's own process: runs cache_builder.build_cache at low CPU priority and reports
+"""A build job's own process: runs kvclip.cache_builder.build_cache at low CPU priority and reports
 progress over a pipe.
 
 Why a process and not a thread of the server: the OS scheduler then gives online requests
@@ -17,7 +17,7 @@ import os
 import traceback
 from dataclasses import dataclass
 
-from cache_builder.build import BuildConfig
+from kvclip.cache_builder.build import BuildConfig
 
 
 @dataclass
@@ -31,8 +31,8 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
     """Process entry point (spawned)."""
     import torch
 
-    from cache_builder.build import build_cache
-    from cache_builder.progress import BuildCancelled, CallbackMonitor
+    from kvclip.cache_builder.build import build_cache
+    from kvclip.cache_builder.progress import BuildCancelled, CallbackMonitor
     from kvclip.errors import KvclipError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s build-worker %(name)s: %(message)s")

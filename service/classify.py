@@ -13,7 +13,7 @@ import torch
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
-from service.registry import LoadedCache
+from kvclip.service.registry import LoadedCache
 
 
 @dataclass

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from service import config as server_config
+from kvclip.service import config as server_config
 
 log = logging.getLogger("kvclip.service")
 
@@ -26,8 +26,8 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvclip.models import load_encoder
-    from service import logs
-    from service.app import create_app
+    from kvclip.service import logs
+    from kvclip.service.app import create_app
 
     try:
         config = server_config.from_namespace(args)

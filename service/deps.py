@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from service.errors import ApiError
-from service.security import AuthError
-from service.state import ServerState
+from kvclip.service.errors import ApiError
+from kvclip.service.security import AuthError
+from kvclip.service.state import ServerState
 
 
 def get_state(request: Request) -> ServerState:

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from service.archives import remove_tree
-from service.build_worker import WorkerSpec, run as run_worker
-from service.metrics import Metrics
+from kvclip.service.archives import remove_tree
+from kvclip.service.build_worker import WorkerSpec, run as run_worker
+from kvclip.service.metrics import Metrics
 
 log = logging.getLogger("kvclip.jobs")
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -7,9 +7,9 @@ import re
 import time
 import uuid
 
-from service.errors import internal_error_body
-from service.logs import request_id
-from service.metrics import Metrics
+from kvclip.service.errors import internal_error_body
+from kvclip.service.logs import request_id
+from kvclip.service.metrics import Metrics
 
 access_log = logging.getLogger("kvclip.access")
 log = logging.getLogger("kvclip.service")

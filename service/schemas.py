@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cache_builder.sources import check_labels
+from kvclip.cache_builder.sources import check_labels
 from kvclip.errors import DataError
 from kvclip.prompts import check_templates
 

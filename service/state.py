@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvclip.models import Encoder, load_encoder
-from service.batcher import Batcher
-from service.config import ServerConfig
-from service.jobs import JobManager
-from service.metrics import Metrics
-from service.registry import CacheRegistry
-from service.security import ENV_VAR, ApiKeys
+from kvclip.service.batcher import Batcher
+from kvclip.service.config import ServerConfig
+from kvclip.service.jobs import JobManager
+from kvclip.service.metrics import Metrics
+from kvclip.service.registry import CacheRegistry
+from kvclip.service.security import ENV_VAR, ApiKeys
 
 log = logging.getLogger("kvclip.service")
 

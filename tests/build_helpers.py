@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache_builder.progress import CallbackMonitor
+from kvclip.cache_builder.progress import CallbackMonitor
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import python_multipart
 from PIL import Image
 
-from clients import KvclipClient
+from kvclip.clients import KvclipClient
 
 URL = "http://kvclip.test"
 

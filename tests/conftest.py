@@ -28,7 +28,7 @@ def tiny_encoder():
 @pytest.fixture(scope="session")
 def fashion_train(tmp_path_factory) -> Path:
     """16 real Fashion-MNIST training images per class, as DATA_DIR/<label>/<file>."""
-    from cache_builder.datasets import export_fashion_mnist
+    from kvclip.cache_builder.datasets import export_fashion_mnist
 
     out = tmp_path_factory.mktemp("fmnist") / "train"
     export_fashion_mnist(out, "train", per_class=16, seed=0)
@@ -38,7 +38,7 @@ def fashion_train(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fashion_test(tmp_path_factory) -> Path:
     """The first 1000 Fashion-MNIST test images (never seen by a build)."""
-    from cache_builder.datasets import export_fashion_mnist
+    from kvclip.cache_builder.datasets import export_fashion_mnist
 
     out = tmp_path_factory.mktemp("fmnist") / "test"
     export_fashion_mnist(out, "test", limit=1000)
@@ -67,7 +67,7 @@ def served_caches(tmp_path_factory, fashion_train, tiny_encoder) -> Path:
     Tests that change caches copy it first (see tests/service_helpers.copy_caches)."""
     import shutil
 
-    from cache_builder.build import BuildConfig, build_cache
+    from kvclip.cache_builder.build import BuildConfig, build_cache
 
     root = tmp_path_factory.mktemp("served") / "caches"
     common = dict(model="tiny-random", shots=8, views=2, batch_size=64, progress=False)

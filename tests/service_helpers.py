@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from service.app import create_app
-from service.config import ServerConfig
-from service.metrics import metric_value  # noqa: F401  (re-exported for tests)
+from kvclip.service.app import create_app
+from kvclip.service.config import ServerConfig
+from kvclip.service.metrics import metric_value  # noqa: F401  (re-exported for tests)
 
 
 def make_config(caches: Path, **overrides) -> ServerConfig:

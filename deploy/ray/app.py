@@ -1,6 +1,6 @@
 """kvclip on Ray Serve: classification replicas spread over a cluster, caches routed by name.
 
-    serve run deploy.ray.app:build_app caches=/shared/caches model=ViT-B-32:openai num_replicas=4 num_gpus=0.5
+    serve run kvclip.deploy.ray.app:build_app caches=/shared/caches model=ViT-B-32:openai num_replicas=4 num_gpus=0.5
 
 Two deployments:
 
@@ -11,7 +11,7 @@ Two deployments:
 - `KvclipClassifier`: one encoder per replica (`num_gpus` may be a fraction). Images from
   concurrent requests share encoder calls through @serve.batch (preprocessed pixels in,
   features out, sized in images); each request then blends on its own cache snapshot with
-  service.classify.score. Caches are @serve.multiplexed by name, so Serve routes a cache's
+  kvclip.service.classify.score. Caches are @serve.multiplexed by name, so Serve routes a cache's
   requests to replicas that already hold it; each replica checks the cache's CURRENT file
   at most every `refresh_interval_s` and swaps in a new version when it changed, so an
   activation written by any replica (or by `kvclip.artifact.set_current`, a build, or a
@@ -19,8 +19,8 @@ Two deployments:
   once and finishes on it.
 
 Nothing here re-implements the classify path: decode and preprocess are
-service.classify.prepare, the blend is service.classify.score, cache loading is
-service.registry.load_version (artifact checksums and the model check).
+kvclip.service.classify.prepare, the blend is kvclip.service.classify.score, cache loading is
+kvclip.service.registry.load_version (artifact checksums and the model check).
 """
 
 import argparse
@@ -41,19 +41,19 @@ from ray import serve
 from kvclip import artifact as store
 from kvclip.errors import KvclipError
 from kvclip.models import load_encoder
-from service.api_caches import CacheName, summary
-from service.app import add_openapi_schemas
-from service.api_classify import (  # the plain server's request handling, reused as is
+from kvclip.service.api_caches import CacheName, summary
+from kvclip.service.app import add_openapi_schemas
+from kvclip.service.api_classify import (  # the plain server's request handling, reused as is
     OPENAPI_SCHEMAS, _BODY_DOC, _ERRORS, _check_sizes, _merge_params, _read_body, _result,
     choose_method, decoded, score_options,
 )
-from service.classify import ImageInput, prepare, score
-from service.config import ENV_PREFIX, ServerConfig, from_namespace
-from service.deps import require
-from service.errors import ApiError, install_handlers
-from service.registry import CacheNotFound, LoadedCache, VersionConflict, activate_version, load_version
-from service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
-from service.security import ENV_VAR, ApiKeys
+from kvclip.service.classify import ImageInput, prepare, score
+from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
+from kvclip.service.deps import require
+from kvclip.service.errors import ApiError, install_handlers
+from kvclip.service.registry import CacheNotFound, LoadedCache, VersionConflict, activate_version, load_version
+from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
+from kvclip.service.security import ENV_VAR, ApiKeys
 
 log = logging.getLogger("kvclip.ray")
 
@@ -307,7 +307,7 @@ install_handlers(app)
 add_openapi_schemas(app, OPENAPI_SCHEMAS)
 
 
-# Ray pickles the app to the replicas: closures such as service.deps.require's travel by value,
+# Ray pickles the app to the replicas: closures such as kvclip.service.deps.require's travel by value,
 # without the module globals their string annotations name, so FastAPI would read `request` as
 # a query parameter. These top-level functions travel by reference and call the same check.
 async def _read_scope(request: Request) -> None:
@@ -324,7 +324,7 @@ class KvclipIngress:
     def __init__(self, classifier, config: ServerConfig) -> None:
         self.classifier = classifier
         self.config = config
-        # What service.deps.require and api_classify._read_body read from the plain server's state.
+        # What kvclip.service.deps.require and api_classify._read_body read from the plain server's state.
         self.state = SimpleNamespace(config=config, api_keys=ApiKeys.load(os.environ.get(ENV_VAR),
                                                                            config.api_keys_file))
         app.state.kv = self.state

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import ApiError
+from kvclip.service.errors import ApiError
 
 STATIC = Path(__file__).resolve().parent / "static"
 # name -> media type; the only files this router serves.

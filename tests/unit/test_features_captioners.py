@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cache_builder.captioners import CocaCaptioner, NoCaptioner, SidecarCaptioner, make_captioner
-from cache_builder.features import encode_support, random_view_transform
-from cache_builder.sources import SupportItem
+from kvclip.cache_builder.captioners import CocaCaptioner, NoCaptioner, SidecarCaptioner, make_captioner
+from kvclip.cache_builder.features import encode_support, random_view_transform
+from kvclip.cache_builder.sources import SupportItem
 from kvclip.errors import DataError
 from kvclip.images import load_image
 from tests.conftest import write_images

@@ -16,9 +16,9 @@ import torch
 
 from kvclip import artifact as store
 from kvclip.errors import ModelLoadError
-from service.batcher import Batcher, Overloaded, Stopped
-from service.metrics import Metrics
-from service.registry import CacheNotFound, CacheRegistry
+from kvclip.service.batcher import Batcher, Overloaded, Stopped
+from kvclip.service.metrics import Metrics
+from kvclip.service.registry import CacheNotFound, CacheRegistry
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
 
 N_IMAGES = 40
@@ -606,7 +606,7 @@ def test_registry_refuses_caches_of_another_model(served_caches, tmp_path, encod
 
 
 def test_registry_activate_unknown_version_or_cache(served_caches, tiny_encoder, tmp_path):
-    from service.registry import VersionConflict
+    from kvclip.service.registry import VersionConflict
 
     caches = copy_caches(served_caches, tmp_path / "caches")
     registry = CacheRegistry(caches, tiny_encoder)

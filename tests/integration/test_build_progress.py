@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cache_builder.build import BuildConfig, build_cache
-from cache_builder.progress import BuildCancelled, BuildMonitor, CallbackMonitor
+from kvclip.cache_builder.build import BuildConfig, build_cache
+from kvclip.cache_builder.progress import BuildCancelled, BuildMonitor, CallbackMonitor
 from kvclip import artifact as store
-from service.registry import CacheRegistry
+from kvclip.service.registry import CacheRegistry
 from tests.build_helpers import ProgressLog
 
 LABELS = ["bag", "sandal", "trouser"]

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from cache_builder.tune import tune
+from kvclip.cache_builder.tune import tune
 from kvclip.blend import BlendParams, CacheTensors, blend
 
 

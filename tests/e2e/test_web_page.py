@@ -58,7 +58,7 @@ async def test_page_and_static_files_need_no_key(tmp_path, tiny_encoder, monkeyp
 
 def test_page_never_parses_server_text_as_html():
     # Labels, captions and names come from whoever built the cache: text only, never markup.
-    script = (Path(__file__).resolve().parents[1] / "service/web/static/app.js").read_text()
+    script = (Path(__file__).resolve().parents[2] / "service/web/static/app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
 

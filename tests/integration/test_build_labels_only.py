@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_builder.build import BuildConfig, build_cache
-from cache_builder.evaluate import evaluate
+from kvclip.cache_builder.build import BuildConfig, build_cache
+from kvclip.cache_builder.evaluate import evaluate
 from kvclip import artifact as store
 from kvclip.cli import main
 from kvclip.errors import DataError

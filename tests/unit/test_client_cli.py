@@ -1,6 +1,6 @@
 """`kvclip caches build` and `kvclip jobs` on a fake server: following a job, its output,
 failures and interrupts as one line. (The commands against a real server, and a real
-build, are in tests/test_client_server.py.)"""
+build, are in tests/e2e/test_client_server.py.)"""
 from __future__ import annotations
 
 import functools
@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-import clients.cli
-from clients import KvclipClient
+import kvclip.clients.cli
+from kvclip.clients import KvclipClient
 from tests.client_fakes import Recorder, build_script, job_json, multipart, png_bytes, run_cli
 
 
@@ -22,7 +22,7 @@ def fake_server(monkeypatch):
     state: dict = {}
 
     def script(handler: Recorder, sleep=lambda seconds: None) -> Recorder:
-        monkeypatch.setattr(clients.cli, "KvclipClient", functools.partial(
+        monkeypatch.setattr(kvclip.clients.cli, "KvclipClient", functools.partial(
             KvclipClient, transport=httpx.MockTransport(handler), sleep=sleep))
         state["handler"] = handler
         return handler

@@ -22,7 +22,7 @@ from kvclip import artifact as store  # noqa: E402
 from tests.server_process import free_port  # noqa: E402
 from tests.service_helpers import copy_caches, image_files, make_config, running_app  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 PARAMS = {"cache": "fashion", "top_k": 5, "explain": "true"}  # auto: the tuned method (tipx)
 ZEROSHOT = {"cache": "fashion", "top_k": 10, "method": "zeroshot"}
@@ -78,7 +78,7 @@ def _plain_results(caches: Path, files, encoder) -> tuple[dict, dict]:
     return asyncio.run(go())
 
 
-# As in tests/test_service_batching.py: zero-shot scores agree to 1e-5; the cache methods
+# As in tests/integration/test_service_batching.py: zero-shot scores agree to 1e-5; the cache methods
 # amplify the encoder's last-digit differences between batch sizes (tipx by ~2e-4 in scores).
 STRICT = dict(score_abs=1e-5, logit_rel=1e-5)
 CACHE_METHOD = dict(score_abs=5e-4, logit_rel=1e-3)
@@ -126,7 +126,7 @@ def test_ray_serve_two_replicas_match_plain_server_and_follow_activation(
         serve_url, served_caches, fashion_test, tiny_encoder, tmp_path):
     from ray import serve
 
-    from deploy.ray.app import build_app
+    from kvclip.deploy.ray.app import build_app
 
     caches = copy_caches(served_caches, tmp_path / "caches")
     files = image_files(fashion_test, 3)

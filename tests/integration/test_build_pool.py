@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_builder.build import BuildConfig, build_cache
-from cache_builder.features import encode_image_files
-from cache_builder.pool import PoolFeatures, pseudo_label, select_confident
+from kvclip.cache_builder.build import BuildConfig, build_cache
+from kvclip.cache_builder.features import encode_image_files
+from kvclip.cache_builder.pool import PoolFeatures, pseudo_label, select_confident
 from kvclip import artifact as store
 from kvclip.blend import BlendParams, CacheTensors, blend
 from kvclip.cli import main

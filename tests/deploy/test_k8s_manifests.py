@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
 KUSTOMIZATIONS = {"server": K8S, "cpu": K8S / "overlays" / "cpu", "build": K8S / "build"}
 ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
@@ -296,8 +296,8 @@ def test_api_keys_come_from_a_secret(rendered, deployment):
 
 
 def _server_parser() -> argparse.ArgumentParser:
-    from cache_builder.cli import add_commands as add_builder_commands
-    from service.cli import add_commands as add_server_commands
+    from kvclip.cache_builder.cli import add_commands as add_builder_commands
+    from kvclip.service.cli import add_commands as add_server_commands
 
     parser = argparse.ArgumentParser(prog="kvclip")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,7 +310,7 @@ def test_configmap_is_a_valid_server_configuration(server, deployment, monkeypat
     """`kvclip serve` with the pod's environment parses into the ServerConfig we mean."""
     from dataclasses import fields as dataclass_fields
 
-    from service import config as server_config
+    from kvclip.service import config as server_config
 
     configmap = find(server, "ConfigMap", "kvclip")
     env = env_of(deployment, configmap)
@@ -427,7 +427,7 @@ def test_adapter_rule_serves_the_hpa_metric(server):
     assert re.search(r"rate\(<<\.Series>>\{<<\.LabelMatchers>>.*\}\[1m\]\)", rule["metricsQuery"])
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     # The counter the rule reads is the one the server exports (prometheus adds _total).
-    from service.metrics import Metrics
+    from kvclip.service.metrics import Metrics
 
     metrics = Metrics()
     metrics.requests.labels(method="POST", route="/v1/classify", status="200").inc()

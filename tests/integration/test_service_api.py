@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import api_classify
-from service.config import ServerConfig, add_arguments, from_namespace
+from kvclip.service import api_classify
+from kvclip.service.config import ServerConfig, add_arguments, from_namespace
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
 
 pytestmark = pytest.mark.anyio

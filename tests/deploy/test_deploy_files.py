@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import ServerConfig
+from kvclip.service.config import ServerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 SMOKE = ROOT / "scripts" / "container_smoke.sh"

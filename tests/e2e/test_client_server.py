@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import ApiError, AsyncKvclipClient, Job, KvclipClient, ServerUnreachable
+from kvclip.clients import ApiError, AsyncKvclipClient, Job, KvclipClient, ServerUnreachable
 from tests.client_fakes import run_cli
 from tests.server_process import free_port, serve_process
 from tests.service_helpers import copy_caches

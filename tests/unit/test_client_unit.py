@@ -1,7 +1,7 @@
 """The Python client without a server: retries, errors, image encoding, and build_cache's
 upload-and-poll logic against a fake transport (httpx.MockTransport).
 
-The real server is exercised in tests/test_client_server.py; here the transport answers
+The real server is exercised in tests/e2e/test_client_server.py; here the transport answers
 what a test needs (a 503 then a 200, a job that fails) so each client rule is checked alone.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import (ApiError, AsyncKvclipClient, InputError, JobFailed, KvclipClient, KvclipClientError,
+from kvclip.clients import (ApiError, AsyncKvclipClient, InputError, JobFailed, KvclipClient, KvclipClientError,
                      ServerUnreachable)
-from clients.http import parse_retry_after
-from clients.images import image_file, image_files
-from clients.models import Job
-from clients.progress import JobProgress
+from kvclip.clients.http import parse_retry_after
+from kvclip.clients.images import image_file, image_files
+from kvclip.clients.models import Job
+from kvclip.clients.progress import JobProgress
 from tests.client_fakes import URL, Recorder, build_script, error, job_json, make_client, multipart, png_bytes
 
 CLASSIFY_BODY = {
@@ -464,8 +464,8 @@ def test_job_progress_bar():
 
 
 def test_labels_and_templates_files_read_as_the_builder_reads_them(tmp_path):
-    from cache_builder.sources import read_labels_file
-    from clients.archives import read_labels, read_templates
+    from kvclip.cache_builder.sources import read_labels_file
+    from kvclip.clients.archives import read_labels, read_templates
     from kvclip.prompts import load_templates
 
     labels = tmp_path / "labels.txt"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_builder.datasets import (
+from kvclip.cache_builder.datasets import (
     CIFAR10_LABELS,
     FoolboxImage,
     export_foolbox,

@@ -99,7 +99,7 @@ def test_exception_while_publishing_keeps_previous_version(tmp_path, monkeypatch
 CRASH = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
-    from tests.test_artifact import make_artifact
+    from tests.unit.test_artifact import make_artifact
     from kvclip import artifact as store
     point = sys.argv[2]
     die = lambda *a, **k: os._exit(17)
@@ -118,7 +118,7 @@ def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, po
     cache_dir = tmp_path / "demo"
     store.publish(cache_dir, make_artifact(0))
     script = tmp_path / "crash.py"
-    script.write_text(CRASH.format(root=str(pathlib.Path(__file__).parents[1])))
+    script.write_text(CRASH.format(root=str(pathlib.Path(__file__).parents[2])))
     proc = subprocess.run([sys.executable, str(script), str(cache_dir), point], capture_output=True, text=True)
     assert proc.returncode == 17, proc.stderr
     assert store.current_version(cache_dir) == "v0001"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_builder.sources import (
+from kvclip.cache_builder.sources import (
     SupportItem, check_labels, discover_folder, order_labels, read_manifest, select_support,
 )
 from kvclip.errors import DataError
