@@ -5,33 +5,41 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kvclip.errors import ImageDecodeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats kvclip decodes (Pillow's names; JPEG includes the MPO files many phone cameras write).
+# Pillow opens ~40 more, some through external programs (EPS runs Ghostscript): hostile bytes
+# should only ever meet these decoders.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """Decode fully (truncation shows up here, not later) and convert to RGB."""
+    """Decode fully (truncation shows up here, not later), turn upright (EXIF orientation) and
+    convert to RGB. Formats outside IMAGE_FORMATS are refused before any decoder runs."""
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}"
                 )
             image.load()
-            return image.convert("RGB")
+            # Phone photos store pixels sideways plus an Orientation tag; the model must see them upright.
+            return ImageOps.exif_transpose(image).convert("RGB")
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{name}: not an image in a format Pillow reads") from exc
+        raise ImageDecodeError(
+            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
+        ) from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
 

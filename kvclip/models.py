@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
 
+from kvclip.preprocess import BoundedPreprocess
 from kvclip.errors import ModelLoadError
 from kvclip.hashing import sha256_file
 
@@ -79,7 +80,6 @@ class Encoder:
     ) -> None:
         self.spec = spec
         self.model = model.eval()
-        self.preprocess = preprocess  # PIL image -> 3 x H x W float tensor (deterministic)
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = next(model.parameters()).dtype
@@ -90,6 +90,9 @@ class Encoder:
         self.mean: tuple[float, ...] = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std: tuple[float, ...] = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
         self.interpolation: str = cfg.get("interpolation", "bicubic")
+        # PIL image -> 3 x S x S float tensor (deterministic), its cost bounded by S (kvclip/preprocess.py).
+        self.preprocess = BoundedPreprocess(preprocess, self.image_size, cfg.get("resize_mode", "shortest"),
+                                            self.interpolation)
 
     @property
     def model_id(self) -> str:

@@ -1,0 +1,113 @@
+"""Safe decoding (formats, EXIF orientation) and preprocessing whose cost is bounded by the output."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from kvclip.errors import ImageDecodeError
+from kvclip.images import decode_image
+from kvclip.preprocess import BoundedPreprocess
+
+SIZE = 32
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A low-frequency picture: resampling differences stay small on it, as on photos."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    upright = smooth_image(48, 24)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera held sideways writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    data = encoded(stored, "PNG", exif=exif.tobytes())
+    decoded = decode_image(data)
+    assert decoded.size == upright.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(upright))
+
+
+def test_exif_rotated_jpeg_scores_like_its_transposed_pixels():
+    upright = smooth_image(64, 40, seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    decoded = np.asarray(decode_image(data), dtype=np.float32)
+    assert decoded.shape[:2] == (40, 64)
+    assert np.abs(decoded - np.asarray(upright, dtype=np.float32)).mean() < 3  # JPEG noise only
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO"])
+def test_formats_outside_the_allowed_list_are_refused(fmt):
+    data = encoded(smooth_image(16, 16).convert("RGB"), fmt)
+    with pytest.raises(ImageDecodeError, match="supported format.*JPEG"):
+        decode_image(data, name="upload")
+
+
+def test_eps_is_never_handed_to_ghostscript():
+    data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageDecodeError, match="supported format"):
+        decode_image(data)
+
+
+class Recorder:
+    """The model transform, recording the size it was handed."""
+
+    def __init__(self) -> None:
+        self.transform = open_clip.image_transform(SIZE, is_train=False)
+        self.sizes: list[tuple[int, int]] = []
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        self.sizes.append(image.size)
+        return self.transform(image)
+
+
+def test_an_elongated_image_reaches_the_transform_cropped():
+    recorder = Recorder()
+    line = Image.new("RGB", (300_000, 1), (200, 10, 10))  # decodes from a few hundred bytes of PNG
+    pixels = BoundedPreprocess(recorder, SIZE)(line)
+    assert pixels.shape == (3, SIZE, SIZE)
+    assert recorder.sizes == [(SIZE, SIZE)]  # the transform's upscale costs O(S^2), not O(S^2 * 300000)
+    assert torch.allclose(pixels, recorder.transform(Image.new("RGB", (SIZE, SIZE), (200, 10, 10))), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(40, 220), (260, 48), (4000, 3000), (1200, 6000), (33, 31), (7, 5000)])
+def test_bounded_preprocess_equals_the_model_transform_on_the_whole_image(size):
+    image = smooth_image(*size)
+    recorder = Recorder()
+    bounded = BoundedPreprocess(recorder, SIZE)(image)
+    assert recorder.sizes == [(SIZE, SIZE)]
+    reference = recorder.transform(image)
+    # One 8-bit level is 1/255/std ≈ 0.015 in normalised units: the same pixels up to rounding.
+    assert (bounded - reference).abs().max() <= 0.02
+
+
+def test_squash_mode_keeps_the_whole_picture():
+    recorder = Recorder()
+    image = smooth_image(400, 40)
+    BoundedPreprocess(recorder, SIZE, resize_mode="squash")(image)
+    assert recorder.sizes == [(400, 40)]
+
+
+def test_the_encoder_preprocess_is_bounded(tiny_encoder):
+    """The builder and the server both preprocess through Encoder.preprocess."""
+    line = Image.new("RGB", (1, 300_000), (10, 200, 10))
+    pixels = tiny_encoder.preprocess(line)
+    size = tiny_encoder.image_size
+    assert pixels.shape == (3, size, size)
+    assert isinstance(tiny_encoder.preprocess, BoundedPreprocess)
+    square = Image.new("RGB", (size, size), (10, 200, 10))
+    assert torch.allclose(pixels, tiny_encoder.preprocess.transform(square), atol=1e-6)
