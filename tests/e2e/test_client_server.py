@@ -11,6 +11,8 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from kvclip.clients import ApiError, AsyncKvclipClient, Job, KvclipClient, ServerUnreachable
 from tests.client_fakes import run_cli
-from tests.server_process import free_port, serve_process
+from tests.server_process import base_env, free_port, kvclip_cmd, serve_process
 from tests.service_helpers import copy_caches
 
 READ_KEY, ADMIN_KEY = "reader", "boss"
@@ -251,6 +253,18 @@ def test_cli_caches_commands(server, capsys, monkeypatch, tmp_path):
     assert code == 0 and "unchanged  2 cache(s)" in out
     code, _, err = run_cli(capsys, "caches", "list", "--server", server.url)  # no key at all
     assert code != 0 and "(HTTP 401 unauthorized)" in err
+
+
+@pytest.mark.parametrize("command", [("caches", "list"), ("caches", "show", "fashion"), ("classify", "--cache", "fashion")])
+def test_cli_piped_into_a_reader_that_quits_exits_quietly(server, images, command):
+    """`kvclip caches list | head -1`: the reader is gone before kvclip writes; no traceback."""
+    argv = [*command, *(str(p) for p in images[:2] if command[0] == "classify"), "--server", server.url]
+    proc = subprocess.Popen(kvclip_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=base_env(KVCLIP_API_KEY=READ_KEY))
+    proc.stdout.close()  # like head after its first line, before anything was written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
 
 
 # --- builds ---------------------------------------------------------------------------------
