@@ -2,6 +2,7 @@
 links or devices, and limits on file count and unpacked bytes (zip bombs)."""
 from __future__ import annotations
 
+import errno
 import shutil
 import tarfile
 import zipfile
@@ -67,13 +68,19 @@ class _Budget:
             raise ArchiveError(f"the archive unpacks to more than {self.max_bytes} bytes", too_large=True)
 
 
-def _copy_limited(src, target: Path, budget: _Budget) -> None:
+def _copy_limited(src, target: Path, budget: _Budget, name: str) -> None:
     # Count bytes as written: a member's declared size can lie.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "wb") as out:
-        while chunk := src.read(_CHUNK):
-            budget.add_bytes(len(chunk))
-            out.write(chunk)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                budget.add_bytes(len(chunk))
+                out.write(chunk)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ArchiveError("the server has no disk space left to unpack the archive", too_large=True) from exc
+        # A name too long for the file system, a file and a folder of the same name, ...
+        raise ArchiveError(f"archive member {name!r} cannot be unpacked: {exc.strerror or exc}") from exc
 
 
 def _extract_zip(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
@@ -87,10 +94,13 @@ def _extract_zip(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
                     raise ArchiveError(f"archive member {info.filename!r} is a symbolic link")
                 budget.add_file()
+                if info.flag_bits & 0x1:
+                    raise ArchiveError(f"archive member {info.filename!r} is encrypted; upload an unencrypted archive")
                 with archive.open(info) as member:
-                    _copy_limited(member, dest / rel, budget)
-    # zipfile raises NotImplementedError for compression methods and encryption it cannot read.
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+                    _copy_limited(member, dest / rel, budget, info.filename)
+    # zipfile raises NotImplementedError for compression methods it cannot read, RuntimeError
+    # for encryption it was not given a password for.
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
         raise ArchiveError(f"the zip archive is unreadable: {exc}") from exc
 
 
@@ -107,7 +117,7 @@ def _extract_tar(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
                 budget.add_file()
                 source = archive.extractfile(member)
                 if source is not None:
-                    _copy_limited(source, dest / rel, budget)
+                    _copy_limited(source, dest / rel, budget, member.name)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"the tar archive is unreadable: {exc}") from exc
 
