@@ -34,6 +34,11 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvclip serve: error: {exc}", file=sys.stderr)
         return 2
+    if not config.caches.is_dir():  # checked before the model loads: a typo fails in a second
+        print(f"kvclip serve: error: --caches {config.caches}: no such folder. Create it (mkdir -p "
+              f"{config.caches}) to start empty and build caches over HTTP, or point it at the folder "
+              "whose subfolders 'kvclip build --out FOLDER/NAME' wrote", file=sys.stderr)
+        return 2
     logs.configure(config.log_format, config.log_level)
     log.info("configuration %s", json.dumps(config.describe()))
     # Load before listening: a model that cannot be had fails the command with its reason.

@@ -9,7 +9,9 @@ import time
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # Attributes every LogRecord has; anything else was passed with extra= and is logged as a field.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "request_id"}
+# uvicorn adds color_message, the message again with ANSI colour codes, for its own formatter.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "request_id", "color_message"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -50,3 +52,6 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # faiss logs each CPU-feature variant it tries ("Could not load library with AVX512 support")
+    # at INFO: noise at every start, not a problem.
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, root.level))
