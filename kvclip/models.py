@@ -17,9 +17,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -210,7 +212,8 @@ def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | None) -> str | None:
         return str(found[0])
     try:
         if spec.kind == "hf-hub":
-            return oc_pretrained.download_pretrained_from_hf(spec.source, cache_dir=cache_dir)
+            with _offline_unless_hub_reachable():
+                return oc_pretrained.download_pretrained_from_hf(spec.source, cache_dir=cache_dir)
         _check_arch(spec)
         cfg = oc_pretrained.get_pretrained_cfg(spec.arch, spec.source)
         if not cfg:
@@ -219,11 +222,44 @@ def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | None) -> str | None:
                 f"model {spec.name!r}: {spec.source!r} is neither a pretrained tag of {spec.arch} "
                 f"(known tags: {tags}) nor an existing checkpoint file."
             )
-        return oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
+        with _offline_unless_hub_reachable():
+            return oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(_load_failure(spec, cache_dir, exc)) from exc
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout_s: float = 3.0):
+    """Look in the local caches only when the hub does not answer a TCP connect.
+
+    Without this, an offline machine spends about a minute in huggingface_hub's retries (and
+    prints a warning per retry) before the same "not found" error. huggingface_hub checks its
+    offline flag at request time, so setting it for the download answers from the cache at
+    once; it is set back afterwards. Loading happens once, at start, before any serving thread.
+    """
+    from huggingface_hub import constants as hub
+
+    if hub.HF_HUB_OFFLINE or _reachable(hub.ENDPOINT, timeout_s):
+        yield
+        return
+    log.info("%s is unreachable: looking for the weights in the local caches only", hub.ENDPOINT)
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
+def _reachable(url: str, timeout_s: float) -> bool:
+    parts = urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+    return True
 
 
 def _check_arch(spec: ModelSpec) -> None:
@@ -242,12 +278,14 @@ def _load_failure(spec: ModelSpec, cache_dir: str | None, exc: Exception) -> str
     places = f"the Hugging Face cache ({hf_cache})"
     places += f" and {cache_dir}" if cache_dir else " and ~/.cache/clip"
     offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    from huggingface_hub import constants as hub
     arch = spec.arch if spec.kind in ("tag", "file") else "ARCH"
     return (
         f"could not load the weights of model {spec.name!r}: not found in {places}, and the "
-        f"hub could not be reached{offline}. Download the checkpoint on a machine with "
-        f"access, then pass it as --model {arch}:/path/to/open_clip_model.safetensors "
-        f"(or set HF_HOME / --model-cache-dir to a folder holding it). "
+        f"hub ({hub.ENDPOINT}) could not be reached{offline}. Download the checkpoint on a machine "
+        f"with access, then pass it as --model {arch}:/path/to/open_clip_model.safetensors "
+        f"(or set HF_HOME / --model-cache-dir to a folder holding it), or use --model tiny-random "
+        f"to try the plumbing with random weights. "
         f"Underlying error: {type(exc).__name__}: {str(exc)[:300]}"
     )
 

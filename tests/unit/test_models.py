@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -32,6 +34,22 @@ def test_offline_pretrained_tag_error_names_model_places_and_fix():
     text = str(err.value)
     assert "ViT-B-32:openai" in text and "Hugging Face cache" in text
     assert "--model ViT-B-32:/path/to/" in text and "HF_HUB_OFFLINE=1" in text
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32:openai", "hf-hub:someone/missing-model"])
+def test_an_unreachable_hub_fails_at_once_without_retries(name, monkeypatch, caplog):
+    """HF_HUB_OFFLINE unset on a machine without the hub: no minute of retries, one clear error."""
+    from huggingface_hub import constants as hub
+
+    from tests.server_process import free_port
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with caplog.at_level(logging.DEBUG), pytest.raises(ModelLoadError) as err:
+        load_encoder(name, device="cpu")
+    assert "could not be reached" in str(err.value) and "tiny-random" in str(err.value)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert hub.HF_HUB_OFFLINE is False  # the flag is the library's again
 
 
 @pytest.mark.parametrize("name, match", [
