@@ -12,7 +12,12 @@ from kvclip.models import Encoder
 from kvclip.service import api_builds, api_caches, api_classify, api_health
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import error_response, install_handlers
-from kvclip.service.middleware import BodyLimitMiddleware, BodyTooLarge, RequestContextMiddleware
+from kvclip.service.middleware import (
+    BodyLimitMiddleware,
+    BodyTooLarge,
+    ConcurrencyLimitMiddleware,
+    RequestContextMiddleware,
+)
 from kvclip.service.state import ServerState
 from kvclip.service.web.router import router as web_router
 
@@ -51,6 +56,9 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     app.include_router(web_router)  # the browser page at /, no API key
     # Outermost first at run time: the request context sees every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes, build_limit=config.max_build_bytes)
+    if config.max_concurrency:
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=config.max_concurrency,
+                           retry_after_s=config.retry_after_s)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
     return app
 

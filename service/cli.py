@@ -51,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: every client may classify and change caches")
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_config=None, access_log=False,
-        limit_concurrency=config.max_concurrency or None, timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=30,  # --max-concurrency is the app's (middleware.ConcurrencyLimitMiddleware)
     ))
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler that was installed before it; a no-op one makes a clean shutdown exit 0.

@@ -33,7 +33,7 @@ class ServerConfig:
     max_wait_ms: float = _opt("how long a batch waits for more images after its first", 5.0)
     max_queue: int = _opt("most images waiting for the encoder; beyond it requests get 503", 512)
     decode_workers: int = _opt("threads decoding and preprocessing images", 2)
-    max_concurrency: int = _opt("most open requests before uvicorn answers 503 (0: no limit)", 0)
+    max_concurrency: int = _opt("most requests in flight before the JSON 503 with Retry-After (0: no limit)", 0)
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
     max_image_bytes: int = _opt("largest single image (encoded bytes)", 16 * 2**20)
     max_images: int = _opt("most images in one request", 64)

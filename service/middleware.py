@@ -1,4 +1,5 @@
-"""ASGI middleware: request id, access log and metrics; request body size limit."""
+"""ASGI middleware: request id, access log and metrics; a limit on requests in flight; request
+body size limit."""
 from __future__ import annotations
 
 import json
@@ -66,6 +67,38 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
 
+class ConcurrencyLimitMiddleware:
+    """Answers the JSON 503 with Retry-After once `limit` requests are in flight.
+
+    uvicorn's own limit_concurrency answers plain text without Retry-After or request id, and
+    counts idle keep-alive connections too, so it refused clients that were only connected.
+    Probes and /metrics are never refused: an overloaded server is still alive, and an
+    orchestrator restarting it would make the overload worse.
+    """
+
+    _EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app, limit: int, retry_after_s: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after = str(retry_after_s).encode()
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._EXEMPT:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            return await send_json(send, 503, {"error": {
+                "code": "overloaded",
+                "message": f"server overloaded: {self.limit} requests in flight (--max-concurrency); retry later",
+            }}, headers=[(b"retry-after", self.retry_after)])
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -103,10 +136,10 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def send_json(send, status: int, payload: dict) -> None:
+async def send_json(send, status: int, payload: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """Answer a raw ASGI request with a JSON body (for middleware, below FastAPI's handlers)."""
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
