@@ -9,6 +9,10 @@ kernel choice (tests/integration/test_service_batching.py checks results agree).
 
 The same worker thread runs `run_on_device` calls (per-request blends), which keeps all
 device work on one thread and ordered with the batches.
+
+A request whose client went away leaves the queue at once (its coroutine is cancelled), and
+one that waited longer than `max_queue_wait` is answered Overloaded instead of being encoded
+for nobody. If the collector task ever dies, `on_failure` is told, so readiness can fail.
 """
 from __future__ import annotations
 
@@ -36,7 +40,11 @@ class Stopped(Exception):
     """The batcher is shutting down."""
 
 
-@dataclass
+class RequestTooLarge(ValueError):
+    """More images than the whole queue holds: waiting would never help (413, not 503)."""
+
+
+@dataclass(eq=False)  # jobs are compared by identity (withdrawal from the queue)
 class _Job:
     pixels: torch.Tensor  # k x 3 x H x W
     future: asyncio.Future
@@ -55,12 +63,16 @@ class Batcher:
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        max_queue_wait_s: float | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.metrics = metrics
+        self.max_queue_wait_s = max_queue_wait_s
+        self.on_failure = on_failure
         self._jobs: deque[_Job] = deque()
         self._queued = 0  # images in self._jobs
         self._wakeup: asyncio.Event | None = None
@@ -71,22 +83,39 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._collect(), name="kvclip-batcher")
+        self._task.add_done_callback(self._collector_done)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None  # no new work from here on
+        if task is not None:
+            task.remove_done_callback(self._collector_done)
+            task.cancel()
             try:
-                await self._task
-            except asyncio.CancelledError:
+                await task
+            except (asyncio.CancelledError, Exception):
                 pass
-            self._task = None
         _fail(self._jobs, Stopped("the server is shutting down"))
         self._jobs.clear()
         self._queued = 0
-        self._executor.shutdown(wait=True)
+        self._report_queue()
+        # The batch in flight finishes on the device thread; waiting for it must not block the loop.
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+    def _collector_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception() or RuntimeError("the batcher's collector task ended")
+        log.error("the batcher's collector task died: %r; no request can be encoded", exc)
+        _fail(self._jobs, Stopped(f"the encoder queue stopped ({exc!r})"))
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features (k x D, on the encoder's device) for one request's k images.
@@ -94,9 +123,11 @@ class Batcher:
         A request larger than max_batch is split; its parts queue together, so the
         request is admitted whole or refused whole.
         """
-        if self._task is None:
+        if not self.running:
             raise Stopped("the batcher is not running")
         size = pixels.shape[0]
+        if size > self.max_queue:  # could never be admitted; config.py keeps max_images <= max_queue
+            raise RequestTooLarge(f"{size} images exceed the encoder queue of {self.max_queue}")
         if self._queued + size > self.max_queue:
             if self.metrics:
                 self.metrics.rejected.inc()
@@ -108,19 +139,42 @@ class Batcher:
         self._queued += size
         self._report_queue()
         self._wakeup.set()
-        parts = await asyncio.gather(*(job.future for job in jobs))
+        try:
+            parts = await asyncio.gather(*(job.future for job in jobs))
+        except BaseException:
+            # The client went away (cancelled), or one part was refused: the request's other
+            # parts must not hold queue space or be encoded for nobody.
+            self._withdraw(jobs)
+            raise
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     async def run_on_device(self, fn: Callable[..., T], *args) -> T:
         """Run fn on the device thread (after the batch in progress)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if not self.running:
+            raise Stopped("the batcher is not running")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:
+            if "shutdown" in str(exc):  # the executor closed between the check and the call
+                raise Stopped("the server is shutting down") from exc
+            raise
+
+    def _withdraw(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                continue  # already taken into a batch; its result is dropped there
+            self._queued -= job.size
+            job.future.cancel()
+        self._report_queue()
 
     async def _collect(self) -> None:
         batch: list[_Job] = []  # taken off the queue, not yet answered
         try:
             while True:
                 await self._gather_batch(batch)
-                await self._run_batch([job for job in batch if not job.future.cancelled()])
+                await self._run_batch([job for job in batch if not job.future.done()])
                 batch.clear()
         except asyncio.CancelledError:
             # Jobs already taken off the queue would otherwise wait forever.
@@ -171,6 +225,12 @@ class Batcher:
         job = self._jobs.popleft()
         self._queued -= job.size
         self._report_queue()
+        waited = time.perf_counter() - job.enqueued
+        if self.max_queue_wait_s is not None and waited > self.max_queue_wait_s and not job.future.done():
+            if self.metrics:
+                self.metrics.rejected.inc()
+            job.future.set_exception(Overloaded(
+                f"the request waited {waited:.1f} s for the encoder (limit {self.max_queue_wait_s:g} s)"))
         return job
 
     def _encode_batch(self, batch: list[_Job]) -> list[torch.Tensor]:

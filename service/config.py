@@ -32,6 +32,7 @@ class ServerConfig:
     max_batch: int = _opt("most images in one encoder batch", 32)
     max_wait_ms: float = _opt("how long a batch waits for more images after its first", 5.0)
     max_queue: int = _opt("most images waiting for the encoder; beyond it requests get 503", 512)
+    max_queue_wait_s: float = _opt("most seconds a request waits for the encoder before its 503", 30.0)
     decode_workers: int = _opt("threads decoding and preprocessing images", 2)
     max_concurrency: int = _opt("most requests in flight before the JSON 503 with Retry-After (0: no limit)", 0)
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
@@ -68,6 +69,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.reload_interval_s < 0:
             raise ValueError("max_wait_ms and reload_interval_s cannot be negative")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError("max_queue_wait_s must be positive")
+        if self.max_images > self.max_queue:  # such a request could never be admitted
+            raise ValueError(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue})")
         if not 0 <= self.build_nice <= 19:
             raise ValueError("build_nice must lie in 0..19")
 

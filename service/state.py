@@ -58,6 +58,12 @@ class ServerState:
         self.ready = False
         self.metrics.ready.set(0)
 
+    def _batcher_failed(self, exc: BaseException) -> None:
+        """No request can be encoded any more: /readyz says so (and why), so traffic moves away."""
+        self.ready = False
+        self.load_error = f"the encoder queue stopped: {exc!r}"
+        self.metrics.ready.set(0)
+
     async def _load(self) -> None:
         try:
             if self.encoder is None:
@@ -74,7 +80,8 @@ class ServerState:
             log.info("caches loaded: %s", report.as_dict())
             self.batcher = Batcher(
                 self.encoder.encode_images, self.config.max_batch, self.config.max_wait_ms / 1000,
-                self.config.max_queue, self.metrics,
+                self.config.max_queue, self.metrics, max_queue_wait_s=self.config.max_queue_wait_s,
+                on_failure=self._batcher_failed,
             )
             await self.batcher.start()
             self.jobs = JobManager(self.registry.activate, self.registry.delete_version, self.metrics,

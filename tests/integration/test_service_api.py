@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
+import functools
 import base64
 import io
 import json
@@ -475,14 +477,44 @@ async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test):
         assert response.headers["retry-after"] == "7"
 
 
+class HeldEncoder:
+    """The tiny encoder, whose image batches wait until the test releases them."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.release, self.calls = inner, threading.Event(), 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def encode_images(self, pixels):
+        self.calls += 1
+        assert self.release.wait(120), "the test never released the encoder"
+        return self.inner.encode_images(pixels)
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 async def test_overloaded_is_503_with_retry_after(served_caches, tiny_encoder, fashion_test):
-    config = make_config(served_caches, max_queue=1, retry_after_s=3)
-    async with running_app(config, tiny_encoder) as (_, client):
-        files = image_files(fashion_test, 2)
-        response = await client.post(CLASSIFY, params={"cache": "fashion"}, files=files)
+    config = make_config(served_caches, max_queue=1, max_images=1, retry_after_s=3)
+    encoder = HeldEncoder(tiny_encoder)
+    async with running_app(config, encoder) as (app, client):
+        files = image_files(fashion_test, 1)
+        post = functools.partial(client.post, CLASSIFY, params={"cache": "fashion"}, files=files)
+        on_device = asyncio.create_task(post())
+        await until(lambda: encoder.calls == 1, "the first request to reach the encoder")
+        queued = asyncio.create_task(post())
+        await until(lambda: app.state.kv.batcher.queued_images == 1, "the second request to fill the queue")
+        response = await post()
         assert_error(response, 503, "overloaded", "retry")
         assert response.headers["retry-after"] == "3"
-        assert (await client.post(CLASSIFY, params={"cache": "fashion"}, files=files[:1])).status_code == 200
+        encoder.release.set()
+        assert [r.status_code for r in await asyncio.gather(on_device, queued)] == [200, 200]
         metrics = (await client.get("/metrics")).text
         assert metric_value(metrics, "kvclip_rejected_requests_total") == 1
 

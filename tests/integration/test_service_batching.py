@@ -16,7 +16,7 @@ import torch
 
 from kvclip import artifact as store
 from kvclip.errors import ModelLoadError
-from kvclip.service.batcher import Batcher, Overloaded, Stopped
+from kvclip.service.batcher import RequestTooLarge, Batcher, Overloaded, Stopped
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheNotFound, CacheRegistry
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
@@ -282,9 +282,11 @@ async def test_batcher_refuses_past_max_queue_whole():
             await batcher.encode_images(pixels(3, 1))
         assert metric_value(rendered(metrics), "kvclip_rejected_requests_total") == 1
         with pytest.raises(Overloaded):  # refused whole, never half-queued
-            await batcher.encode_images(pixels(4, 9))
+            await batcher.encode_images(pixels(4, 5))
         assert batcher.queued_images == 8
         assert metric_value(rendered(metrics), "kvclip_rejected_requests_total") == 2
+        with pytest.raises(RequestTooLarge):  # more than the whole queue: waiting would never help
+            await batcher.encode_images(pixels(4, 9))
 
         encoder.release.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
