@@ -13,11 +13,11 @@ _CHUNK = 1 << 20
 
 
 class ArchiveError(DataError):
-    """The archive is not usable; the message says why (answered as 400 or 413)."""
+    """The archive is not usable; the message says why (answered 400)."""
 
-    def __init__(self, message: str, too_large: bool = False) -> None:
-        super().__init__(message)
-        self.too_large = too_large
+
+class ArchiveTooLarge(ArchiveError):
+    """The archive holds too many files or unpacks to too many bytes (answered 413)."""
 
 
 def extract_archive(src: Path, dest: Path, max_files: int, max_bytes: int) -> Path:
@@ -59,12 +59,12 @@ class _Budget:
     def add_file(self) -> None:
         self.files += 1
         if self.files > self.max_files:
-            raise ArchiveError(f"the archive holds more than {self.max_files} files", too_large=True)
+            raise ArchiveTooLarge(f"the archive holds more than {self.max_files} files")
 
     def add_bytes(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
-            raise ArchiveError(f"the archive unpacks to more than {self.max_bytes} bytes", too_large=True)
+            raise ArchiveTooLarge(f"the archive unpacks to more than {self.max_bytes} bytes")
 
 
 def _copy_limited(src, target: Path, budget: _Budget) -> None:
