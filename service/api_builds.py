@@ -12,15 +12,12 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from kvclip import artifact as store
-from kvclip.errors import ArtifactError
 from kvclip.service.api_caches import CacheName
 from kvclip.service.archives import ArchiveError, extract_archive, remove_tree
 from kvclip.service.build_requests import build_config, check_mode, server_folder
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.deps import ready_state, require
-from kvclip.service.errors import ApiError, invalid
-from kvclip.service.jobs import JobNotFound
+from kvclip.service.errors import HttpError, invalid
 from kvclip.service.schemas import BuildOptions, JobInfo, JobList
 from kvclip.service.state import ServerState
 
@@ -49,10 +46,6 @@ _BODY_DOC = {
              dependencies=[require("admin")])
 async def start_build(request: Request, name: str = CacheName,
                       state: ServerState = Depends(ready_state)) -> JSONResponse:
-    try:
-        store.validate_cache_name(name)
-    except ArtifactError as exc:
-        raise ApiError(422, "invalid_parameters", str(exc)) from exc
     job = state.jobs.new_job(name, {}, state.config.jobs_root)
     try:
         options, data_root, pool_root = await _read_request(request, state, job.workdir)
@@ -75,20 +68,12 @@ async def list_jobs(state: ServerState = Depends(ready_state)) -> dict:
 
 @router.get("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[require("read")])
 async def show_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
-    return _job(state, job_id).as_dict()
+    return state.jobs.get(job_id).as_dict()
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobInfo, dependencies=[require("admin")])
 async def cancel_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
-    _job(state, job_id)
     return state.jobs.cancel(job_id).as_dict()
-
-
-def _job(state: ServerState, job_id: str):
-    try:
-        return state.jobs.get(job_id)
-    except JobNotFound as exc:
-        raise ApiError(404, "unknown_job", str(exc)) from exc
 
 
 async def _read_request(request: Request, state: ServerState, workdir):
@@ -100,15 +85,15 @@ async def _read_request(request: Request, state: ServerState, workdir):
     elif content_type == "multipart/form-data":
         options, uploads = await _read_form(request)
     else:
-        raise ApiError(415, "unsupported_media_type",
-                       f"content type {content_type or 'none'!r} is not supported: send application/json "
-                       "options, or multipart/form-data with an 'options' field and 'data'/'pool' archives")
+        raise HttpError(415, "unsupported_media_type",
+                        f"content type {content_type or 'none'!r} is not supported: send application/json "
+                        "options, or multipart/form-data with an 'options' field and 'data'/'pool' archives")
     try:
         has_data = "data" in uploads or options.data_dir is not None
         has_pool = "pool" in uploads or options.pool_dir is not None
         check_mode(options, has_data, has_pool)
         if "data" in uploads and options.data_dir or "pool" in uploads and options.pool_dir:
-            raise ApiError(422, "invalid_parameters", "give an uploaded archive or a server folder, not both")
+            raise HttpError(422, "invalid_parameters", "give an uploaded archive or a server folder, not both")
         data_root = pool_root = None
         if options.data_dir:
             data_root = server_folder(options.data_dir, state.config, "data_dir")
@@ -128,18 +113,18 @@ async def _read_form(request: Request) -> tuple[BuildOptions, dict[str, UploadFi
     try:
         form = await request.form(max_files=2, max_fields=4)
     except HTTPException as exc:
-        raise ApiError(400, "bad_multipart", f"the multipart body was refused: {exc.detail}") from exc
+        raise HttpError(400, "bad_multipart", f"the multipart body was refused: {exc.detail}") from exc
     uploads, raw = {}, None
     for field, value in form.multi_items():
         if isinstance(value, UploadFile):
             if field not in ("data", "pool") or field in uploads:
-                raise ApiError(422, "invalid_parameters",
-                               f"unexpected file field {field!r}: send one 'data' and/or one 'pool' archive")
+                raise HttpError(422, "invalid_parameters",
+                                f"unexpected file field {field!r}: send one 'data' and/or one 'pool' archive")
             uploads[field] = value
         elif field == "options":
             raw = value
         else:
-            raise ApiError(422, "invalid_parameters", f"unexpected form field {field!r}")
+            raise HttpError(422, "invalid_parameters", f"unexpected form field {field!r}")
     return _parse_options(raw or "{}"), uploads
 
 
@@ -149,7 +134,7 @@ def _parse_options(raw: str | bytes) -> BuildOptions:
     except ValidationError as exc:
         raise invalid("invalid build options", exc) from exc
     except ValueError as exc:  # not JSON, or not UTF-8
-        raise ApiError(400, "bad_json", f"the build options are not valid JSON: {exc}") from exc
+        raise HttpError(400, "bad_json", f"the build options are not valid JSON: {exc}") from exc
 
 
 async def _unpack(upload: UploadFile, dest, state: ServerState):
@@ -168,6 +153,5 @@ async def _unpack(upload: UploadFile, dest, state: ServerState):
 
     try:
         return await asyncio.to_thread(work)
-    except ArchiveError as exc:
-        status, code = (413, "too_large") if exc.too_large else (400, "bad_archive")
-        raise ApiError(status, code, f"{upload.filename or 'the upload'}: {exc}") from exc
+    except ArchiveError as exc:  # the same error, naming the upload (400, or 413 when too large)
+        raise type(exc)(f"{upload.filename or 'the upload'}: {exc}") from exc

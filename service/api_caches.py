@@ -1,4 +1,7 @@
-"""Cache endpoints: list and describe (read scope); activate, reload, delete (admin scope)."""
+"""Cache endpoints: list and describe (read scope); activate, reload, delete (admin scope).
+
+Registry errors (unknown cache or version, version in use or not loadable) propagate to
+the error table in service/errors.py."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +9,8 @@ import asyncio
 from fastapi import APIRouter, Depends, Path as PathParam
 
 from kvclip import artifact as store
-from kvclip.errors import ArtifactError, KvclipError
 from kvclip.service.deps import ready_state, require
-from kvclip.service.errors import ApiError
-from kvclip.service.registry import CacheNotFound, LoadedCache, VersionConflict, VersionNotFound
+from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ActivateRequest, CacheDetail, CacheSummary, ReloadResponse
 from kvclip.service.state import ServerState
 
@@ -32,7 +33,7 @@ async def list_caches(state: ServerState = Depends(ready_state)) -> list[dict]:
 
 @router.get("/{name}", response_model=CacheDetail, dependencies=[require("read")])
 async def show_cache(name: str = CacheName, state: ServerState = Depends(ready_state)) -> dict:
-    loaded = _get(state, name)
+    loaded = state.registry.get(name)
     manifest = loaded.artifact.manifest
     cache_dir = state.registry.cache_dir(name)
     return {
@@ -55,32 +56,11 @@ async def reload_caches(state: ServerState = Depends(ready_state)) -> dict:
 @router.post("/{name}/activate", response_model=CacheSummary, dependencies=[require("admin")])
 async def activate(body: ActivateRequest, name: str = CacheName,
                    state: ServerState = Depends(ready_state)) -> dict:
-    try:
-        loaded = await asyncio.to_thread(state.registry.activate, name, body.version)
-    except CacheNotFound as exc:
-        raise ApiError(404, "unknown_cache", str(exc)) from exc
-    except VersionConflict as exc:
-        raise ApiError(404, "unknown_version", str(exc)) from exc
-    except KvclipError as exc:  # corrupt or incompatible version: the old one keeps serving
-        raise ApiError(409, "version_not_loadable", f"{name} {body.version} not activated: {exc}") from exc
+    loaded = await asyncio.to_thread(state.registry.activate, name, body.version)
     return summary(loaded)
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, dependencies=[require("admin")])
 async def delete_version(name: str = CacheName, version: str = Version,
                          state: ServerState = Depends(ready_state)) -> None:
-    try:
-        await asyncio.to_thread(state.registry.delete_version, name, version)
-    except VersionNotFound as exc:
-        raise ApiError(404, "unknown_version", str(exc)) from exc
-    except CacheNotFound as exc:
-        raise ApiError(404, "unknown_cache", str(exc)) from exc
-    except (VersionConflict, ArtifactError) as exc:
-        raise ApiError(409, "version_in_use", str(exc)) from exc
-
-
-def _get(state: ServerState, name: str) -> LoadedCache:
-    try:
-        return state.registry.get(name)
-    except CacheNotFound as exc:
-        raise ApiError(404, "unknown_cache", str(exc)) from exc
+    await asyncio.to_thread(state.registry.delete_version, name, version)

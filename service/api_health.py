@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvclip.service.deps import get_state
+from kvclip.service.schemas import ReadyResponse
 from kvclip.service.state import ServerState
 
 router = APIRouter(tags=["health"])
@@ -17,19 +18,20 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-async def readyz(state: ServerState = Depends(get_state)) -> JSONResponse:
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(response: Response, state: ServerState = Depends(get_state)) -> ReadyResponse:
     """200 once the model and the caches folder are loaded, 503 before (or if loading failed)."""
     registry = state.registry
-    body = {
-        "ready": state.ready,
-        "model": state.encoder.model_id if state.encoder else None,
-        "device": str(state.encoder.device) if state.encoder else None,
-        "caches": {n: c.version for n, c in registry.snapshot().items()} if registry else {},
-        "errors": ({"model": state.load_error} if state.load_error else {}) | (registry.errors if registry else {}),
-    }
-    headers = None if state.ready else {"Retry-After": str(state.config.retry_after_s)}
-    return JSONResponse(body, status_code=200 if state.ready else 503, headers=headers)
+    if not state.ready:
+        response.status_code = 503
+        response.headers["Retry-After"] = str(state.config.retry_after_s)
+    return ReadyResponse(
+        ready=state.ready,
+        model=state.encoder.model_id if state.encoder else None,
+        device=str(state.encoder.device) if state.encoder else None,
+        caches={n: c.version for n, c in registry.snapshot().items()} if registry else {},
+        errors=({"model": state.load_error} if state.load_error else {}) | (registry.errors if registry else {}),
+    )
 
 
 @router.get("/metrics")

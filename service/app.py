@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import contextlib
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 
 from kvclip import __version__
 from kvclip.models import Encoder
 from kvclip.service import api_builds, api_caches, api_classify, api_health
 from kvclip.service.config import ServerConfig
-from kvclip.service.errors import error_response, install_handlers
-from kvclip.service.middleware import (
-    BodyLimitMiddleware,
-    BodyTooLarge,
-    ConcurrencyLimitMiddleware,
-    RequestContextMiddleware,
-)
+from kvclip.service.errors import install_handlers
+from kvclip.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestContextMiddleware
 from kvclip.service.state import ServerState
 from kvclip.service.web.router import router as web_router
 
@@ -43,11 +37,6 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     )
     app.state.kv = state
     install_handlers(app)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "too_large", str(exc))
-
     add_openapi_schemas(app, {**api_classify.OPENAPI_SCHEMAS, **api_builds.OPENAPI_SCHEMAS})
     app.include_router(api_health.router)
     app.include_router(api_classify.router)

@@ -14,11 +14,11 @@ _CHUNK = 1 << 20
 
 
 class ArchiveError(DataError):
-    """The archive is not usable; the message says why (answered as 400 or 413)."""
+    """The archive is not usable; the message says why (answered 400)."""
 
-    def __init__(self, message: str, too_large: bool = False) -> None:
-        super().__init__(message)
-        self.too_large = too_large
+
+class ArchiveTooLarge(ArchiveError):
+    """The archive holds too many files or unpacks to too many bytes (answered 413)."""
 
 
 def extract_archive(src: Path, dest: Path, max_files: int, max_bytes: int) -> Path:
@@ -60,12 +60,12 @@ class _Budget:
     def add_file(self) -> None:
         self.files += 1
         if self.files > self.max_files:
-            raise ArchiveError(f"the archive holds more than {self.max_files} files", too_large=True)
+            raise ArchiveTooLarge(f"the archive holds more than {self.max_files} files")
 
     def add_bytes(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
-            raise ArchiveError(f"the archive unpacks to more than {self.max_bytes} bytes", too_large=True)
+            raise ArchiveTooLarge(f"the archive unpacks to more than {self.max_bytes} bytes")
 
 
 def _copy_limited(src, target: Path, budget: _Budget, name: str) -> None:
@@ -78,7 +78,7 @@ def _copy_limited(src, target: Path, budget: _Budget, name: str) -> None:
                 out.write(chunk)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ArchiveError("the server has no disk space left to unpack the archive", too_large=True) from exc
+            raise ArchiveTooLarge("the server has no disk space left to unpack the archive") from exc
         # A name too long for the file system, a file and a folder of the same name, ...
         raise ArchiveError(f"archive member {name!r} cannot be unpacked: {exc.strerror or exc}") from exc
 

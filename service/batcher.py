@@ -131,7 +131,8 @@ class Batcher:
         if self._queued + size > self.max_queue:
             if self.metrics:
                 self.metrics.rejected.inc()
-            raise Overloaded(f"{self._queued} images are waiting for the encoder (limit {self.max_queue})")
+            raise Overloaded(f"server overloaded: {self._queued} images are waiting for the encoder "
+                             f"(limit {self.max_queue}); retry later")
         loop = asyncio.get_running_loop()
         jobs = [_Job(part, loop.create_future()) for part in pixels.split(self.max_batch)]
         for job in jobs:

@@ -6,31 +6,31 @@ from pathlib import Path
 
 from kvclip.cache_builder.build import BuildConfig
 from kvclip.service.config import ServerConfig
-from kvclip.service.errors import ApiError
+from kvclip.service.errors import HttpError
 from kvclip.service.schemas import BuildOptions
 
 
 def check_mode(options: BuildOptions, has_data: bool, has_pool: bool) -> None:
     """Data (labelled images), labels only, or labels + an unlabelled pool; nothing else."""
     if has_data and has_pool:
-        raise ApiError(422, "invalid_parameters", "give labelled data or an unlabelled pool, not both")
+        raise HttpError(422, "invalid_parameters", "give labelled data or an unlabelled pool, not both")
     if not has_data and not options.labels:
-        raise ApiError(422, "invalid_parameters",
-                       "a build needs labelled data (a 'data' archive or data_dir) or 'labels' "
-                       "(alone for a zero-shot cache, or with a pool)")
+        raise HttpError(422, "invalid_parameters",
+                        "a build needs labelled data (a 'data' archive or data_dir) or 'labels' "
+                        "(alone for a zero-shot cache, or with a pool)")
 
 
 def server_folder(path: str, config: ServerConfig, what: str) -> Path:
     """A server-side folder the request names, allowed only under --build-roots."""
     roots = config.build_root_paths
     if not roots:
-        raise ApiError(403, "forbidden", f"{what}: server-side folders are disabled; start the server "
-                       "with --build-roots to allow them, or upload an archive")
+        raise HttpError(403, "forbidden", f"{what}: server-side folders are disabled; start the server "
+                        "with --build-roots to allow them, or upload an archive")
     resolved = Path(path).resolve()
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        raise ApiError(403, "forbidden", f"{what} {path!r} is not under a configured build root")
+        raise HttpError(403, "forbidden", f"{what} {path!r} is not under a configured build root")
     if not resolved.is_dir():
-        raise ApiError(422, "invalid_parameters", f"{what} {path!r} is not a folder on the server")
+        raise HttpError(422, "invalid_parameters", f"{what} {path!r} is not a folder on the server")
     return resolved
 
 

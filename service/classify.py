@@ -1,27 +1,42 @@
-"""The classify data path: bytes -> image -> tensor (decode pool) -> feature (batcher) ->
-logits (blend on the device thread) -> top-k labels and nearest support items.
+"""The classify pipeline, written once for the plain server and the Ray Serve app:
+request bytes -> image -> tensor (decode pool) -> feature (the injected encoding: the
+Batcher, or @serve.batch on Ray) -> logits (blend on the device thread) -> top-k labels and
+nearest support items -> ClassifyResponse.
 
-Everything here is plain functions over plain dataclasses; service/api_classify.py wires
-them to HTTP.
+Reading the body is service/parsing.py; finding the cache is the caller's (the registry, or
+a Ray replica's multiplexed slot). Failures are domain errors or HttpError, answered by
+service/errors.py.
 """
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
+from PIL import Image
 
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
+from kvclip.service.config import ServerConfig
+from kvclip.service.errors import HttpError
+from kvclip.service.parsing import ClassifyRequest, RequestImage
 from kvclip.service.registry import LoadedCache
+from kvclip.service.schemas import ClassifyParams, ClassifyResponse, ImageResult
+
+T = TypeVar("T")
 
 
-@dataclass
-class ImageInput:
-    index: int  # position in the request
-    name: str  # file name, or "image[i]"
-    data: bytes
-    refused: str | None = None  # set when the part was declared as something other than an image
+class ImageEncoding(Protocol):
+    """How pixels become features; kvclip.service.batcher.Batcher is one."""
+
+    async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features (k x D) for one request's k preprocessed images."""
+
+    async def run_on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the thread that owns the device (after the batch in progress)."""
 
 
 @dataclass
@@ -48,7 +63,53 @@ class Scored:
     neighbors: list[dict] | None
 
 
-def prepare(item: ImageInput, preprocess, max_pixels: int) -> Prepared:
+@dataclass(frozen=True)
+class ClassifyPipeline:
+    config: ServerConfig
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    decode_pool: Executor
+    encoding: ImageEncoding
+
+    async def run(self, cache: LoadedCache, request: ClassifyRequest) -> ClassifyResponse:
+        """Classify the request's images against one cache snapshot."""
+        params = request.params
+        method = choose_method(cache, params.method)
+        prepared = await self.decode_images(request.images)
+        usable = usable_images(prepared, params.partial)
+        scored = await self.score_images(usable, cache, score_options(self.config, method, params))
+        return ClassifyResponse(
+            cache=cache.name, version=cache.version, method=method, model=cache.model_id,
+            results=[to_result(p, scored.get(p.index)) for p in prepared],
+        )
+
+    async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
+        """bytes -> image -> tensor, one image per decode-pool task."""
+        loop = asyncio.get_running_loop()
+        max_pixels = self.config.max_pixels
+        return list(await asyncio.gather(*(
+            loop.run_in_executor(self.decode_pool, prepare, image, self.preprocess, max_pixels) for image in images
+        )))
+
+    async def score_images(self, usable: list[Prepared], cache: LoadedCache, options: ScoreOptions) -> dict[int, Scored]:
+        """tensor -> feature (batched with other requests) -> logits; by image index."""
+        if not usable:
+            return {}
+        features = await self.encoding.encode_images(torch.stack([p.pixels for p in usable]))
+        results = await self.encoding.run_on_device(score, features, cache, options)
+        return {p.index: r for p, r in zip(usable, results)}
+
+
+def choose_method(cache: LoadedCache, requested: str) -> str:
+    """The method to run: the cache's tuned one for 'auto'; 422 when the cache cannot serve it."""
+    method = cache.artifact.best_method if requested == "auto" else requested
+    if method not in cache.artifact.methods:
+        raise HttpError(422, "invalid_parameters",
+                        f"cache {cache.name!r} cannot serve method {method!r} "
+                        f"(it serves {', '.join(cache.artifact.methods)})")
+    return method
+
+
+def prepare(item: RequestImage, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int) -> Prepared:
     """Decode and preprocess one image; an unusable image becomes an error, not an exception."""
     if item.refused:
         return Prepared(item.index, item.name, None, item.refused, "unsupported_media_type")
@@ -57,6 +118,27 @@ def prepare(item: ImageInput, preprocess, max_pixels: int) -> Prepared:
     except Exception as exc:  # ImageDecodeError, and anything a codec throws on hostile bytes
         return Prepared(item.index, item.name, None, str(exc))
     return Prepared(item.index, item.name, preprocess(image))
+
+
+def usable_images(prepared: list[Prepared], partial: bool) -> list[Prepared]:
+    """The usable images; without `partial`, any unusable one fails the request (named): 415 for
+    a part declared as a non-image type, 400 for bytes that do not decode."""
+    bad = [p for p in prepared if p.pixels is None]
+    refused = [p for p in bad if p.code == "unsupported_media_type"]
+    if refused and not partial:
+        raise HttpError(415, "unsupported_media_type",
+                        f"image {refused[0].index} ({refused[0].name}): {refused[0].error}; send image files",
+                        [{"index": p.index, "name": p.name, "message": p.error} for p in refused])
+    if bad and not partial:
+        raise HttpError(400, "bad_image",
+                        f"{len(bad)} of {len(prepared)} images could not be decoded: {bad[0].error}",
+                        [{"index": p.index, "name": p.name, "message": p.error} for p in bad])
+    return [p for p in prepared if p.pixels is not None]
+
+
+def score_options(config: ServerConfig, method: str, params: ClassifyParams) -> ScoreOptions:
+    return ScoreOptions(method=method, top_k=params.top_k, explain_k=config.explain_k if params.explain else 0,
+                        dense_max_keys=config.dense_max_keys, faiss_k=config.faiss_k)
 
 
 def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> list[Scored]:
@@ -84,6 +166,17 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
                neighbors=None if neighbors is None else neighbors[row])
         for row, (ids, ps, lgs) in enumerate(rows)
     ]
+
+
+def to_result(p: Prepared, scored: Scored | None) -> ImageResult:
+    """One image's entry in the response: its labels, or why it could not be read."""
+    if scored is None:
+        return ImageResult(index=p.index, name=p.name, error={"code": p.code, "message": p.error})
+    return ImageResult(
+        index=p.index, name=p.name,
+        labels=[{"label": lb, "score": s, "logit": lg} for lb, s, lg in scored.labels],
+        neighbors=scored.neighbors,
+    )
 
 
 def _use_candidates(cache: LoadedCache, options: ScoreOptions, gamma: float) -> bool:

@@ -34,7 +34,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 @dataclass
-class Job:
+class BuildJob:
     id: str
     cache: str
     options: dict
@@ -96,8 +96,8 @@ class JobManager:
         self._delete_version = delete_version
         self.metrics = metrics
         self.max_kept = max_kept
-        self._jobs: dict[str, Job] = {}
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._jobs: dict[str, BuildJob] = {}
+        self._queue: queue.Queue[BuildJob | None] = queue.Queue()
         self._lock = threading.Lock()
         self._cancel_events: dict[str, object] = {}
         self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
@@ -105,11 +105,11 @@ class JobManager:
 
     # API -------------------------------------------------------------------------------
     @staticmethod
-    def new_job(cache: str, options: dict, jobs_root: Path) -> Job:
+    def new_job(cache: str, options: dict, jobs_root: Path) -> BuildJob:
         job_id = uuid.uuid4().hex[:12]
-        return Job(id=job_id, cache=cache, options=options, workdir=Path(jobs_root) / job_id)
+        return BuildJob(id=job_id, cache=cache, options=options, workdir=Path(jobs_root) / job_id)
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: BuildJob) -> BuildJob:
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
@@ -117,16 +117,16 @@ class JobManager:
         self._queue.put(job)
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> BuildJob:
         job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"unknown job {job_id!r}")
         return job
 
-    def list(self) -> list[Job]:
+    def list(self) -> list[BuildJob]:
         return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> BuildJob:
         job = self.get(job_id)
         with self._lock:
             if job.state in TERMINAL:
@@ -170,7 +170,7 @@ class JobManager:
             finally:
                 remove_tree(job.workdir)
 
-    def _run_job(self, job: Job) -> None:
+    def _run_job(self, job: BuildJob) -> None:
         parent, child = self._context.Pipe(duplex=False)
         cancel = self._context.Event()
         process = self._context.Process(target=run_worker, args=(job.spec, child, cancel),
@@ -196,7 +196,7 @@ class JobManager:
         self._conclude(job, outcome, process.exitcode)
         self._gauge()
 
-    def _follow(self, job: Job, process, conn, cancel) -> tuple:
+    def _follow(self, job: BuildJob, process, conn, cancel) -> tuple:
         """Read the worker's messages until it reports an outcome or dies."""
         cancel_deadline = None
         while True:
@@ -221,7 +221,7 @@ class JobManager:
                 continue
             return message
 
-    def _conclude(self, job: Job, outcome: tuple, exitcode: int | None) -> None:
+    def _conclude(self, job: BuildJob, outcome: tuple, exitcode: int | None) -> None:
         kind = outcome[0]
         if kind == "done":
             version, report = outcome[1], outcome[2]
@@ -249,14 +249,14 @@ class JobManager:
             self._finish(job, "failed", f"the build worker exited with code {exitcode} without a result "
                                         "(killed, or out of memory?)")
 
-    def _discard(self, job: Job, version: str) -> None:
+    def _discard(self, job: BuildJob, version: str) -> None:
         try:
             self._delete_version(job.cache, version)
         except Exception:  # noqa: BLE001 - logged; an inactive version is harmless
             log.exception("could not delete %s %s of job %s", job.cache, version, job.id)
         job.version = None
 
-    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+    def _finish(self, job: BuildJob, state: str, error: str | None = None) -> None:
         job.state, job.finished = state, time.time()
         job.error = None if state == "succeeded" else error
         self._count(state)

@@ -8,7 +8,6 @@ import re
 import time
 import uuid
 
-from kvclip.service.errors import internal_error_body
 from kvclip.service.logs import request_id
 from kvclip.service.metrics import Metrics
 
@@ -16,6 +15,10 @@ access_log = logging.getLogger("kvclip.access")
 log = logging.getLogger("kvclip.service")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _BUILDS_PATH = re.compile(r"^/v1/caches/[^/]+/builds/?$")
+# The 500 body: no internals, just where to look. (Here, not in service/errors.py, whose
+# error table lists BodyTooLarge from this module.)
+_INTERNAL_ERROR = {"error": {"code": "internal",
+                             "message": "internal server error; see the server log (request id in X-Request-ID)"}}
 
 
 class RequestContextMiddleware:
@@ -51,7 +54,7 @@ class RequestContextMiddleware:
             # carries the request id that the log line below is tagged with.
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started:
-                await send_json(send_wrapper, 500, internal_error_body())
+                await send_json(send_wrapper, 500, _INTERNAL_ERROR)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")

@@ -26,15 +26,19 @@ log = logging.getLogger("kvclip.registry")
 
 
 class CacheNotFound(KvclipError):
-    pass
+    """No such cache (answered 404 unknown_cache)."""
 
 
 class VersionNotFound(CacheNotFound):
-    pass
+    """The cache has no such version (404 unknown_version)."""
 
 
 class VersionConflict(KvclipError):
-    pass
+    """The version is in use, e.g. served or CURRENT, and cannot be deleted (409 version_in_use)."""
+
+
+class VersionNotLoadable(KvclipError):
+    """The version is corrupt or was built with another model; nothing changed (409)."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,7 @@ class CacheRegistry:
         return self._caches
 
     def cache_dir(self, name: str) -> Path:
-        store.validate_cache_name(name)
-        return self.root / name
+        return cache_path(self.root, name)
 
     # Mutations -----------------------------------------------------------------------
     def reload(self) -> ReloadReport:
@@ -173,6 +176,15 @@ class CacheRegistry:
             self._on_change(caches)
 
 
+def cache_path(root: Path, name: str) -> Path:
+    """root/name for a valid cache name; CacheNotFound for any other name (none leaves root)."""
+    try:
+        store.validate_cache_name(name)
+    except ArtifactError as exc:
+        raise CacheNotFound(f"unknown cache {name!r}: {exc}") from exc
+    return Path(root) / name
+
+
 def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
     """Load one version and check it was built with `encoder`'s model; tensors go to its device.
 
@@ -191,14 +203,18 @@ def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> 
 
 def activate_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
     """Load and check `version`, then point CURRENT at it. A version that is missing
-    (VersionConflict), corrupt or built with another model leaves CURRENT untouched.
+    (VersionNotFound), corrupt or built with another model (VersionNotLoadable) leaves
+    CURRENT untouched.
 
     Also used by the Ray Serve replicas, whose peers follow CURRENT.
     """
     versions = store.list_versions(cache_dir)
     if version not in versions:
-        raise VersionConflict(f"cache {name!r} has no version {version!r} "
+        raise VersionNotFound(f"cache {name!r} has no version {version!r} "
                               f"(versions: {', '.join(versions) or 'none'})")
-    loaded = load_version(cache_dir, name, version, encoder)
-    store.set_current(cache_dir, version)
+    try:
+        loaded = load_version(cache_dir, name, version, encoder)
+        store.set_current(cache_dir, version)
+    except KvclipError as exc:
+        raise VersionNotLoadable(f"{name} {version} not activated: {exc}") from exc
     return loaded

@@ -115,11 +115,13 @@ class ReloadResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
+    """GET /readyz: 200 when ready, 503 (with Retry-After) before or when loading failed."""
+
     ready: bool
-    model: str | None
+    model: str | None = Field(description="the model id, once loaded")
     device: str | None
-    caches: dict[str, str]
-    errors: dict[str, str]
+    caches: dict[str, str] = Field(description="cache name -> version served")
+    errors: dict[str, str] = Field(description="'model' or a cache name -> why it did not load")
 
 
 class BuildOptions(BaseModel):

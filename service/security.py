@@ -19,10 +19,15 @@ ENV_VAR = "KVCLIP_API_KEYS"
 
 
 class AuthError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    """A request the API keys refuse."""
+
+
+class Unauthorized(AuthError):
+    """No key, or an unknown one (401)."""
+
+
+class Forbidden(AuthError):
+    """A valid key without the scope (403)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class ApiKeys:
         return cls(digests)
 
     def check(self, authorization: str | None, x_api_key: str | None, scope: str) -> None:
-        """Raise AuthError(401) without a valid key, AuthError(403) without the scope."""
+        """Raise Unauthorized without a valid key, Forbidden without the scope."""
         if not self.enabled:
             return
         key = x_api_key
@@ -74,12 +79,12 @@ class ApiKeys:
             if kind.lower() == "bearer" and value.strip():
                 key = value.strip()
         if not key:
-            raise AuthError(401, "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
         scopes = self._scopes(key)
         if scopes is None:
-            raise AuthError(401, "the API key is not valid")
+            raise Unauthorized("the API key is not valid")
         if scope not in scopes:
-            raise AuthError(403, f"the API key lacks the '{scope}' scope")
+            raise Forbidden(f"the API key lacks the '{scope}' scope")
 
     def _scopes(self, key: str) -> frozenset[str] | None:
         digest = _digest(key)

@@ -23,6 +23,10 @@ from kvclip.service.security import ENV_VAR, ApiKeys
 log = logging.getLogger("kvclip.service")
 
 
+class NotReady(Exception):
+    """The model or the caches are still loading, or loading failed (503 with Retry-After)."""
+
+
 @dataclass
 class ServerState:
     config: ServerConfig

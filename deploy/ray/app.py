@@ -5,21 +5,22 @@
 Two deployments:
 
 - `KvclipIngress` (FastAPI via @serve.ingress): POST /v1/classify and
-  POST /v1/caches/{name}/activate, with the plain server's request parsing, limits, API keys,
-  errors and response shape (reused from service/api_classify.py). It holds no model; it
-  calls the classifier through a handle with the cache name as the multiplexed model id.
+  POST /v1/caches/{name}/activate, with the plain server's request parsing and limits
+  (kvclip.service.parsing), API keys, error table (kvclip.service.errors) and response shape.
+  It holds no model; it calls the classifier through a handle with the cache name as the
+  multiplexed model id.
 - `KvclipClassifier`: one encoder per replica (`num_gpus` may be a fraction). Images from
   concurrent requests share encoder calls through @serve.batch (preprocessed pixels in,
-  features out, sized in images); each request then blends on its own cache snapshot with
-  kvclip.service.classify.score. Caches are @serve.multiplexed by name, so Serve routes a cache's
+  features out, sized in images), injected into the plain server's ClassifyPipeline in
+  place of its Batcher; each request blends on its own cache snapshot. Caches are @serve.multiplexed by name, so Serve routes a cache's
   requests to replicas that already hold it; each replica checks the cache's CURRENT file
   at most every `refresh_interval_s` and swaps in a new version when it changed, so an
   activation written by any replica (or by `kvclip.artifact.set_current`, a build, or a
   plain server sharing the folder) reaches every replica. A request takes its snapshot
   once and finishes on it.
 
-Nothing here re-implements the classify path: decode and preprocess are
-kvclip.service.classify.prepare, the blend is kvclip.service.classify.score, cache loading is
+Nothing here re-implements the classify path: decode, preprocess, blend and the response
+are kvclip.service.classify.ClassifyPipeline; cache loading is
 kvclip.service.registry.load_version (artifact checksums and the model check).
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -42,17 +43,15 @@ from kvclip import artifact as store
 from kvclip.errors import KvclipError
 from kvclip.models import load_encoder
 from kvclip.service.api_caches import CacheName, summary
+from kvclip.service.api_classify import BODY_DOC, ERROR_DOC, OPENAPI_SCHEMAS, classify_query
 from kvclip.service.app import add_openapi_schemas
-from kvclip.service.api_classify import (  # the plain server's request handling, reused as is
-    OPENAPI_SCHEMAS, _BODY_DOC, _ERRORS, _check_sizes, _merge_params, _read_body, _result,
-    choose_method, decoded, score_options,
-)
-from kvclip.service.classify import ImageInput, prepare, score
+from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
 from kvclip.service.deps import require
-from kvclip.service.errors import ApiError, install_handlers
-from kvclip.service.registry import CacheNotFound, LoadedCache, VersionConflict, activate_version, load_version
-from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
+from kvclip.service.errors import HttpError, http_error, install_handlers
+from kvclip.service.parsing import ClassifyRequest, read_classify_request
+from kvclip.service.registry import CacheNotFound, LoadedCache, activate_version, cache_path, load_version
+from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyResponse
 from kvclip.service.security import ENV_VAR, ApiKeys
 
 log = logging.getLogger("kvclip.ray")
@@ -156,17 +155,29 @@ class CacheSlot:
 
 # Helpers used inside the deployments sit above them: Serve pickles a deployment's class when
 # it is decorated, and names defined after that point would be missing in the replicas.
-def _error_dict(exc: ApiError) -> dict:
-    """An ApiError as plain data: replicas return errors to the ingress rather than raise them."""
-    return {"status": exc.status, "code": exc.code, "message": exc.message,
-            "details": exc.details, "headers": exc.headers}
-
-
 def _unwrap(outcome: dict, response: Response) -> dict:
     if "error" in outcome:
-        raise ApiError(**outcome["error"])
+        raise HttpError(**outcome["error"])
     response.headers[REPLICA_HEADER] = outcome["replica"]
     return outcome["response"]
+
+
+class ReplicaEncoding:
+    """The pipeline's ImageEncoding on a replica, for one request: the replica's @serve.batch
+    encoder, blends on its device thread; remembers the largest batch the request rode in."""
+
+    def __init__(self, encode_batch, device: ThreadPoolExecutor, max_batch: int) -> None:
+        self.encode_batch, self.device, self.max_batch = encode_batch, device, max_batch
+        self.batch_images = 0
+
+    async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Chunks of at most max_batch join other requests' batches.
+        parts = await asyncio.gather(*(self.encode_batch(chunk) for chunk in pixels.split(self.max_batch)))
+        self.batch_images = max(n for _, n in parts)
+        return parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
+
+    async def run_on_device(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.device, fn, *args)
 
 
 @serve.deployment(name="KvclipClassifier")
@@ -192,57 +203,43 @@ class KvclipClassifier:
         self._slot = serve.multiplexed(max_num_models_per_replica=options.max_caches_per_replica)(open_slot)
         log.info("classifier replica %s: model %s on %s", self.replica, self.encoder.model_id, self.encoder.device)
 
-    # Called by the ingress through a handle with multiplexed_model_id=<cache name>.
-    async def classify(self, inputs: list[ImageInput], params: ClassifyParams) -> dict:
+    # Called by the ingress through a handle with multiplexed_model_id=<cache name>. Errors
+    # come back as data (the error table's answer), not as Ray exceptions.
+    async def classify(self, request: ClassifyRequest) -> dict:
         try:
-            return await self._classify(inputs, params)
-        except ApiError as exc:
-            return {"error": _error_dict(exc), "replica": self.replica}
+            cache = await self._snapshot(request.params.cache)
+            encoding = ReplicaEncoding(self._encode_batch, self._device, self.config.max_batch)
+            pipeline = ClassifyPipeline(self.config, self.encoder.preprocess, self._decode, encoding)
+            response = await pipeline.run(cache, request)
+        except Exception as exc:  # noqa: BLE001 - the table's errors are answers; others re-raised
+            return self._error(exc)
+        return {"response": response.model_dump(mode="json"), "replica": self.replica,
+                "batch_images": encoding.batch_images}
 
     async def activate(self, version: str) -> dict:
         try:
             return await self._activate(serve.get_multiplexed_model_id(), version)
-        except ApiError as exc:
-            return {"error": _error_dict(exc), "replica": self.replica}
+        except Exception as exc:  # noqa: BLE001 - as in classify
+            return self._error(exc)
 
     # Internals ---------------------------------------------------------------------------
-    async def _classify(self, inputs: list[ImageInput], params: ClassifyParams) -> dict:
-        loaded = await self._snapshot(params.cache)
-        method_name = choose_method(loaded, params.method)
-        _check_sizes(inputs, self)  # reads self.config, like the plain server's state
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(
-            loop.run_in_executor(self._decode, prepare, item, self.encoder.preprocess, self.config.max_pixels)
-            for item in inputs
-        ))
-        good = decoded(prepared, params.partial)
-        scored, batch_images = {}, 0
-        if good:
-            features, batch_images = await self._encode(torch.stack([p.pixels for p in good]))
-            options = score_options(self.config, method_name, params)
-            results = await loop.run_in_executor(self._device, score, features, loaded, options)
-            scored = {p.index: r for p, r in zip(good, results)}
-        response = ClassifyResponse(
-            cache=loaded.name, version=loaded.version, method=method_name, model=loaded.model_id,
-            results=[_result(p, scored.get(p.index)) for p in prepared],
-        )
-        return {"response": response.model_dump(mode="json"), "replica": self.replica,
-                "batch_images": batch_images}
+    def _error(self, exc: Exception) -> dict:
+        error = http_error(exc, self.config.retry_after_s)
+        if error is None:
+            raise exc
+        return {"error": error.as_dict(), "replica": self.replica}
 
     async def _snapshot(self, name: str) -> LoadedCache:
-        try:
-            # Unknown names are refused before the multiplexer, which would evict a hot cache
-            # (LRU) to make room before trying to load one.
-            if name not in self._opened and store.current_version(self._cache_dir(name)) is None:
-                raise CacheNotFound(f"unknown cache {name!r}")
-            slot = await self._slot(name)
-            return await slot.current(self.encoder, self.options.refresh_interval_s)
-        except CacheNotFound as exc:
-            raise ApiError(404, "unknown_cache", str(exc)) from exc
+        # Unknown names are refused before the multiplexer, which would evict a hot cache
+        # (LRU) to make room before trying to load one.
+        if name not in self._opened and store.current_version(cache_path(self.root, name)) is None:
+            raise CacheNotFound(f"unknown cache {name!r}")
+        slot = await self._slot(name)
+        return await slot.current(self.encoder, self.options.refresh_interval_s)
 
     async def _open_slot(self, name: str) -> CacheSlot:
         """Multiplexed loader: the cache's CURRENT version (model checked), on first use here."""
-        cache_dir = self._cache_dir(name)
+        cache_dir = cache_path(self.root, name)
         version = store.current_version(cache_dir) if cache_dir.is_dir() else None
         if version is None:
             raise CacheNotFound(f"unknown cache {name!r}")
@@ -254,16 +251,12 @@ class KvclipClassifier:
         return CacheSlot(name, cache_dir, loaded)
 
     async def _activate(self, name: str, version: str) -> dict:
-        """Load and check `version` here, then write CURRENT; the other replicas follow it."""
-        cache_dir = self._cache_dir(name)
+        """Load and check `version` here, then write CURRENT; the other replicas follow it.
+        VersionNotFound (404) or VersionNotLoadable (409, CURRENT untouched) otherwise."""
+        cache_dir = cache_path(self.root, name)
         if not cache_dir.is_dir():
-            raise ApiError(404, "unknown_cache", f"unknown cache {name!r}")
-        try:
-            loaded = await asyncio.to_thread(activate_version, cache_dir, name, version, self.encoder)
-        except VersionConflict as exc:
-            raise ApiError(404, "unknown_version", str(exc)) from exc
-        except KvclipError as exc:  # corrupt or incompatible: CURRENT is not touched
-            raise ApiError(409, "version_not_loadable", f"{name} {version} not activated: {exc}") from exc
+            raise CacheNotFound(f"unknown cache {name!r}")
+        loaded = await asyncio.to_thread(activate_version, cache_dir, name, version, self.encoder)
         try:
             slot = await self._slot(name)
         except CacheNotFound:
@@ -271,19 +264,6 @@ class KvclipClassifier:
         if slot is not None:
             await slot.install(loaded)
         return {"response": summary(loaded), "replica": self.replica}
-
-    def _cache_dir(self, name: str) -> Path:
-        try:
-            store.validate_cache_name(name)
-        except KvclipError as exc:
-            raise CacheNotFound(f"unknown cache {name!r}: {exc}") from exc
-        return self.root / name
-
-    async def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Features for one request's images; chunks of at most max_batch join other requests' batches."""
-        parts = await asyncio.gather(*(self._encode_batch(chunk) for chunk in pixels.split(self.config.max_batch)))
-        features = parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
-        return features, max(n for _, n in parts)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _encode_batch(self, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
@@ -324,7 +304,7 @@ class KvclipIngress:
     def __init__(self, classifier, config: ServerConfig) -> None:
         self.classifier = classifier
         self.config = config
-        # What kvclip.service.deps.require and api_classify._read_body read from the plain server's state.
+        # What kvclip.service.deps.require and the error handlers read from the plain server's state.
         self.state = SimpleNamespace(config=config, api_keys=ApiKeys.load(os.environ.get(ENV_VAR),
                                                                            config.api_keys_file))
         app.state.kv = self.state
@@ -333,22 +313,13 @@ class KvclipIngress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC, responses=_ERRORS,
+    @app.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=BODY_DOC, responses=ERROR_DOC,
               dependencies=[Depends(_read_scope)])
-    async def classify(
-        self,
-        request: Request,
-        response: Response,
-        cache: str | None = Query(None, description="cache name"),
-        top_k: int | None = Query(None, description="labels per image (default 5)"),
-        method: MethodName | None = Query(None, description="auto (tuned), zeroshot, tip, tipx or caps"),
-        explain: bool | None = Query(None, description="also return the nearest support items"),
-        partial: bool | None = Query(None, description="report unreadable images per image instead of 400"),
-    ) -> ClassifyResponse:
-        query = {"cache": cache, "top_k": top_k, "method": method, "explain": explain, "partial": partial}
-        inputs, body_params = await _read_body(request, self.state)
-        params = _merge_params(query, body_params)
-        outcome = await self.classifier.options(multiplexed_model_id=params.cache).classify.remote(inputs, params)
+    async def classify(self, request: Request, response: Response,
+                       query: dict = Depends(classify_query)) -> ClassifyResponse:
+        parsed = await read_classify_request(request, query, self.config)
+        handle = self.classifier.options(multiplexed_model_id=parsed.params.cache)
+        outcome = await handle.classify.remote(parsed)
         body = _unwrap(outcome, response)
         response.headers[BATCH_HEADER] = str(outcome.get("batch_images", 0))
         response.headers[VERSION_HEADER] = body["version"]

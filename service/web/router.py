@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from kvclip.service.errors import ApiError
+from kvclip.service.errors import HttpError
 
 STATIC = Path(__file__).resolve().parent / "static"
 # name -> media type; the only files this router serves.
@@ -38,5 +38,5 @@ async def index() -> FileResponse:
 @router.api_route("/static/{name}", methods=["GET", "HEAD"])
 async def static_file(name: str) -> FileResponse:
     if name not in FILES:
-        raise ApiError(404, "not_found", f"no static file {name!r}")
+        raise HttpError(404, "not_found", f"no static file {name!r}")
     return FileResponse(STATIC / name, media_type=FILES[name], headers=HEADERS)

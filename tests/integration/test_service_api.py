@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kvclip.service import api_classify
 from kvclip.service.config import ServerConfig, add_arguments, from_namespace
+from kvclip.service.schemas import ReadyResponse
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
 
 pytestmark = pytest.mark.anyio
@@ -537,7 +537,7 @@ async def test_internal_error_is_json_and_carries_request_id(shared, fashion_tes
     def broken_score(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(api_classify, "score", broken_score)
+    monkeypatch.setattr("kvclip.service.classify.score", broken_score)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://kvclip.test") as client:
         response = await client.post(CLASSIFY, params={"cache": "fashion"}, files=image_files(fashion_test, 1),
@@ -848,6 +848,17 @@ async def test_openapi_refs_resolve(client):
     refs = set(re.findall(r'"\$ref":\s*"#/components/schemas/([^"]+)"', json.dumps(spec)))
     missing = sorted(refs - set(spec["components"]["schemas"]))
     assert not missing, f"dangling $refs: {missing}"
+
+
+async def test_readyz_answers_and_documents_ready_response(client):
+    spec = (await client.get("/openapi.json")).json()
+    responses = spec["paths"]["/readyz"]["get"]["responses"]
+    for status in ("200", "503"):
+        schema = responses[status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ReadyResponse"}, (status, schema)
+    body = (await client.get("/readyz")).json()
+    assert set(body) == set(ReadyResponse.model_fields)
+    assert ReadyResponse.model_validate(body).ready is True
 
 
 # 10. configuration ------------------------------------------------------------------------

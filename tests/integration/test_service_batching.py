@@ -18,7 +18,7 @@ from kvclip import artifact as store
 from kvclip.errors import ModelLoadError
 from kvclip.service.batcher import RequestTooLarge, Batcher, Overloaded, Stopped
 from kvclip.service.metrics import Metrics
-from kvclip.service.registry import CacheNotFound, CacheRegistry
+from kvclip.service.registry import CacheNotFound, CacheRegistry, VersionNotLoadable
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
 
 N_IMAGES = 40
@@ -601,19 +601,20 @@ def test_registry_refuses_caches_of_another_model(served_caches, tmp_path, encod
     assert registry.snapshot() == {}
     with pytest.raises(CacheNotFound):
         registry.get("fashion")
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(VersionNotLoadable) as refused:
         registry.activate("fashion", "v0002")
+    assert isinstance(refused.value.__cause__, ModelLoadError)
     assert store.current_version(caches / "fashion") == "v0001"  # a refused version is never made CURRENT
     assert registry.snapshot() == {}
 
 
 def test_registry_activate_unknown_version_or_cache(served_caches, tiny_encoder, tmp_path):
-    from kvclip.service.registry import VersionConflict
+    from kvclip.service.registry import VersionNotFound
 
     caches = copy_caches(served_caches, tmp_path / "caches")
     registry = CacheRegistry(caches, tiny_encoder)
     registry.reload()
-    with pytest.raises(VersionConflict):
+    with pytest.raises(VersionNotFound):
         registry.activate("fashion", "v0009")
     with pytest.raises(CacheNotFound):
         registry.activate("nope", "v0001")
