@@ -8,9 +8,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from kvclip.errors import ImageDecodeError
+from kvclip.vocabulary import MAX_PIXELS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:

@@ -54,6 +54,7 @@ from kvclip.service.errors import ApiError, install_handlers
 from kvclip.service.registry import CacheNotFound, LoadedCache, VersionConflict, activate_version, load_version
 from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyParams, ClassifyResponse, MethodName
 from kvclip.service.security import ENV_VAR, ApiKeys
+from kvclip.vocabulary import VERSION
 
 log = logging.getLogger("kvclip.ray")
 
@@ -302,7 +303,7 @@ class KvclipClassifier:
 
 # HTTP ingress ----------------------------------------------------------------------------
 
-app = FastAPI(title="kvclip (Ray Serve)", version="0.1.0")
+app = FastAPI(title="kvclip (Ray Serve)", version=VERSION)
 install_handlers(app)
 add_openapi_schemas(app, OPENAPI_SCHEMAS)
 
