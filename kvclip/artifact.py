@@ -37,7 +37,7 @@ from kvclip import index as key_index
 from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams, CacheTensors, check_method
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
-from kvclip.vocabulary import CACHE_METHODS, CACHE_NAME_RE, VERSION_RE, version_name
+from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
 
 SCHEMA_VERSION = 1
 CURRENT_FILE = "CURRENT"
@@ -83,7 +83,7 @@ class CacheArtifact:
         """Methods this cache can serve: zero-shot only without support items; caps needs caption keys."""
         if self.num_items == 0:
             return ["zeroshot"]
-        return [m for m in ("zeroshot", *CACHE_METHODS) if m != "caps" or self.caption_keys is not None]
+        return [m for m in METHODS if m != "caps" or self.caption_keys is not None]
 
     def params(self, method: str) -> BlendParams:
         check_method(method)
