@@ -64,12 +64,14 @@ RUN --mount=type=bind,target=/ctx \
     fi; \
     echo "torch: pip install $src $TORCH_SPEC"; \
     pip install $src $PIP_EXTRA $TORCH_SPEC
-# 2. kvclip's other dependencies (faiss by flavour), then kvclip itself without dependencies.
+# 2. kvclip itself without dependencies, then its base and `server` extra dependencies
+#    (faiss by flavour): the image builds and serves, so it needs kvclip[server].
 COPY pyproject.toml README.md /src/
 COPY kvclip /src/kvclip
 COPY cache_builder /src/cache_builder
 COPY service /src/service
 COPY clients /src/clients
+COPY deploy /src/deploy
 RUN --mount=type=bind,target=/ctx \
     set -eu; \
     find=""; [ -z "$WHEELHOUSE" ] || find="--find-links /ctx/$WHEELHOUSE"; \
@@ -77,7 +79,9 @@ RUN --mount=type=bind,target=/ctx \
     if [ -z "$faiss" ]; then if [ "$FLAVOR" = gpu ]; then faiss=faiss-gpu-cu12; else faiss=faiss-cpu; fi; fi; \
     pip install $find $PIP_EXTRA --no-deps /src; \
     python -c "from importlib.metadata import requires; \
-print('\n'.join(r for r in requires('kvclip') if 'extra ==' not in r and not r.startswith('faiss')))" \
+reqs = [r.partition(';') for r in requires('kvclip')]; \
+print('\n'.join(name.strip() for name, _, marker in reqs \
+                if ('extra' not in marker or 'server' in marker) and not name.startswith('faiss')))" \
         > /tmp/requirements.txt; \
     pip install $find $PIP_EXTRA -r /tmp/requirements.txt "$faiss"; \
     python -c "import torch, torchvision, open_clip, faiss, kvclip, kvclip.service.app; \

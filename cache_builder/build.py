@@ -40,9 +40,10 @@ from kvclip.errors import DataError
 from kvclip.index import build_index, search_candidates
 from kvclip.models import Encoder, load_encoder
 from kvclip.prompts import DEFAULT_TEMPLATES, load_descriptions, load_templates, text_classifier
+from kvclip.vocabulary import (DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND,
+                               DEFAULT_MODEL, DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS)
 
 log = logging.getLogger("kvclip.build")
-DEFAULT_MODEL = "ViT-B-32:openai"
 MODES = ("labelled", "labels-only", "pool")
 # Tip-Adapter's published training-free setting (α = 1, β = 5.5): what a pool build serves
 # under method=auto, since its pseudo-labels cannot tune (docs/methods.md).
@@ -54,23 +55,23 @@ class BuildConfig:
     data_dir: Path | None = None
     manifest: Path | None = None
     model: str = DEFAULT_MODEL
-    shots: int | None = 16  # None: every image
-    views: int = 10
-    captioner: str = "sidecar"
+    shots: int | None = DEFAULT_SHOTS  # None: every image
+    views: int = DEFAULT_VIEWS
+    captioner: str = DEFAULT_CAPTIONER
     captioner_model: str | None = None
     templates: Path | None = None
     descriptions: Path | None = None
     labels_file: Path | None = None
-    seed: int = 0
-    batch_size: int = 32
+    seed: int = DEFAULT_SEED
+    batch_size: int = DEFAULT_BUILD_BATCH_SIZE
     device: str | None = None
-    index_kind: str = "flat"
-    faiss_k: int = 64
+    index_kind: str = DEFAULT_INDEX_KIND
+    faiss_k: int = DEFAULT_FAISS_K
     model_cache_dir: str | None = None
     activate: bool = True
     progress: bool = True  # tqdm bars
     pool_dir: Path | None = None  # unlabelled images (searched recursively), with labels_file
-    pool_per_class: int = 16  # pseudo-labelled images kept per class
+    pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
 
 

@@ -15,9 +15,7 @@ from PIL import Image
 from kvclip.cache_builder.sources import SupportItem
 from kvclip.errors import DataError, ModelLoadError
 from kvclip.models import create_open_clip_model, default_device
-
-CAPTIONERS = ("sidecar", "coca", "none")
-DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
+from kvclip.vocabulary import CAPTIONERS, DEFAULT_COCA_MODEL
 
 
 class Captioner(Protocol):

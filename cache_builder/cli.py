@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from kvclip.index import INDEX_KINDS
+from kvclip.extras import SERVER
+from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
+                               DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
+                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -18,13 +21,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("data_dir", nargs="?", type=Path, help="DATA_DIR/<label>/<image> folder")
     build.add_argument("--manifest", type=Path, help='JSONL rows {"path", "label", "caption"?} instead of a folder')
     build.add_argument("--out", type=Path, required=True, help="cache folder; its name is the cache name")
-    build.add_argument("--model", default="ViT-B-32:openai",
+    build.add_argument("--model", default=DEFAULT_MODEL,
                        help="ARCH:TAG, ARCH:/path/checkpoint, hf-hub:ORG/REPO, or tiny-random (plumbing only)")
     build.add_argument("--model-cache-dir", help="where open_clip looks for / stores downloaded weights")
-    build.add_argument("--shots", default="16", help="support images per class, or 'all' (default 16)")
-    build.add_argument("--views", type=int, default=10, help="random augmented views averaged per image key")
-    build.add_argument("--captioner", default="sidecar", choices=("sidecar", "coca", "none"))
-    build.add_argument("--captioner-model", help="CoCa model for --captioner coca (default coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k)")
+    build.add_argument("--shots", default=str(DEFAULT_SHOTS),
+                       help=f"support images per class, or 'all' (default {DEFAULT_SHOTS})")
+    build.add_argument("--views", type=int, default=DEFAULT_VIEWS,
+                       help=f"random augmented views averaged per image key (default {DEFAULT_VIEWS})")
+    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, choices=CAPTIONERS)
+    build.add_argument("--captioner-model", help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL})")
     build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
     build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
     build.add_argument("--labels", type=Path,
@@ -33,17 +38,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--pool", type=Path,
                        help="with --labels: a folder of unlabelled images (searched recursively) that zero-shot "
                             "CLIP pseudo-labels into the support set")
-    build.add_argument("--pool-per-class", type=int, default=16,
-                       help="with --pool: most confident pseudo-labelled images kept per class (default 16)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (x views crops)")
+    build.add_argument("--pool-per-class", type=int, default=DEFAULT_POOL_PER_CLASS,
+                       help="with --pool: most confident pseudo-labelled images kept per class "
+                            f"(default {DEFAULT_POOL_PER_CLASS})")
+    build.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    build.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE,
+                       help="images per encoder batch (x views crops)")
     build.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    build.add_argument("--index", default="flat", choices=INDEX_KINDS, help="FAISS index kind")
-    build.add_argument("--faiss-k", type=int, default=64, help="k of the top-k path whose agreement is reported")
+    build.add_argument("--index", default=DEFAULT_INDEX_KIND, choices=INDEX_KINDS, help="FAISS index kind")
+    build.add_argument("--faiss-k", type=int, default=DEFAULT_FAISS_K, help="k of the top-k path whose agreement is reported")
     build.add_argument("--no-activate", action="store_true", help="publish without making it CURRENT")
     build.add_argument("--json", action="store_true", help="print the build report as JSON")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
-    build.set_defaults(run=run_build)
+    build.set_defaults(run=run_build, extra=SERVER)
 
     ev = sub.add_parser("eval", help="accuracy of every method of a cache on labelled test images")
     ev.add_argument("--cache", type=Path, required=True)
@@ -51,12 +58,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--manifest", type=Path, help="test manifest (JSONL) instead of a folder")
     ev.add_argument("--model", help="default: the model recorded in the cache")
     ev.add_argument("--device")
-    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE)
     ev.add_argument("--limit", type=int, help="evaluate the first N images only")
     ev.add_argument("--faiss-k", type=int, help="also evaluate the FAISS top-k path with this k")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
-    ev.set_defaults(run=run_eval)
+    ev.set_defaults(run=run_eval, extra=SERVER)
 
     ex = sub.add_parser("export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>")
     ex.add_argument("dataset", choices=("fashion-mnist",))
@@ -64,8 +71,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--split", choices=("train", "test"), default="train")
     ex.add_argument("--per-class", type=int, help="seeded sample of N per class")
     ex.add_argument("--limit", type=int, help="first N images of the split")
-    ex.add_argument("--seed", type=int, default=0)
-    ex.set_defaults(run=run_export)
+    ex.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ex.set_defaults(run=run_export, extra=SERVER)
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from kvclip.clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
 from kvclip.clients.models import Job
 from kvclip.clients.operations import DEFAULT_CHUNK
 from kvclip.clients.progress import JobProgress
+from kvclip.vocabulary import (CAPTIONERS, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SHOTS, DEFAULT_TOP_K,
+                               DEFAULT_VIEWS, REQUEST_METHODS)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -38,8 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Classify images against a cache on a kvclip server.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--cache", required=True, help="cache name")
-    p.add_argument("--top-k", type=int, help="labels per image (server default 5)")
-    p.add_argument("--method", choices=("auto", "zeroshot", "tip", "tipx", "caps"))
+    p.add_argument("--top-k", type=int, help=f"labels per image (server default {DEFAULT_TOP_K})")
+    p.add_argument("--method", choices=REQUEST_METHODS)
     p.add_argument("--explain", action="store_true", help="also show the nearest support items")
     p.add_argument("--partial", action="store_true", help="report unreadable images instead of failing")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
@@ -89,13 +91,14 @@ def _add_build(csub: argparse._SubParsersAction, *parents: argparse.ArgumentPars
     p.add_argument("--pool", type=Path, help="local folder or archive of unlabelled images")
     p.add_argument("--remote-data", metavar="DIR", help="a data folder on the server (under its --build-roots)")
     p.add_argument("--remote-pool", metavar="DIR", help="a pool folder on the server (under its --build-roots)")
-    p.add_argument("--shots", help="support images per class, or 'all' (server default 16)")
-    p.add_argument("--views", type=int, help="augmented views per image key (server default 10)")
-    p.add_argument("--captioner", choices=("sidecar", "none", "coca"), help="server default sidecar")
+    p.add_argument("--shots", help=f"support images per class, or 'all' (server default {DEFAULT_SHOTS})")
+    p.add_argument("--views", type=int, help=f"augmented views per image key (server default {DEFAULT_VIEWS})")
+    p.add_argument("--captioner", choices=CAPTIONERS, help=f"server default {DEFAULT_CAPTIONER}")
     p.add_argument("--seed", type=int)
     p.add_argument("--templates", type=Path, help="JSON list or one template per line, each with {}")
     p.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]}")
-    p.add_argument("--pool-per-class", type=int, help="pool images kept per class (server default 16)")
+    p.add_argument("--pool-per-class", type=int,
+                   help=f"pool images kept per class (server default {DEFAULT_POOL_PER_CLASS})")
     p.add_argument("--no-activate", action="store_true", help="publish the version without serving it")
     p.add_argument("--no-wait", action="store_true", help="print the job and return without following it")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between job polls")

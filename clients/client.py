@@ -19,9 +19,10 @@ from kvclip.clients.http import (Call, RetryPolicy, Sleep, default_headers, pars
                           resolve_base_url, unreachable)
 from kvclip.clients.images import ImageInput
 from kvclip.clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
+from kvclip.vocabulary import VERSION
 
 T = TypeVar("T")
-USER_AGENT = "kvclip-client/0.1.0"
+USER_AGENT = f"kvclip-client/{VERSION}"
 DEFAULT_TIMEOUT = 60.0  # seconds per request
 DEFAULT_RETRIES = 3  # after a 503 or a failed connection
 

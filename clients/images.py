@@ -102,7 +102,11 @@ def _pil_png(image: Any) -> bytes:
 
 def _array_png(array: Any) -> bytes:
     import numpy as np
-    from PIL import Image
+
+    try:  # the light (client-only) install has no Pillow; a caller holding an array may lack it
+        from PIL import Image
+    except ImportError as exc:
+        raise InputError("sending numpy arrays needs Pillow to encode them as PNG: pip install pillow") from exc
 
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]

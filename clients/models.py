@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+from kvclip.vocabulary import TERMINAL_JOB_STATES
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state in TERMINAL_JOB_STATES
 
     @property
     def succeeded(self) -> bool:

@@ -1,3 +1,5 @@
 """kvclip: training-free zero-shot image classification with CLIP key-value caches."""
 
-__version__ = "0.1.0"
+from kvclip.vocabulary import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ import numpy as np
 import torch
 
 from kvclip import index as key_index
-from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, check_method
+from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams, CacheTensors, check_method
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
+from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
 
 SCHEMA_VERSION = 1
 CURRENT_FILE = "CURRENT"
@@ -46,8 +46,6 @@ MANIFEST_FILE = "manifest.json"
 ITEMS_FILE = "items.jsonl"
 _ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids", "query_features")
 _INDEXES = {"image_index": "image_keys.faiss", "caption_index": "caption_keys.faiss"}
-_VERSION_RE = re.compile(r"^v(\d{4,})$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -85,7 +83,7 @@ class CacheArtifact:
         """Methods this cache can serve: zero-shot only without support items; caps needs caption keys."""
         if self.num_items == 0:
             return ["zeroshot"]
-        return [m for m in ("zeroshot", *CACHE_METHODS) if m != "caps" or self.caption_keys is not None]
+        return [m for m in METHODS if m != "caps" or self.caption_keys is not None]
 
     def params(self, method: str) -> BlendParams:
         check_method(method)
@@ -104,7 +102,7 @@ class CacheArtifact:
 
 
 def validate_cache_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not CACHE_NAME_RE.match(name):
         raise ArtifactError(
             f"invalid cache name {name!r}: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, at most 128 characters"
@@ -116,7 +114,7 @@ def list_versions(cache_dir: str | Path) -> list[str]:
     root = Path(cache_dir) / VERSIONS_DIR
     if not root.is_dir():
         return []
-    found = [p.name for p in root.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()]
+    found = [p.name for p in root.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()]
     return sorted(found, key=lambda v: int(v[1:]))
 
 
@@ -214,7 +212,7 @@ def load_cache(
 def delete_version(cache_dir: str | Path, version: str) -> None:
     """Remove one version's folder; the version CURRENT names is never removed."""
     cache_dir = Path(cache_dir)
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.match(version):
         raise ArtifactError(f"invalid version name {version!r}: expected v0001, v0002, ...")
     folder = cache_dir / VERSIONS_DIR / version
     with _locked(cache_dir):
@@ -271,8 +269,8 @@ def _write_files(folder: Path, artifact: CacheArtifact) -> None:
 
 def _next_version(cache_dir: Path) -> str:
     root = cache_dir / VERSIONS_DIR
-    numbers = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name))]
-    return f"v{max(numbers, default=0) + 1:04d}"
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := VERSION_RE.match(p.name))]
+    return version_name(max(numbers, default=0) + 1)
 
 
 def _remove_dead_staging(cache_dir: Path) -> None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-METHODS: tuple[str, ...] = ("zeroshot", "tip", "tipx", "caps")
-CACHE_METHODS: tuple[str, ...] = ("tip", "tipx", "caps")
+# CACHE_METHODS is re-exported for the tuner, which imports it from here.
+from kvclip.vocabulary import CACHE_METHODS as CACHE_METHODS
+from kvclip.vocabulary import METHODS
+
 ZEROSHOT_SCALE = 100.0
 DEFAULT_TEMPERATURE = 0.5
 

@@ -1,4 +1,9 @@
-"""The `kvclip` command: dispatches to the builder's (and later the server's) commands."""
+"""The `kvclip` command: the builder's, the server's and the client's commands.
+
+Building the parser imports no torch, open_clip, faiss or fastapi: the light (client-only)
+install runs `kvclip --help` and the client commands; a builder or server command run there
+fails with one line naming the extra to install (kvclip/extras.py).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,25 +12,33 @@ import os
 import signal
 import sys
 
-from kvclip import __version__
 from kvclip.errors import KvclipError
+from kvclip.extras import require_extra
+from kvclip.vocabulary import VERSION
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvclip", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"kvclip {__version__}")
-    parser.add_argument("--log-level", default="WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
     from kvclip.cache_builder.cli import add_commands as add_builder_commands
     from kvclip.clients.cli import add_commands as add_client_commands
     from kvclip.service.cli import add_commands as add_server_commands
 
+    parser = argparse.ArgumentParser(prog="kvclip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"kvclip {VERSION}")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
     add_builder_commands(sub)
     add_server_commands(sub)
     add_client_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        extra = getattr(args, "extra", None)
+        if extra is not None:
+            require_extra(extra, args.command)
         code = args.run(args)
         sys.stdout.flush()  # a reader that went away shows up here, not in the interpreter's exit
         return code

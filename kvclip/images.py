@@ -8,13 +8,14 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kvclip.errors import ImageDecodeError
+from kvclip.vocabulary import MAX_PIXELS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The formats kvclip decodes (Pillow's names; JPEG includes the MPO files many phone cameras write).
 # Pillow opens ~40 more, some through external programs (EPS runs Ghostscript): hostile bytes
 # should only ever meet these decoders.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:

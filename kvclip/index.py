@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvclip.vocabulary import INDEX_KINDS
+
 if TYPE_CHECKING:  # faiss and torch load lazily: `kvclip --help` and the client commands start fast
     import faiss
     import torch
-
-INDEX_KINDS = ("flat", "hnsw")
 
 
 def build_index(keys: np.ndarray, kind: str = "flat") -> faiss.Index:

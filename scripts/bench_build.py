@@ -17,14 +17,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
+import open_clip
+import torch
 
-from kvclip.cache_builder.captioners import NoCaptioner  # noqa: E402
-from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
-from kvclip.cache_builder.features import encode_support  # noqa: E402
-from kvclip.cache_builder.sources import discover_folder  # noqa: E402
-from kvclip.models import Encoder, default_device, load_encoder, parse_model_spec  # noqa: E402
+from kvclip.cache_builder.captioners import NoCaptioner
+from kvclip.cache_builder.datasets import export_fashion_mnist
+from kvclip.cache_builder.features import encode_support
+from kvclip.cache_builder.sources import discover_folder
+from kvclip.models import Encoder, default_device, load_encoder, parse_model_spec
 
 
 def random_encoder(arch: str, device: torch.device) -> Encoder:

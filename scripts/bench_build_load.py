@@ -33,10 +33,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import bench_cache, free_port, load_run, start_server  # noqa: E402
+from bench_server import bench_cache, free_port, load_run, start_server
 
-from kvclip.cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
-from kvclip.models import default_device  # noqa: E402
+from kvclip.cache_builder.datasets import export_fashion_mnist
+from tests.foolbox_data import read_foolbox_images
+from kvclip.models import default_device
 
 
 async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> dict:

@@ -32,15 +32,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx  # noqa: E402
-import open_clip  # noqa: E402
-import torch  # noqa: E402
+import httpx
+import open_clip
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
-from kvclip.cache_builder.datasets import export_fashion_mnist, read_foolbox_images  # noqa: E402
+from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
+from tests.foolbox_data import read_foolbox_images  # noqa: E402
 from kvclip.images import decode_image  # noqa: E402
 from kvclip.models import default_device, load_encoder  # noqa: E402
 from kvclip.service.metrics import metric_value  # noqa: E402

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from kvclip.service.api_caches import CacheName
-from kvclip.service.archives import ArchiveError, extract_archive, remove_tree
+from kvclip.service.archives import ArchiveError, extract_archive
 from kvclip.service.build_requests import build_config, check_mode, server_folder
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.deps import ready_state, require
@@ -55,7 +55,7 @@ async def start_build(request: Request, name: str = CacheName,
             nice=state.config.build_nice, threads=state.config.build_threads,
         )
     except BaseException:
-        remove_tree(job.workdir)
+        shutil.rmtree(job.workdir, ignore_errors=True)
         raise
     state.jobs.submit(job)
     return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})

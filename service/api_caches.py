@@ -13,10 +13,11 @@ from kvclip.service.deps import ready_state, require
 from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ActivateRequest, CacheDetail, CacheSummary, ReloadResponse
 from kvclip.service.state import ServerState
+from kvclip.vocabulary import CACHE_NAME_PATTERN, VERSION_PATTERN
 
 router = APIRouter(prefix="/v1/caches", tags=["caches"])
-CacheName = PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="cache name")
-Version = PathParam(pattern=r"^v\d{4,}$", description="version, e.g. v0002")
+CacheName = PathParam(pattern=CACHE_NAME_PATTERN, description="cache name")
+Version = PathParam(pattern=VERSION_PATTERN, description="version, e.g. v0002")
 
 
 def summary(loaded: LoadedCache) -> dict:

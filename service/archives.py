@@ -3,7 +3,6 @@ links or devices, and limits on file count and unpacked bytes (zip bombs)."""
 from __future__ import annotations
 
 import errno
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -129,7 +128,3 @@ def _data_root(dest: Path) -> Path:
         if inner and all(p.is_dir() for p in inner):
             return entries[0]
     return dest
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

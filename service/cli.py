@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from kvclip.extras import SERVER
 from kvclip.service import config as server_config
 
 log = logging.getLogger("kvclip.service")
@@ -19,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "KVCLIP_* environment variable; API keys come from KVCLIP_API_KEYS or --api-keys-file.",
     )
     server_config.add_arguments(parser)
-    parser.set_defaults(run=serve)
+    parser.set_defaults(run=serve, extra=SERVER)
 
 
 def serve(args: argparse.Namespace) -> int:

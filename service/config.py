@@ -11,6 +11,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from kvclip.vocabulary import DEFAULT_FAISS_K, MAX_PIXELS
+
 ENV_PREFIX = "KVCLIP_"
 
 
@@ -38,9 +40,9 @@ class ServerConfig:
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
     max_image_bytes: int = _opt("largest single image (encoded bytes)", 16 * 2**20)
     max_images: int = _opt("most images in one request", 64)
-    max_pixels: int = _opt("most pixels in one decoded image (decompression bombs)", 40_000_000)
+    max_pixels: int = _opt("most pixels in one decoded image (decompression bombs)", MAX_PIXELS)
     dense_max_keys: int = _opt("caches with more keys blend over FAISS candidates, not densely", 65_536)
-    faiss_k: int = _opt("FAISS candidates per query for large caches", 64)
+    faiss_k: int = _opt("FAISS candidates per query for large caches", DEFAULT_FAISS_K)
     explain_k: int = _opt("nearest support items returned with explain=true", 5)
     reload_interval_s: float = _opt("poll the caches folder for new versions every N s (0: off)", 0.0)
     retry_after_s: int = _opt("Retry-After seconds sent with 503", 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -20,12 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from kvclip.service.archives import remove_tree
 from kvclip.service.build_worker import WorkerSpec, run as run_worker
 from kvclip.service.metrics import Metrics
+from kvclip.vocabulary import TERMINAL_JOB_STATES as TERMINAL
 
 log = logging.getLogger("kvclip.jobs")
-TERMINAL = ("succeeded", "failed", "cancelled")
 _CANCEL_GRACE_S = 10.0  # a cancelled worker that does not stop by itself is terminated
 
 
@@ -162,13 +162,13 @@ class JobManager:
                 continue  # cancelled while it waited
             try:
                 self._run_job(job)
-            except Exception as exc:  # noqa: BLE001 - one job's failure never stops the runner
+            except Exception as exc:  # one job's failure never stops the runner
                 log.exception("build job %s failed", job.id)
                 with self._lock:
                     if job.state not in TERMINAL:
                         self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
             finally:
-                remove_tree(job.workdir)
+                shutil.rmtree(job.workdir, ignore_errors=True)
 
     def _run_job(self, job: BuildJob) -> None:
         parent, child = self._context.Pipe(duplex=False)
@@ -190,7 +190,7 @@ class JobManager:
         outcome = self._follow(job, process, parent, cancel)
         process.join(5)
         parent.close()
-        remove_tree(job.workdir)  # before the job reads as ended: no leftovers once it has
+        shutil.rmtree(job.workdir, ignore_errors=True)  # before the job reads as ended: no leftovers once it has
         with self._lock:
             self._cancel_events.pop(job.id, None)
         self._conclude(job, outcome, process.exitcode)
@@ -252,7 +252,7 @@ class JobManager:
     def _discard(self, job: BuildJob, version: str) -> None:
         try:
             self._delete_version(job.cache, version)
-        except Exception:  # noqa: BLE001 - logged; an inactive version is harmless
+        except Exception:  # logged; an inactive version is harmless
             log.exception("could not delete %s %s of job %s", job.cache, version, job.id)
         job.version = None
 

@@ -8,8 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kvclip.cache_builder.sources import check_labels
 from kvclip.errors import DataError
 from kvclip.prompts import check_templates
+from kvclip.vocabulary import (AUTO_METHOD, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_TOP_K, DEFAULT_VIEWS,
+                               MAX_LABELS, MAX_POOL_PER_CLASS, MAX_TOP_K, MAX_VIEWS, VERSION_PATTERN, Captioner,
+                               JobState, RequestMethod)
 
-MethodName = Literal["auto", "zeroshot", "tip", "tipx", "caps"]
+MethodName = RequestMethod
 
 
 class ClassifyParams(BaseModel):
@@ -18,8 +21,8 @@ class ClassifyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cache: str = Field(description="name of the cache to classify against")
-    top_k: int = Field(5, ge=1, le=1000, description="labels returned per image (at most the cache's classes)")
-    method: MethodName = Field("auto", description="'auto' uses the cache's tuned method")
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K, description="labels returned per image (at most the cache's classes)")
+    method: MethodName = Field(AUTO_METHOD, description="'auto' uses the cache's tuned method")
     explain: bool = Field(False, description="also return the nearest support items")
     partial: bool = Field(
         False, description="classify the readable images and report unreadable ones per image, instead of failing the request with 400"
@@ -104,7 +107,7 @@ class CacheDetail(CacheSummary):
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(pattern=r"^v\d{4,}$", examples=["v0002"])
+    version: str = Field(pattern=VERSION_PATTERN, examples=["v0002"])
 
 
 class ReloadResponse(BaseModel):
@@ -129,17 +132,18 @@ class BuildOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: list[str] | None = Field(None, min_length=1, max_length=100_000, description=(
+    labels: list[str] | None = Field(None, min_length=1, max_length=MAX_LABELS, description=(
         "the label set and its order; required without data (labels-only or pool builds)"))
     templates: list[str] | None = Field(None, min_length=1, description="prompt templates, each with {}")
     descriptions: dict[str, list[str]] | None = Field(None, description="per-label sentences averaged into its weights")
-    shots: int | Literal["all"] = Field(16, description="support images per class, or 'all'")
-    views: int = Field(10, ge=1, le=64, description="random views averaged per image key")
-    captioner: Literal["sidecar", "none", "coca"] = "sidecar"
-    seed: int = 0
+    shots: int | Literal["all"] = Field(DEFAULT_SHOTS, description="support images per class, or 'all'")
+    views: int = Field(DEFAULT_VIEWS, ge=1, le=MAX_VIEWS, description="random views averaged per image key")
+    captioner: Captioner = DEFAULT_CAPTIONER
+    seed: int = DEFAULT_SEED
     data_dir: str | None = Field(None, description="server folder DATA/<label>/<image> under --build-roots")
     pool_dir: str | None = Field(None, description="server folder of unlabelled images under --build-roots")
-    pool_per_class: int = Field(16, ge=1, le=100_000, description="pool images kept per class")
+    pool_per_class: int = Field(DEFAULT_POOL_PER_CLASS, ge=1, le=MAX_POOL_PER_CLASS,
+                                description="pool images kept per class")
     activate: bool = Field(True, description="make the new version current when the build succeeds")
 
     @field_validator("labels")
@@ -176,9 +180,6 @@ class BuildOptions(BaseModel):
         if shots != "all" and shots < 1:
             raise ValueError("shots must be at least 1, or 'all'")
         return shots
-
-
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobInfo(BaseModel):

@@ -109,5 +109,5 @@ class ServerState:
                 report = await asyncio.to_thread(self.registry.reload)
                 if report.loaded or report.removed or report.failed:
                     log.info("reload: %s", report.as_dict())
-            except Exception:  # noqa: BLE001 - keep polling; the current caches keep serving
+            except Exception:  # keep polling; the current caches keep serving
                 log.exception("periodic reload failed")

@@ -53,6 +53,7 @@ from kvclip.service.parsing import ClassifyRequest, read_classify_request
 from kvclip.service.registry import CacheNotFound, LoadedCache, activate_version, cache_path, load_version
 from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyResponse
 from kvclip.service.security import ENV_VAR, ApiKeys
+from kvclip.vocabulary import VERSION
 
 log = logging.getLogger("kvclip.ray")
 
@@ -282,7 +283,7 @@ class KvclipClassifier:
 
 # HTTP ingress ----------------------------------------------------------------------------
 
-app = FastAPI(title="kvclip (Ray Serve)", version="0.1.0")
+app = FastAPI(title="kvclip (Ray Serve)", version=VERSION)
 install_handlers(app)
 add_openapi_schemas(app, OPENAPI_SCHEMAS)
 

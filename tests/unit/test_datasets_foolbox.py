@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from kvclip.cache_builder.datasets import (
+from kvclip.errors import DataError
+from kvclip.images import decode_image
+from tests.foolbox_data import (
     CIFAR10_LABELS,
     FoolboxImage,
     export_foolbox,
     find_foolbox_wheel,
     read_foolbox_images,
 )
-from kvclip.errors import DataError
-from kvclip.images import decode_image
 
 
 @pytest.fixture(scope="module")

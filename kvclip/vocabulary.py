@@ -1,0 +1,85 @@
+"""kvclip's vocabularies, defaults and limits: the one place the builder, the server, Ray and
+the client read them from.
+
+Standard library only, so the light client install (no torch, open_clip, faiss, fastapi) and
+`kvclip --help` can import it. The Literal types are the source; the tuples are derived from
+them, so pydantic models and argparse `choices` cannot drift apart.
+"""
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from typing import Final, Literal, get_args
+
+# --- the package's version: pyproject.toml holds it once --------------------------------
+DISTRIBUTION = "kvclip"
+# A source tree that was never installed (python -m from a bare checkout) has no metadata.
+UNKNOWN_VERSION = "0+unknown"
+
+
+def package_version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return UNKNOWN_VERSION
+
+
+VERSION = package_version()
+
+# --- methods ----------------------------------------------------------------------------
+Method = Literal["zeroshot", "tip", "tipx", "caps"]
+CacheMethod = Literal["tip", "tipx", "caps"]  # the methods that read the support cache
+RequestMethod = Literal["auto", "zeroshot", "tip", "tipx", "caps"]  # what a classify request may ask
+METHODS: tuple[str, ...] = get_args(Method)
+CACHE_METHODS: tuple[str, ...] = get_args(CacheMethod)
+REQUEST_METHODS: tuple[str, ...] = get_args(RequestMethod)
+AUTO_METHOD: Final = "auto"  # the cache's tuned best method
+ZEROSHOT_METHOD: Final = "zeroshot"
+
+# --- captioners -------------------------------------------------------------------------
+Captioner = Literal["sidecar", "coca", "none"]
+CAPTIONERS: tuple[str, ...] = get_args(Captioner)
+DEFAULT_CAPTIONER: Final = "sidecar"
+DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
+
+# --- FAISS index kinds ------------------------------------------------------------------
+IndexKind = Literal["flat", "hnsw"]
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
+DEFAULT_INDEX_KIND: Final = "flat"
+
+# --- build jobs -------------------------------------------------------------------------
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+# --- cache and version names ------------------------------------------------------------
+CACHE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+VERSION_PATTERN = r"^v(\d{4,})$"  # v0001, v0002, ... (more digits past v9999)
+CACHE_NAME_RE = re.compile(CACHE_NAME_PATTERN)
+VERSION_RE = re.compile(VERSION_PATTERN)
+
+
+def version_name(number: int) -> str:
+    """The folder name of version `number`: 1 -> v0001."""
+    return f"v{number:04d}"
+
+
+# --- build defaults (kvclip build, POST /v1/caches/{name}/builds, kvclip caches build) -----
+DEFAULT_MODEL = "ViT-B-32:openai"
+DEFAULT_SHOTS = 16  # support images per class
+DEFAULT_VIEWS = 10  # random augmented views averaged per image key
+MAX_VIEWS = 64
+DEFAULT_SEED = 0
+DEFAULT_POOL_PER_CLASS = 16  # pseudo-labelled pool images kept per class
+MAX_POOL_PER_CLASS = 100_000
+MAX_LABELS = 100_000
+DEFAULT_BUILD_BATCH_SIZE = 32  # images per encoder batch while building (x views crops)
+DEFAULT_EVAL_BATCH_SIZE = 128
+DEFAULT_FAISS_K = 64  # candidates per query on the FAISS top-k path
+
+# --- classify defaults and limits -------------------------------------------------------
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 1000
+# Most pixels in one decoded image, for the builder and the server alike (decompression
+# bombs): about 6300 x 6300, far above any CLIP input and below Pillow's own bomb limit.
+MAX_PIXELS = 40_000_000
