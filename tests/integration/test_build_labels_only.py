@@ -17,6 +17,7 @@ from kvclip.images import load_image
 from kvclip.prompts import DEFAULT_TEMPLATES, text_classifier
 from tests.build_helpers import ProgressLog
 from tests.conftest import write_images
+from tests.manifests import sample_manifest
 from tests.service_helpers import image_files, make_config, running_app
 
 LABELS = ["cat", "dog", "golden_retriever"]
@@ -48,13 +49,13 @@ def test_labels_only_build_is_a_zero_item_cache(label_files, tiny_encoder, tmp_p
     assert log.steps() == ["reading", "text", "publishing"]  # nothing to encode, tune or index
     log.check_bounds()
     m = result.manifest
-    assert m["labels"] == LABELS and m["counts"]["items"] == 0 and m["counts"]["per_class"] == {lb: 0 for lb in LABELS}
-    assert m["params"] == {"best_method": "zeroshot", "methods": {}}
-    assert m["tuning"]["loo_top1"] == {} and m["faiss"]["methods"] == {}
-    assert m["captioner"] == {"name": "none"}  # no CoCa model is loaded for a cache without images
+    assert m.labels == LABELS and m.counts.items == 0 and m.counts.per_class == {lb: 0 for lb in LABELS}
+    assert m.params.best_method == "zeroshot" and m.params.methods == {}
+    assert m.tuning.loo_top1 == {} and m.faiss.methods == {}
+    assert m.captioner.name == "none"  # no CoCa model is loaded for a cache without images
     report = result.report
-    assert report["mode"] == "labels-only" and report["used"] == 0 and report["skipped"] == []
-    assert report["source"] == str(label_files / "labels.txt")
+    assert report.mode == "labels-only" and report.used == 0 and report.skipped == []
+    assert report.source == str(label_files / "labels.txt")
 
     files = sorted(p.name for p in result.path.iterdir())
     assert not [f for f in files if f.endswith(".faiss")]
@@ -62,7 +63,7 @@ def test_labels_only_build_is_a_zero_item_cache(label_files, tiny_encoder, tmp_p
 
     loaded = store.load_cache(tmp_path / "pets")
     dim = loaded.text_weights.shape[0]
-    assert loaded.text_weights.shape == (dim, 3) and dim == m["counts"]["dim"] > 0
+    assert loaded.text_weights.shape == (dim, 3) and dim == m.counts.dim > 0
     assert loaded.image_keys.shape == (0, dim) and loaded.query_features.shape == (0, dim)
     assert loaded.label_ids.shape == (0,) and loaded.caption_keys is None and loaded.items == []
     assert loaded.image_index is None and loaded.caption_index is None
@@ -84,13 +85,12 @@ def test_zero_item_artifact_round_trip_and_a_manifest_that_names_another_method(
         labels=["a", "b"], text_weights=np.eye(4, 2, dtype=np.float32),
         image_keys=np.zeros((0, 4), np.float32), label_ids=np.zeros(0, np.int64),
         query_features=np.zeros((0, 4), np.float32),
-        manifest={"schema_version": store.SCHEMA_VERSION, "labels": ["a", "b"], "model": {"id": "m"},
-                  "params": {"best_method": "tip", "methods": {}}},
+        manifest=sample_manifest("zs", labels=["a", "b"], params={"best_method": "tip", "methods": {}}),
     )
     store.publish(tmp_path / "c", artifact)
     loaded = store.load_cache(tmp_path / "c")
     assert loaded.methods == ["zeroshot"] and loaded.best_method == "zeroshot"
-    assert sorted(loaded.manifest["files"]) == ["image_keys.npy", "items.jsonl", "label_ids.npy",
+    assert sorted(loaded.manifest.files) == ["image_keys.npy", "items.jsonl", "label_ids.npy",
                                                  "query_features.npy", "text_weights.npy"]
 
 

@@ -10,6 +10,7 @@ import torch
 from kvclip import artifact as store
 from kvclip.errors import ArtifactError
 from kvclip.index import build_index
+from tests.manifests import sample_manifest
 
 
 def make_artifact(seed: int = 0, captions: bool = True) -> store.CacheArtifact:
@@ -25,9 +26,8 @@ def make_artifact(seed: int = 0, captions: bool = True) -> store.CacheArtifact:
         query_features=keys.copy(),
         caption_keys=caps,
         items=[{"path": f"/x/{i}.png", "label": "abc"[i % 3], "caption": f"caption {i}"} for i in range(12)],
-        manifest={"schema_version": store.SCHEMA_VERSION, "name": "demo", "labels": ["a", "b", "c"],
-                  "params": {"best_method": "tip", "methods": {"tip": {"alpha": 2.0, "beta": 3.0, "gamma": 0.0, "delta": 0.0}}},
-                  "model": {"id": "tiny-random"}, "seed": seed},
+        manifest=sample_manifest(name="demo", labels=["a", "b", "c"], seed=seed, params={
+            "best_method": "tip", "methods": {"tip": {"alpha": 2.0, "beta": 3.0, "gamma": 0.0, "delta": 0.0}}}),
         image_index=build_index(keys),
         caption_index=build_index(caps) if captions else None,
     )
@@ -92,7 +92,7 @@ def test_exception_while_publishing_keeps_previous_version(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         store.publish(cache_dir, make_artifact(1))
     assert store.list_versions(cache_dir) == ["v0001"]
-    assert store.load_cache(cache_dir).manifest["seed"] == 0
+    assert store.load_cache(cache_dir).manifest.seed == 0
     assert not list(cache_dir.glob(".staging-*"))
 
 
@@ -123,7 +123,7 @@ def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, po
     assert proc.returncode == 17, proc.stderr
     assert store.current_version(cache_dir) == "v0001"
     loaded = store.load_cache(cache_dir)
-    assert loaded.version == "v0001" and loaded.manifest["seed"] == 0
+    assert loaded.version == "v0001" and loaded.manifest.seed == 0
     if point == "mid-write":
         assert list(cache_dir.glob(".staging-*")) and store.list_versions(cache_dir) == ["v0001"]
     else:
