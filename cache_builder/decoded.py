@@ -20,8 +20,8 @@ DEFAULT_BUDGET_BYTES = 512 * 2**20
 
 
 class DecodedImages:
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget_bytes = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
         self.used_bytes = 0
         self._images: dict[Path, Image.Image] = {}
         self._lock = threading.Lock()  # the pool step decodes on two threads
