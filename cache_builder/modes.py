@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -143,22 +143,22 @@ def labels_source(config: BuildConfig) -> str:
 
 def read_prompts(config: BuildConfig) -> PromptSet:
     """Templates and descriptions, given in memory or as files (a str or Path)."""
-    if config.templates is None:
-        templates = list(DEFAULT_TEMPLATES)
-    elif isinstance(config.templates, (str, os.PathLike)):
-        templates = load_templates(config.templates)
-    else:
-        templates = list(config.templates)
-        if not templates:
-            raise DataError("templates: no templates")
-        check_templates(templates)
-    if config.descriptions is None:
-        descriptions = None
-    elif isinstance(config.descriptions, (str, os.PathLike)):
-        descriptions = load_descriptions(config.descriptions)
-    else:
-        descriptions = check_descriptions(config.descriptions)
+    templates = list(DEFAULT_TEMPLATES) if config.templates is None else \
+        _file_or_values(config.templates, load_templates, _checked_templates)
+    descriptions = None if config.descriptions is None else \
+        _file_or_values(config.descriptions, load_descriptions, check_descriptions)
     return PromptSet(templates=templates, descriptions=descriptions)
+
+
+def _file_or_values(given: object, read_file: Callable, check_values: Callable):
+    return read_file(given) if isinstance(given, (str, os.PathLike)) else check_values(given)
+
+
+def _checked_templates(templates: Sequence[str]) -> list[str]:
+    if not templates:
+        raise DataError("templates: no templates")
+    check_templates(templates)
+    return list(templates)
 
 
 def warn_skipped(skipped: list[Skipped]) -> None:

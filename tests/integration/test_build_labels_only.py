@@ -107,11 +107,32 @@ def test_eval_of_a_zero_shot_cache_scores_zeroshot_only(zeroshot_caches, tiny_en
     ({"data_dir": Path("d"), "manifest": Path("m.jsonl")}, "not both"),
     ({"data_dir": Path("d"), "labels_file": Path("l.txt"), "pool_dir": Path("p")}, "does not combine"),
     ({"labels_file": Path("missing.txt")}, "cannot read labels file missing.txt"),
+    ({"labels": ["a"], "labels_file": Path("l.txt")}, "labels or a labels file, not both"),
+    ({"labels": []}, "the label set is empty"),
+    ({"labels": ["Dog", "dog"]}, "duplicate labels"),
+    ({"labels": ["a"], "templates": ["no slot"]}, "exactly one"),
+    ({"labels": ["a"], "templates": []}, "no templates"),
+    ({"labels": ["a"], "descriptions": {"a": "not a list"}}, "mapping each label to a list of sentences"),
 ])
 def test_inputs_that_make_no_cache_are_errors(tmp_path, fields, message):
     with pytest.raises(DataError, match=message):
         build_cache(BuildConfig(out=tmp_path / "c", model="tiny-random", **fields))
     assert not (tmp_path / "c").exists()
+
+
+def test_labels_and_prompts_given_as_values_build_what_their_files_do(label_files, tiny_encoder, tmp_path):
+    """The server hands labels, templates and descriptions over in memory (BuildConfig values)."""
+    files = build_cache(BuildConfig(out=tmp_path / "files", labels_file=label_files / "labels.txt",
+                                    descriptions=label_files / "descriptions.json", templates=None,
+                                    model="tiny-random", progress=False), tiny_encoder)
+    values = build_cache(BuildConfig(out=tmp_path / "values", labels=list(LABELS),
+                                     descriptions={"dog": ["a dog, a four-legged pet that barks"]},
+                                     templates=list(DEFAULT_TEMPLATES), model="tiny-random", progress=False),
+                         tiny_encoder)
+    assert values.manifest.labels == files.manifest.labels == LABELS
+    assert values.manifest.prompts == files.manifest.prompts
+    assert values.report.source == "3 labels given in memory"
+    assert np.array_equal(np.load(values.path / "text_weights.npy"), np.load(files.path / "text_weights.npy"))
 
 
 def test_duplicate_labels_are_an_error_without_images_too(tmp_path, tiny_encoder):
