@@ -76,7 +76,30 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     label_ids = torch.tensor([label_id[it.label] for it in items], dtype=torch.long)
     features, caption_keys = encode_items(ctx, support, captioner)
     fitted = fit_cache(ctx, support, features, caption_keys, label_ids) if items else Fitted.zeroshot()
-    manifest = Manifest(
+    artifact = store.CacheArtifact(
+        labels=support.labels,
+        text_weights=support.text_weights.numpy().astype(np.float32),
+        image_keys=features.image_keys.numpy().astype(np.float32),
+        label_ids=label_ids.numpy().astype(np.int64),
+        query_features=features.query_features.numpy().astype(np.float32),
+        caption_keys=None if caption_keys is None else caption_keys.numpy().astype(np.float32),
+        items=[{"path": str(it.path), "label": it.label, "caption": cap} for it, cap in zip(items, features.captions)],
+        manifest=make_manifest(ctx, support, captioner, features, fitted),
+        image_index=fitted.image_index,
+        caption_index=fitted.caption_index,
+    )
+    ctx.monitor.check()  # the last chance to stop: publishing is atomic and is never interrupted
+    ctx.monitor.step("publishing", 1)
+    version = store.publish(config.out, artifact, activate=config.activate)
+    ctx.monitor.advance(1)
+    return BuildResult(version, artifact.path, artifact.manifest)
+
+
+def make_manifest(
+    ctx: BuildContext, support: SupportSet, captioner: Captioner, features: SupportFeatures, fitted: Fitted
+) -> Manifest:
+    config, items = ctx.config, support.selection.items
+    return Manifest(
         schema_version=store.SCHEMA_VERSION,
         name=ctx.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -95,23 +118,6 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
         faiss=fitted.faiss,
         build_report=build_report(ctx, support, features),
     )
-    artifact = store.CacheArtifact(
-        labels=support.labels,
-        text_weights=support.text_weights.numpy().astype(np.float32),
-        image_keys=features.image_keys.numpy().astype(np.float32),
-        label_ids=label_ids.numpy().astype(np.int64),
-        query_features=features.query_features.numpy().astype(np.float32),
-        caption_keys=None if caption_keys is None else caption_keys.numpy().astype(np.float32),
-        items=[{"path": str(it.path), "label": it.label, "caption": cap} for it, cap in zip(items, features.captions)],
-        manifest=manifest,
-        image_index=fitted.image_index,
-        caption_index=fitted.caption_index,
-    )
-    ctx.monitor.check()  # the last chance to stop: publishing is atomic and is never interrupted
-    ctx.monitor.step("publishing", 1)
-    version = store.publish(config.out, artifact, activate=config.activate)
-    ctx.monitor.advance(1)
-    return BuildResult(version, artifact.path, artifact.manifest)
 
 
 def encode_items(
