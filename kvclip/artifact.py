@@ -5,7 +5,7 @@ On disk, one folder per cache:
     CACHE_DIR/
       CURRENT              name of the version readers load (replaced atomically)
       versions/v0001/      one immutable folder per published version
-        manifest.json      schema, model, labels, prompts, counts, parameters, reports,
+        manifest.json      kvclip.manifest.Manifest: schema, model, labels, prompts, counts, parameters, reports,
                            and the sha256 of every other file (written last)
         text_weights.npy   D x C      image_keys.npy    N x D     caption_keys.npy  N x D
         label_ids.npy      N          query_features.npy N x D (support images, plain view)
