@@ -90,25 +90,26 @@ def run_build(args: argparse.Namespace) -> int:
     result = build_cache(config)
     m = result.manifest
     if args.json:
-        print(json.dumps({"version": result.version, "path": str(result.path), **m}, indent=2))
+        print(json.dumps({"version": result.version, "path": str(result.path), **m.to_json()}, indent=2))
         return 0
-    report = m["build_report"]
-    print(f"published {m['name']} {result.version} at {result.path} ({report['mode']})")
-    print(f"  model {m['model']['id']}  classes {m['counts']['classes']}  items {m['counts']['items']}"
-          f"  skipped {report['skipped_count']}")
-    for skipped in report["skipped"]:
-        print(f"  skipped {skipped['path']}: {skipped['reason']}")
-    if "pool" in report:
-        pool = report["pool"]
-        print(f"  pool: {pool['usable']} usable of {pool['images']} images; per class: " +
-              ", ".join(f"{lb} {c['count']}" for lb, c in pool["per_class"].items()))
-        if pool["empty_classes"]:
-            print(f"  no pool image for: {', '.join(pool['empty_classes'])} (zero-shot text weights only)")
-    if m["tuning"]["loo_top1"]:
-        on = "pseudo-labels (zero-shot agrees by construction)" if report["mode"] == "pool" else "the support set"
+    report = m.build_report
+    print(f"published {m.name} {result.version} at {result.path} ({report.mode})")
+    print(f"  model {m.model.id}  classes {m.counts.classes}  items {m.counts.items}"
+          f"  skipped {report.skipped_count}")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped.path}: {skipped.reason}")
+    if report.pool is not None:
+        pool = report.pool
+        print(f"  pool: {pool.usable} usable of {pool.images} images; per class: " +
+              ", ".join(f"{lb} {c.count}" for lb, c in pool.per_class.items()))
+        if pool.empty_classes:
+            print(f"  no pool image for: {', '.join(pool.empty_classes)} (zero-shot text weights only)")
+    if m.tuning.loo_top1:
+        on = "pseudo-labels (zero-shot agrees by construction)" if report.mode == "pool" else "the support set"
         print(f"  leave-one-out top-1 on {on}: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in m["tuning"]["loo_top1"].items()))
-    print(f"  best method {m['params']['best_method']}: {m['params']['methods'].get(m['params']['best_method'], {})}")
+              ", ".join(f"{k} {v:.3f}" for k, v in m.tuning.loo_top1.items()))
+    best = m.params.methods.get(m.params.best_method)
+    print(f"  best method {m.params.best_method}: {best.model_dump() if best else {}}")
     return 0
 
 
@@ -124,10 +125,10 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"cache {report.cache['path']} {report.cache['version']}  model {report.cache['model']}"
           f"  images {report.n}  skipped {len(report.skipped)}")
     print(f"{'method':<10} {'top1':>7} {'top5':>7}  params")
-    tuned = report.params.get("methods", {})
+    tuned = {m: p.model_dump() for m, p in report.params.methods.items()}
     for method, acc in report.methods.items():
         print(f"{method:<10} {acc['top1']:>7.4f} {acc['top5']:>7.4f}  {tuned.get(method, '')}")
-    print(f"tuned best method: {report.params.get('best_method')}")
+    print(f"tuned best method: {report.params.best_method}")
     if report.faiss:
         for method, acc in report.faiss["methods"].items():
             print(f"faiss k={report.faiss['k']} {method:<6} top1 {acc['top1']:.4f} agreement {acc['top1_agreement']:.4f}")

@@ -12,6 +12,7 @@ from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import blend, blend_candidates
 from kvclip.errors import DataError
 from kvclip.index import search_candidates
+from kvclip.manifest import TunedParams
 from kvclip.models import Encoder, load_encoder
 
 
@@ -19,13 +20,13 @@ from kvclip.models import Encoder, load_encoder
 class EvalReport:
     n: int
     methods: dict[str, dict[str, float]]
-    params: dict
+    params: TunedParams  # the cache's tuned parameters
     cache: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     faiss: dict | None = None
 
     def as_dict(self) -> dict:
-        out = {"n": self.n, "methods": self.methods, "params": self.params, "cache": self.cache,
+        out = {"n": self.n, "methods": self.methods, "params": self.params.model_dump(mode="json"), "cache": self.cache,
                "skipped": self.skipped}
         if self.faiss is not None:
             out["faiss"] = self.faiss
@@ -52,7 +53,7 @@ def evaluate(
     if unknown:
         raise DataError(f"test labels not in the cache's label set: {', '.join(unknown[:10])}")
     items = items[:limit] if limit else items
-    encoder = encoder or load_encoder(model or artifact.manifest["model"]["id"], device)
+    encoder = encoder or load_encoder(model or artifact.manifest.model.id, device)
     check_model_matches(encoder, artifact)
 
     features, kept, skipped = encode_image_files(encoder, [it.path for it in items], batch_size, progress)
@@ -70,11 +71,10 @@ def evaluate(
                 **_topk_accuracy(approx, truth),
                 "top1_agreement": float((approx.argmax(1) == logits.argmax(1)).float().mean()),
             }
-    params = artifact.manifest.get("params", {})
     cache_info = {"path": str(Path(cache_dir)), "version": artifact.version,
-                  "model": artifact.manifest["model"]["id"], "classes": len(artifact.labels),
+                  "model": artifact.manifest.model.id, "classes": len(artifact.labels),
                   "items": len(artifact.label_ids)}
-    return EvalReport(len(kept), methods, params, cache_info, [vars(s) for s in skipped], faiss)
+    return EvalReport(len(kept), methods, artifact.manifest.params, cache_info, [vars(s) for s in skipped], faiss)
 
 
 def _faiss_logits(artifact: CacheArtifact, cache, features, method: str, k: int) -> torch.Tensor:

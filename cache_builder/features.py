@@ -5,14 +5,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
 from kvclip.cache_builder.captioners import Captioner
+from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.cache_builder.sources import Skipped, SupportItem
 from kvclip.errors import ImageDecodeError
@@ -51,6 +53,7 @@ def encode_support(
     progress: bool = True,
     monitor: BuildMonitor | None = None,
     query_features: torch.Tensor | None = None,
+    open_image: Callable[[SupportItem], Image.Image] | None = None,
 ) -> SupportFeatures:
     """Decode each support image once; encode `views` random views and the plain view.
 
@@ -59,11 +62,14 @@ def encode_support(
     `monitor` is checked before each batch and advanced by its images.
     `query_features` (len(items) x D): plain-view features already encoded (a pool build
     has them from pseudo-labelling), used instead of encoding the plain view again.
+    `open_image` gives an item's image (default: decode its file); a build hands over the
+    images its reading step decoded already (DecodedImages.take).
     """
     if views < 1:
         raise ValueError("views must be at least 1")
     monitor = monitor or BuildMonitor()
     augment = random_view_transform(encoder)
+    open_image = open_image or (lambda item: load_image(item.path))
     captions = captioner.caption(items, None) if not captioner.needs_images else []
     keys, queries = [], []
     timings = {"decode_s": 0.0, "encode_s": 0.0, "caption_s": 0.0}
@@ -74,7 +80,7 @@ def encode_support(
             monitor.check()
             chunk = items[start : start + batch_size]
             t0 = time.perf_counter()
-            images = list(pool.map(lambda it: load_image(it.path), chunk))
+            images = list(pool.map(open_image, chunk))
             view_pixels = torch.stack([augment(im) for im in images for _ in range(views)])
             if query_features is None:
                 plain_pixels = torch.stack([encoder.preprocess(im) for im in images])
@@ -122,18 +128,23 @@ def encode_image_files(
     batch_size: int = 128,
     progress: bool = True,
     monitor: BuildMonitor | None = None,
+    keep: DecodedImages | None = None,
 ) -> tuple[torch.Tensor, list[int], list[Skipped]]:
     """Plain-view features of image files; unreadable files are skipped and reported.
 
     Returns (features of the readable files, their positions in `paths`, skipped files).
     `monitor` is checked before each batch and advanced by its files, skipped ones included.
+    Decoded images go to `keep`, when given (a pool build encodes some of them again).
     """
     monitor = monitor or BuildMonitor()
     def decode(path):
         try:
-            return encoder.preprocess(load_image(path))
+            image = load_image(path)
         except ImageDecodeError as exc:
             return exc
+        if keep is not None:
+            keep.keep(Path(path), image)
+        return encoder.preprocess(image)
 
     features, kept, skipped = [], [], []
     bar = tqdm(total=len(paths), desc="encoding images", unit="img", disable=not progress)

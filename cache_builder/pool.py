@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.features import encode_image_files
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.cache_builder.sources import Skipped, SupportItem
@@ -92,9 +93,10 @@ def encode_pool(
     batch_size: int = 128,
     progress: bool = True,
     monitor: BuildMonitor | None = None,
+    keep: DecodedImages | None = None,
 ) -> PoolFeatures:
     """Plain-view features of the pool; unreadable files are skipped; none readable is an error."""
-    features, kept, skipped = encode_image_files(encoder, paths, batch_size, progress, monitor)
+    features, kept, skipped = encode_image_files(encoder, paths, batch_size, progress, monitor, keep)
     if not kept:
         example = f" (e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""
         raise DataError(f"the pool has no usable image: all {len(paths)} files were skipped{example}")

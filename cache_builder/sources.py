@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError, ImageDecodeError
 from kvclip.images import IMAGE_SUFFIXES, load_image
@@ -157,11 +158,13 @@ def select_support(
     seed: int = 0,
     progress: bool = True,
     monitor: BuildMonitor | None = None,
+    keep: DecodedImages | None = None,
 ) -> Selection:
     """Up to `shots` readable images per class (all when None), sampled with `seed`.
 
     Unreadable files are skipped, recorded, and replaced by the class's next candidates.
-    `monitor` is checked before each file and advanced by each chosen image.
+    `monitor` is checked before each file and advanced by each chosen image. The chosen images,
+    decoded by the check, go to `keep` for the encoding step (cache_builder/decoded.py).
     """
     monitor = monitor or BuildMonitor()
     by_label: dict[str, list[SupportItem]] = defaultdict(list)
@@ -180,10 +183,12 @@ def select_support(
                 break
             monitor.check()
             try:
-                load_image(item.path)
+                image = load_image(item.path)
             except ImageDecodeError as exc:
                 selection.skipped.append(Skipped(str(item.path), str(exc)))
                 continue
+            if keep is not None:
+                keep.keep(item.path, image)
             selection.items.append(item)
             chosen += 1
             bar.update(1)

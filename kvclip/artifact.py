@@ -5,7 +5,7 @@ On disk, one folder per cache:
     CACHE_DIR/
       CURRENT              name of the version readers load (replaced atomically)
       versions/v0001/      one immutable folder per published version
-        manifest.json      schema, model, labels, prompts, counts, parameters, reports,
+        manifest.json      kvclip.manifest.Manifest: schema, model, labels, prompts, counts, parameters, reports,
                            and the sha256 of every other file (written last)
         text_weights.npy   D x C      image_keys.npy    N x D     caption_keys.npy  N x D
         label_ids.npy      N          query_features.npy N x D (support images, plain view)
@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pydantic import ValidationError
+
 from kvclip import index as key_index
-from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams, CacheTensors, check_method
+from kvclip.blend import BlendParams, CacheTensors, check_method
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
+from kvclip.manifest import SCHEMA_VERSION, Manifest
 from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
-
-SCHEMA_VERSION = 1
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST_FILE = "manifest.json"
@@ -57,9 +58,9 @@ class CacheArtifact:
     image_keys: np.ndarray  # N x D float32
     label_ids: np.ndarray  # N int64
     query_features: np.ndarray  # N x D float32: support images through the plain preprocess
+    manifest: Manifest
     caption_keys: np.ndarray | None = None  # N x D float32
     items: list[dict] = field(default_factory=list)  # {"path", "label", "caption"}
-    manifest: dict = field(default_factory=dict)
     image_index: object | None = None  # faiss.Index
     caption_index: object | None = None
     version: str | None = None
@@ -67,7 +68,7 @@ class CacheArtifact:
 
     @property
     def temperature(self) -> float:
-        return float(self.manifest.get("temperature", DEFAULT_TEMPERATURE))
+        return self.manifest.temperature
 
     @property
     def num_items(self) -> int:
@@ -75,7 +76,7 @@ class CacheArtifact:
 
     @property
     def best_method(self) -> str:
-        best = self.manifest.get("params", {}).get("best_method", "zeroshot")
+        best = self.manifest.params.best_method
         return best if best in self.methods else "zeroshot"
 
     @property
@@ -87,8 +88,8 @@ class CacheArtifact:
 
     def params(self, method: str) -> BlendParams:
         check_method(method)
-        tuned = self.manifest.get("params", {}).get("methods", {}).get(method)
-        return BlendParams(**tuned) if tuned else BlendParams()
+        tuned = self.manifest.params.methods.get(method)
+        return tuned.blend_params() if tuned else BlendParams()
 
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         return CacheTensors.build(
@@ -149,9 +150,9 @@ def publish(cache_dir: str | Path, artifact: CacheArtifact, activate: bool = Tru
         _write_files(staging, artifact)
         with _locked(cache_dir):
             version = _next_version(cache_dir)
-            manifest = dict(artifact.manifest, version=version)
-            manifest["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
-            _write_json(staging / MANIFEST_FILE, manifest)
+            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
+            manifest = artifact.manifest.model_copy(update={"version": version, "files": files})
+            _write_json(staging / MANIFEST_FILE, manifest.to_json())
             _fsync_dir(staging)
             os.rename(staging, cache_dir / VERSIONS_DIR / version)
             _fsync_dir(cache_dir / VERSIONS_DIR)
@@ -173,15 +174,8 @@ def load_cache(
     if version is None:
         raise ArtifactError(f"{cache_dir}: not a kvclip cache (no {CURRENT_FILE}); build one with 'kvclip build'")
     folder = cache_dir / VERSIONS_DIR / version
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{folder}: missing or unreadable {MANIFEST_FILE} ({exc})") from exc
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{folder}: schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}; rebuild the cache"
-        )
-    files = manifest.get("files", {})
+    manifest = read_manifest(folder)
+    files = manifest.files
     if verify:
         for name, digest in files.items():
             path = folder / name
@@ -199,7 +193,7 @@ def load_cache(
         if indexes and fname in files
     }
     return CacheArtifact(
-        labels=list(manifest["labels"]),
+        labels=list(manifest.labels),
         items=items,
         manifest=manifest,
         version=version,
@@ -207,6 +201,22 @@ def load_cache(
         **arrays,
         **loaded,
     )
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """A version folder's manifest.json, validated; an unknown schema version is an error."""
+    folder = Path(folder)
+    try:
+        raw = json.loads((folder / MANIFEST_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{folder}: missing or unreadable {MANIFEST_FILE} ({exc})") from exc
+    found = raw.get("schema_version") if isinstance(raw, dict) else None
+    if found != SCHEMA_VERSION:
+        raise ArtifactError(f"{folder}: schema version {found} is not {SCHEMA_VERSION}; rebuild the cache")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{folder}: {MANIFEST_FILE} is not a valid cache manifest: {exc}") from exc
 
 
 def delete_version(cache_dir: str | Path, version: str) -> None:
@@ -233,18 +243,18 @@ def check_model_matches(encoder, artifact: CacheArtifact) -> None:
     `encoder` is a kvclip.models.Encoder. Weights are compared by sha256 when both sides
     have one, otherwise by model name.
     """
-    built = artifact.manifest["model"]
-    ours, theirs = encoder.weights_sha256, built.get("weights_sha256")
+    built = artifact.manifest.model
+    ours, theirs = encoder.weights_sha256, built.weights_sha256
     if ours and theirs:
         if ours != theirs:
             raise ModelLoadError(
-                f"cache {artifact.path} was built with {built['id']} (weights sha256 "
+                f"cache {artifact.path} was built with {built.id} (weights sha256 "
                 f"{theirs[:12]}…), not with {encoder.model_id} ({ours[:12]}…); "
                 "use the same model or rebuild the cache"
             )
-    elif built.get("id") != encoder.model_id:
+    elif built.id != encoder.model_id:
         raise ModelLoadError(
-            f"cache {artifact.path} was built with {built.get('id')}, not with {encoder.model_id}; "
+            f"cache {artifact.path} was built with {built.id}, not with {encoder.model_id}; "
             "use the same model or rebuild the cache"
         )
 

@@ -50,10 +50,15 @@ def load_descriptions(path: str | Path) -> dict[str, list[str]]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or not all(
-        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in data.values()
+    return check_descriptions(data, str(path))
+
+
+def check_descriptions(data: object, source: str = "descriptions") -> dict[str, list[str]]:
+    """{label: [sentence, ...]}, as a plain dict of lists."""
+    if not isinstance(data, Mapping) or not all(
+        isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v) for v in data.values()
     ):
-        raise DataError(f"{path}: expected a JSON object mapping each label to a list of sentences")
+        raise DataError(f"{source}: expected a JSON object mapping each label to a list of sentences")
     return {str(k): list(v) for k, v in data.items()}
 
 

@@ -51,7 +51,7 @@ async def start_build(request: Request, name: str = CacheName,
         options, data_root, pool_root = await _read_request(request, state, job.workdir)
         job.options = options.model_dump(exclude_none=True)
         job.spec = WorkerSpec(
-            config=build_config(name, options, data_root, pool_root, job.workdir, state.config),
+            config=build_config(name, options, data_root, pool_root, state.config),
             nice=state.config.build_nice, threads=state.config.build_threads,
         )
     except BaseException:

@@ -42,9 +42,9 @@ async def show_cache(name: str = CacheName, state: ServerState = Depends(ready_s
         "labels": loaded.labels,
         "versions": store.list_versions(cache_dir),
         "current_version": store.current_version(cache_dir),
-        "params": manifest.get("params", {}),
-        "report": manifest.get("build_report", {}),
-        "created": manifest.get("created_at"),
+        "params": manifest.params,
+        "report": manifest.build_report,
+        "created": manifest.created_at,
     }
 
 

@@ -1,7 +1,9 @@
-"""A build request -> the builder's BuildConfig: options, unpacked uploads, allowed folders."""
+"""A build request -> the builder's BuildConfig: options, unpacked uploads, allowed folders.
+
+Labels, templates and descriptions travel in the BuildConfig itself (in memory, through the
+worker spec); only uploaded archives are unpacked into the job's work folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kvclip.cache_builder.build import BuildConfig
@@ -39,21 +41,9 @@ def build_config(
     options: BuildOptions,
     data_root: Path | None,
     pool_root: Path | None,
-    workdir: Path,
     config: ServerConfig,
 ) -> BuildConfig:
-    """The builder's configuration; option lists become files in the job's work folder."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    labels_file = templates = descriptions = None
-    if options.labels:
-        labels_file = workdir / "labels.txt"
-        labels_file.write_text("\n".join(options.labels) + "\n")
-    if options.templates:
-        templates = workdir / "templates.json"
-        templates.write_text(json.dumps(options.templates))
-    if options.descriptions:
-        descriptions = workdir / "descriptions.json"
-        descriptions.write_text(json.dumps(options.descriptions))
+    """The builder's configuration, the option lists handed over as values."""
     return BuildConfig(
         out=Path(config.caches) / name,
         data_dir=data_root,
@@ -61,9 +51,9 @@ def build_config(
         shots=None if options.shots == "all" else options.shots,
         views=options.views,
         captioner=options.captioner,
-        templates=templates,
-        descriptions=descriptions,
-        labels_file=labels_file,
+        templates=options.templates or None,
+        descriptions=options.descriptions or None,
+        labels=options.labels or None,
         seed=options.seed,
         device=config.device,
         model_cache_dir=config.model_cache_dir,

@@ -7,7 +7,7 @@ never holds the server's GIL, a crash or out-of-memory kill takes only the build
 cancelling can always end it. The worker loads its own copy of the model; it publishes the
 version without activating it, and the server activates it (service/jobs.py).
 
-Messages sent (tuples): ("progress", step, done, total), ("done", version, report),
+Messages sent (tuples): ("progress", step, done, total), ("done", version, report as JSON),
 ("cancelled",), ("error", message).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kvclip.cache_builder.build import BuildConfig
 
 @dataclass
 class WorkerSpec:
-    config: BuildConfig  # activate False, no monitor (set up in the child)
+    config: BuildConfig  # activate False, no monitor (set up in the child); labels and prompts as values
     nice: int
     threads: int
 
@@ -47,7 +47,7 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
     config.monitor = CallbackMonitor(on_progress=progress, cancelled=cancel_event.is_set)
     try:
         result = build_cache(config)
-        conn.send(("done", result.version, result.report))
+        conn.send(("done", result.version, result.report.model_dump(mode="json")))
     except BuildCancelled:
         conn.send(("cancelled",))
     except KvclipError as exc:

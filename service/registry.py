@@ -55,7 +55,7 @@ class LoadedCache:
 
     @property
     def model_id(self) -> str:
-        return self.artifact.manifest["model"]["id"]
+        return self.artifact.manifest.model.id
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvclip.cache_builder.sources import check_labels
 from kvclip.errors import DataError
+from kvclip.manifest import BuildReport, TunedParams
 from kvclip.prompts import check_templates
 from kvclip.vocabulary import (AUTO_METHOD, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_TOP_K, DEFAULT_VIEWS,
                                MAX_LABELS, MAX_POOL_PER_CLASS, MAX_TOP_K, MAX_VIEWS, VERSION_PATTERN, Captioner,
@@ -99,9 +100,9 @@ class CacheDetail(CacheSummary):
     labels: list[str]
     versions: list[str] = Field(description="versions on disk")
     current_version: str | None = Field(description="the version CURRENT names on disk")
-    params: dict = Field(description="tuned parameters per method")
-    report: dict = Field(description="the build report")
-    created: str | None = None
+    params: TunedParams = Field(description="tuned parameters per method (the manifest's params)")
+    report: BuildReport = Field(description="the build report (the manifest's build_report)")
+    created: str | None = Field(None, description="when the version was built (the manifest's created_at)")
 
 
 class ActivateRequest(BaseModel):
@@ -197,7 +198,7 @@ class JobInfo(BaseModel):
     version: str | None = Field(description="the version the build published")
     activated: bool
     error: str | None
-    report: dict | None = Field(description="the build report, when it succeeded")
+    report: BuildReport | None = Field(description="the build report, when it succeeded")
     options: dict
 
 

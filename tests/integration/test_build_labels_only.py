@@ -17,6 +17,7 @@ from kvclip.images import load_image
 from kvclip.prompts import DEFAULT_TEMPLATES, text_classifier
 from tests.build_helpers import ProgressLog
 from tests.conftest import write_images
+from tests.manifests import sample_manifest
 from tests.service_helpers import image_files, make_config, running_app
 
 LABELS = ["cat", "dog", "golden_retriever"]
@@ -48,13 +49,13 @@ def test_labels_only_build_is_a_zero_item_cache(label_files, tiny_encoder, tmp_p
     assert log.steps() == ["reading", "text", "publishing"]  # nothing to encode, tune or index
     log.check_bounds()
     m = result.manifest
-    assert m["labels"] == LABELS and m["counts"]["items"] == 0 and m["counts"]["per_class"] == {lb: 0 for lb in LABELS}
-    assert m["params"] == {"best_method": "zeroshot", "methods": {}}
-    assert m["tuning"]["loo_top1"] == {} and m["faiss"]["methods"] == {}
-    assert m["captioner"] == {"name": "none"}  # no CoCa model is loaded for a cache without images
+    assert m.labels == LABELS and m.counts.items == 0 and m.counts.per_class == {lb: 0 for lb in LABELS}
+    assert m.params.best_method == "zeroshot" and m.params.methods == {}
+    assert m.tuning.loo_top1 == {} and m.faiss.methods == {}
+    assert m.captioner.name == "none"  # no CoCa model is loaded for a cache without images
     report = result.report
-    assert report["mode"] == "labels-only" and report["used"] == 0 and report["skipped"] == []
-    assert report["source"] == str(label_files / "labels.txt")
+    assert report.mode == "labels-only" and report.used == 0 and report.skipped == []
+    assert report.source == str(label_files / "labels.txt")
 
     files = sorted(p.name for p in result.path.iterdir())
     assert not [f for f in files if f.endswith(".faiss")]
@@ -62,7 +63,7 @@ def test_labels_only_build_is_a_zero_item_cache(label_files, tiny_encoder, tmp_p
 
     loaded = store.load_cache(tmp_path / "pets")
     dim = loaded.text_weights.shape[0]
-    assert loaded.text_weights.shape == (dim, 3) and dim == m["counts"]["dim"] > 0
+    assert loaded.text_weights.shape == (dim, 3) and dim == m.counts.dim > 0
     assert loaded.image_keys.shape == (0, dim) and loaded.query_features.shape == (0, dim)
     assert loaded.label_ids.shape == (0,) and loaded.caption_keys is None and loaded.items == []
     assert loaded.image_index is None and loaded.caption_index is None
@@ -84,13 +85,12 @@ def test_zero_item_artifact_round_trip_and_a_manifest_that_names_another_method(
         labels=["a", "b"], text_weights=np.eye(4, 2, dtype=np.float32),
         image_keys=np.zeros((0, 4), np.float32), label_ids=np.zeros(0, np.int64),
         query_features=np.zeros((0, 4), np.float32),
-        manifest={"schema_version": store.SCHEMA_VERSION, "labels": ["a", "b"], "model": {"id": "m"},
-                  "params": {"best_method": "tip", "methods": {}}},
+        manifest=sample_manifest("zs", labels=["a", "b"], params={"best_method": "tip", "methods": {}}),
     )
     store.publish(tmp_path / "c", artifact)
     loaded = store.load_cache(tmp_path / "c")
     assert loaded.methods == ["zeroshot"] and loaded.best_method == "zeroshot"
-    assert sorted(loaded.manifest["files"]) == ["image_keys.npy", "items.jsonl", "label_ids.npy",
+    assert sorted(loaded.manifest.files) == ["image_keys.npy", "items.jsonl", "label_ids.npy",
                                                  "query_features.npy", "text_weights.npy"]
 
 
@@ -107,11 +107,32 @@ def test_eval_of_a_zero_shot_cache_scores_zeroshot_only(zeroshot_caches, tiny_en
     ({"data_dir": Path("d"), "manifest": Path("m.jsonl")}, "not both"),
     ({"data_dir": Path("d"), "labels_file": Path("l.txt"), "pool_dir": Path("p")}, "does not combine"),
     ({"labels_file": Path("missing.txt")}, "cannot read labels file missing.txt"),
+    ({"labels": ["a"], "labels_file": Path("l.txt")}, "labels or a labels file, not both"),
+    ({"labels": []}, "the label set is empty"),
+    ({"labels": ["Dog", "dog"]}, "duplicate labels"),
+    ({"labels": ["a"], "templates": ["no slot"]}, "exactly one"),
+    ({"labels": ["a"], "templates": []}, "no templates"),
+    ({"labels": ["a"], "descriptions": {"a": "not a list"}}, "mapping each label to a list of sentences"),
 ])
 def test_inputs_that_make_no_cache_are_errors(tmp_path, fields, message):
     with pytest.raises(DataError, match=message):
         build_cache(BuildConfig(out=tmp_path / "c", model="tiny-random", **fields))
     assert not (tmp_path / "c").exists()
+
+
+def test_labels_and_prompts_given_as_values_build_what_their_files_do(label_files, tiny_encoder, tmp_path):
+    """The server hands labels, templates and descriptions over in memory (BuildConfig values)."""
+    files = build_cache(BuildConfig(out=tmp_path / "files", labels_file=label_files / "labels.txt",
+                                    descriptions=label_files / "descriptions.json", templates=None,
+                                    model="tiny-random", progress=False), tiny_encoder)
+    values = build_cache(BuildConfig(out=tmp_path / "values", labels=list(LABELS),
+                                     descriptions={"dog": ["a dog, a four-legged pet that barks"]},
+                                     templates=list(DEFAULT_TEMPLATES), model="tiny-random", progress=False),
+                         tiny_encoder)
+    assert values.manifest.labels == files.manifest.labels == LABELS
+    assert values.manifest.prompts == files.manifest.prompts
+    assert values.report.source == "3 labels given in memory"
+    assert np.array_equal(np.load(values.path / "text_weights.npy"), np.load(files.path / "text_weights.npy"))
 
 
 def test_duplicate_labels_are_an_error_without_images_too(tmp_path, tiny_encoder):

@@ -112,7 +112,7 @@ def test_pool_build_pseudo_labels_the_support_set(pool, tiny_encoder, tmp_path, 
     log.check_bounds()
     assert log.last("pseudo-labelling") == (41, 41)  # every pool file, the broken one included
 
-    m, report = result.manifest, result.report
+    m, report = result.manifest.to_json(), result.report.model_dump(mode="json")
     assert report["mode"] == "pool" and report["source"] == str(pool / "pool")
     info = report["pool"]
     assert info["images"] == 41 and info["usable"] == 40

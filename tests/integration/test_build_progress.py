@@ -64,7 +64,7 @@ def test_labelled_build_reports_every_step_in_order(captioned, tiny_encoder, tmp
     result = build_cache(config(captioned, tmp_path / "caches/c", monitor=log.monitor()), tiny_encoder)
     assert log.steps() == ["reading", "text", "encoding", "captioning", "tuning", "indexing", "publishing"]
     log.check_bounds()
-    n = result.manifest["counts"]["items"]
+    n = result.manifest.counts.items
     assert n == 6
     assert log.last("reading") == (6, 6)  # the images checked
     assert log.last("text") == (3, 3)  # classes
@@ -75,7 +75,7 @@ def test_labelled_build_reports_every_step_in_order(captioned, tiny_encoder, tmp
     assert log.last("tuning") == (6, 6)  # one unit per δ of the grid (captions: 6 values)
     assert log.last("indexing") == (2, 2)  # image and caption indexes
     assert log.last("publishing") == (1, 1)
-    assert result.report["mode"] == "labelled"
+    assert result.report.mode == "labelled"
 
 
 def test_without_captions_there_is_no_captioning_step(captioned, tiny_encoder, tmp_path):

@@ -640,6 +640,21 @@ async def test_list_and_describe_caches(client):
     assert_error(await client.get("/v1/caches/nope"), 404, "unknown_cache", "nope")
 
 
+async def test_cache_detail_of_a_v1_cache_keeps_the_manifest_keys(tiny_encoder, tmp_path):
+    """A cache built before the manifest was typed: the detail response carries its params
+    and build report as they are on disk (typing adds no keys, drops none)."""
+    from tests.manifests import V1_CACHES, v1_manifest_json
+
+    for name in ("pets", "pooled"):
+        shutil.copytree(V1_CACHES / name, tmp_path / "caches" / name)
+    async with running_app(make_config(tmp_path / "caches"), tiny_encoder) as (_, client):
+        for name in ("pets", "pooled"):
+            raw = v1_manifest_json(name)
+            detail = (await client.get(f"/v1/caches/{name}")).json()
+            assert detail["params"] == raw["params"] and detail["report"] == raw["build_report"]
+            assert detail["created"] == raw["created_at"] and detail["best_method"] == raw["params"]["best_method"]
+
+
 async def test_invalid_cache_names_never_reach_the_filesystem(served_caches, tiny_encoder, tmp_path):
     root = tmp_path / "root"
     caches = copy_caches(served_caches, root / "caches")
@@ -859,6 +874,21 @@ async def test_readyz_answers_and_documents_ready_response(client):
     body = (await client.get("/readyz")).json()
     assert set(body) == set(ReadyResponse.model_fields)
     assert ReadyResponse.model_validate(body).ready is True
+
+
+async def test_openapi_documents_the_manifest_parts_it_serves(client):
+    """The cache detail's params and report, and a job's report, are the manifest's typed models."""
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    detail = schemas["CacheDetail"]["properties"]
+    assert detail["params"]["$ref"].endswith("/TunedParams") and detail["report"]["$ref"].endswith("/BuildReport")
+    job_report = json.dumps(schemas["JobInfo"]["properties"]["report"])
+    assert "#/components/schemas/BuildReport" in job_report
+    report = schemas["BuildReport"]["properties"]
+    assert {"mode", "source", "candidates", "used", "skipped", "short_classes", "timings_s", "throughput",
+            "pool"} <= set(report)
+    assert set(schemas["BuildReport"]["properties"]["mode"]["enum"]) == {"labelled", "labels-only", "pool"}
+    assert {"per_class", "empty_classes"} <= set(schemas["PoolReport"]["properties"])
+    assert set(schemas["MethodParams"]["properties"]) == {"alpha", "beta", "gamma", "delta"}
 
 
 # 10. configuration ------------------------------------------------------------------------

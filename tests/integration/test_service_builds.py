@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import pickle
 import tarfile
 import zipfile
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from kvclip import artifact as store
+from kvclip.service.build_requests import build_config
+from kvclip.service.build_worker import WorkerSpec
+from kvclip.service.schemas import BuildOptions
 from tests.service_helpers import copy_caches, image_files, make_config, running_app
 
 pytestmark = pytest.mark.anyio
@@ -270,13 +274,17 @@ async def test_build_metrics(client):
     assert "kvclip_build_jobs_running" in text
 
 
-async def test_labels_only_build_serves_a_zero_shot_cache(client, fashion_test):
+async def test_labels_only_build_serves_a_zero_shot_cache(client, app_client, fashion_test):
     labels = ["a photo of a dog", "a cat", "a bird"]
-    response = await post_build(client, "animals", {"labels": labels, "templates": ["{}", "a picture of {}"]})
+    response = await post_build(client, "animals", {"labels": labels, "templates": ["{}", "a picture of {}"],
+                                                    "descriptions": {"a cat": ["a small pet that purrs"]}})
     assert response.status_code == 202, response.text
     job = await wait_job(client, response.json()["id"])
     assert job["state"] == "succeeded" and job["activated"], job
     assert job["report"]["mode"] == "labels-only"
+    assert job["report"]["source"] == "3 labels given in memory"  # no labels file was written for the worker
+    prompts = store.load_cache(app_client[2] / "caches" / "animals").manifest.prompts
+    assert prompts.templates == ["{}", "a picture of {}"] and prompts.descriptions == {"a cat": ["a small pet that purrs"]}
     detail = (await client.get("/v1/caches/animals", headers=READ)).json()
     assert detail["labels"] == labels and detail["items"] == 0 and detail["methods"] == ["zeroshot"]
     body = (await client.post(CLASSIFY, params={"cache": "animals", "explain": "true"},
@@ -304,3 +312,16 @@ async def test_pool_upload_builds_a_pseudo_labelled_cache(client, fashion_train)
     assert set(kept) == set(labels) and all(0 <= n <= 2 for n in kept.values())
     detail = (await client.get("/v1/caches/pooled", headers=READ)).json()
     assert detail["items"] == sum(kept.values()) and detail["best_method"] == "tip"
+
+
+def test_build_options_reach_the_worker_as_values(tmp_path):
+    """Labels, templates and descriptions travel in the worker spec (pickled to the spawned
+    process), not as files in the job's folder."""
+    options = BuildOptions(labels=["cat", "dog"], templates=["a {}"], descriptions={"dog": ["a pet that barks"]})
+    config = build_config("pets", options, None, None, make_config(tmp_path / "caches"))
+    spec = pickle.loads(pickle.dumps(WorkerSpec(config=config, nice=0, threads=1)))
+    assert spec.config.labels == ["cat", "dog"] and spec.config.labels_file is None
+    assert spec.config.templates == ["a {}"] and spec.config.descriptions == {"dog": ["a pet that barks"]}
+    assert not any(tmp_path.iterdir())
+    defaults = build_config("pets", BuildOptions(data_dir="d"), tmp_path / "d", None, make_config(tmp_path))
+    assert defaults.labels is None and defaults.templates is None and defaults.descriptions is None

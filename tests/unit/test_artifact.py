@@ -10,6 +10,7 @@ import torch
 from kvclip import artifact as store
 from kvclip.errors import ArtifactError
 from kvclip.index import build_index
+from tests.manifests import sample_manifest
 
 
 def make_artifact(seed: int = 0, captions: bool = True) -> store.CacheArtifact:
@@ -25,9 +26,8 @@ def make_artifact(seed: int = 0, captions: bool = True) -> store.CacheArtifact:
         query_features=keys.copy(),
         caption_keys=caps,
         items=[{"path": f"/x/{i}.png", "label": "abc"[i % 3], "caption": f"caption {i}"} for i in range(12)],
-        manifest={"schema_version": store.SCHEMA_VERSION, "name": "demo", "labels": ["a", "b", "c"],
-                  "params": {"best_method": "tip", "methods": {"tip": {"alpha": 2.0, "beta": 3.0, "gamma": 0.0, "delta": 0.0}}},
-                  "model": {"id": "tiny-random"}, "seed": seed},
+        manifest=sample_manifest(name="demo", labels=["a", "b", "c"], seed=seed, params={
+            "best_method": "tip", "methods": {"tip": {"alpha": 2.0, "beta": 3.0, "gamma": 0.0, "delta": 0.0}}}),
         image_index=build_index(keys),
         caption_index=build_index(caps) if captions else None,
     )
@@ -92,7 +92,7 @@ def test_exception_while_publishing_keeps_previous_version(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         store.publish(cache_dir, make_artifact(1))
     assert store.list_versions(cache_dir) == ["v0001"]
-    assert store.load_cache(cache_dir).manifest["seed"] == 0
+    assert store.load_cache(cache_dir).manifest.seed == 0
     assert not list(cache_dir.glob(".staging-*"))
 
 
@@ -123,7 +123,7 @@ def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, po
     assert proc.returncode == 17, proc.stderr
     assert store.current_version(cache_dir) == "v0001"
     loaded = store.load_cache(cache_dir)
-    assert loaded.version == "v0001" and loaded.manifest["seed"] == 0
+    assert loaded.version == "v0001" and loaded.manifest.seed == 0
     if point == "mid-write":
         assert list(cache_dir.glob(".staging-*")) and store.list_versions(cache_dir) == ["v0001"]
     else:
@@ -133,3 +133,84 @@ def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, po
     version = store.publish(cache_dir, make_artifact(2))
     assert store.load_cache(cache_dir).version == version
     assert not list(cache_dir.glob(".staging-*"))
+
+
+# The typed manifest (kvclip/manifest.py) ----------------------------------------------------
+
+
+def copy_v1_cache(name: str, dest):
+    import shutil
+
+    from tests.manifests import V1_CACHES
+
+    return shutil.copytree(V1_CACHES / name, dest / name)
+
+
+@pytest.mark.parametrize("name", ["pets", "pooled", "zs"])
+def test_v1_caches_written_before_the_typed_manifest_still_load(name, tmp_path):
+    """tests/fixtures/v1_caches: caches from the builder that wrote the manifest as a plain dict."""
+    from tests.manifests import v1_manifest_json
+
+    cache_dir = copy_v1_cache(name, tmp_path)
+    raw = v1_manifest_json(name)
+    loaded = store.load_cache(cache_dir)  # checksums verified
+    m = loaded.manifest
+    assert m.schema_version == 1 and m.name == name and m.labels == loaded.labels == raw["labels"]
+    assert m.model.id == "tiny-random" and m.counts.items == loaded.num_items == raw["counts"]["items"]
+    assert m.params.best_method == raw["params"]["best_method"] and m.build_report.mode == raw["build_report"]["mode"]
+    assert (m.build_report.pool is not None) == (name == "pooled")
+    assert m.to_json() == raw and list(m.to_json()) == list(raw)  # same keys, same order, same values
+    # Re-publishing it writes the same manifest.json: the typed model keeps the on-disk form.
+    assert store.publish(tmp_path / "again" / name, loaded) == "v0001"
+    assert json.loads((tmp_path / "again" / name / "versions/v0001/manifest.json").read_text()) == raw
+
+
+def test_v1_manifest_fields_read_typed(tmp_path):
+    loaded = store.load_cache(copy_v1_cache("pets", tmp_path))
+    tuned = loaded.manifest.params.methods["tipx"]
+    assert loaded.params("tipx").gamma == tuned.gamma == 10.0 and loaded.best_method == "tipx"
+    assert loaded.temperature == loaded.manifest.temperature == 0.5
+    assert loaded.manifest.captioner.name == "sidecar" and loaded.manifest.prompts.descriptions is None
+    report = loaded.manifest.build_report
+    assert report.skipped_count == 1 and report.skipped[0].path.endswith("broken.png")
+    assert loaded.manifest.faiss.methods["tip"].top1_agreement == 1.0
+    assert loaded.manifest.tuning.grid is not None and 1000.0 in loaded.manifest.tuning.grid.alphas
+
+
+def _rewrite_manifest(cache_dir, change) -> None:
+    """Edit manifest.json in place (it is not among the checksummed files)."""
+    path = cache_dir / "versions/v0001/manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_unknown_manifest_keys_load_and_are_kept(tmp_path):
+    """Forward compatibility: a newer builder's extra keys neither break loading nor get lost."""
+    cache_dir = copy_v1_cache("pets", tmp_path)
+
+    def add(data):
+        data["future_report"] = {"x": 1}
+        data["build_report"]["gpu"] = "H200"
+        data["params"]["methods"]["tip"]["epsilon"] = 0.5
+
+    _rewrite_manifest(cache_dir, add)
+    loaded = store.load_cache(cache_dir)
+    assert loaded.manifest.model_extra == {"future_report": {"x": 1}}
+    assert loaded.manifest.build_report.model_extra == {"gpu": "H200"}
+    assert loaded.params("tip").alpha == loaded.manifest.params.methods["tip"].alpha  # unknown parameter ignored
+    out = loaded.manifest.to_json()
+    assert out["future_report"] == {"x": 1} and out["build_report"]["gpu"] == "H200"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(schema_version=2), "schema version 2 is not 1"),
+    (lambda d: d.pop("labels"), "not a valid cache manifest"),
+    (lambda d: d["counts"].update(items="many"), "not a valid cache manifest"),
+    (lambda d: d["build_report"].update(mode="magic"), "not a valid cache manifest"),
+])
+def test_a_manifest_that_is_not_v1_is_refused(tmp_path, change, message):
+    cache_dir = copy_v1_cache("zs", tmp_path)
+    _rewrite_manifest(cache_dir, change)
+    with pytest.raises(ArtifactError, match=message):
+        store.load_cache(cache_dir)

@@ -1,0 +1,188 @@
+"""The cache manifest (manifest.json) as one typed model: written by the builder, validated
+by `kvclip.artifact.load_cache`, and served over HTTP (service/schemas.py) from the same
+classes, so OpenAPI documents what a manifest holds.
+
+Schema version 1 is the on-disk form since the first builder; these models read it exactly
+as it was written (tests/fixtures/v1_caches holds manifests from that builder). A change
+that old readers cannot ignore bumps SCHEMA_VERSION and migrates older manifests on read.
+
+Unknown keys are allowed and kept (``extra="allow"``), not refused: a newer builder may add
+a report or a field that this reader does not know, and an older server should still serve
+the cache rather than refuse it; keeping (not dropping) them means a manifest re-written or
+served by this code loses nothing. Only a change of meaning needs a new schema version.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams
+
+SCHEMA_VERSION = 1
+BuildMode = Literal["labelled", "labels-only", "pool"]
+
+
+def _absent_when_none(value: object) -> bool:
+    return value is None
+
+
+def _optional(description: str | None = None) -> Any:
+    """A field older or simpler manifests leave out: written only when it has a value."""
+    return Field(None, description=description, exclude_if=_absent_when_none)
+
+
+class _Part(BaseModel):
+    """Every manifest model: extra keys allowed and kept (see the module docstring)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelInfo(_Part):
+    """The model that built the cache; a server compares it with its own (check_model_matches)."""
+
+    id: str
+    kind: str | None = None
+    arch: str | None = None
+    weights_sha256: str | None = None
+    precision: str | None = None
+    image_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class PromptSet(_Part):
+    templates: list[str]
+    descriptions: dict[str, list[str]] | None = None
+
+
+class Counts(_Part):
+    classes: int
+    items: int = Field(description="support items (0: a zero-shot cache)")
+    dim: int = Field(description="feature dimension")
+    per_class: dict[str, int]
+    skipped: int = Field(description="unreadable images skipped")
+
+
+class CaptionerInfo(_Part):
+    name: str = Field(description="sidecar, coca or none")
+    model: str | None = _optional("coca only, as are generation and seq_len")
+    generation: str | None = _optional()
+    seq_len: int | None = _optional()
+
+
+class MethodParams(_Part):
+    """One method's tuned blend parameters (kvclip.blend.BlendParams)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    delta: float = 0.0
+
+    @classmethod
+    def of(cls, params: BlendParams) -> MethodParams:
+        return cls(**params.as_dict())
+
+    def blend_params(self) -> BlendParams:
+        known = {f.name for f in dataclasses.fields(BlendParams)}
+        return BlendParams(**{k: v for k, v in self.model_dump().items() if k in known})
+
+
+class TunedParams(_Part):
+    best_method: str = Field("zeroshot", description="what method=auto serves")
+    methods: dict[str, MethodParams] = Field(default_factory=dict, description="tuned parameters per method")
+
+
+class GridReport(_Part):
+    alphas: list[float]
+    betas: list[float]
+    gammas: list[float]
+    deltas: list[float]
+
+
+class TuningReport(_Part):
+    protocol: str
+    n_queries: int
+    loo_top1: dict[str, float] = Field(description="leave-one-out top-1 accuracy per method")
+    grid: GridReport | None = _optional("the grid searched; absent without support items")
+
+
+class FaissAgreement(_Part):
+    top1_agreement: float
+    max_abs_logit_diff: float
+    top1_dense: float
+    top1_topk: float
+
+
+class FaissReport(_Part):
+    index: str | None = Field(description="FAISS index kind; None without support items")
+    k: int | None
+    n_queries: int
+    methods: dict[str, FaissAgreement] = Field(default_factory=dict)
+
+
+class SkippedFile(_Part):
+    path: str
+    reason: str
+
+
+class PoolClass(_Part):
+    count: int = Field(description="pool images kept for the class")
+    assigned: int = Field(description="pool images whose zero-shot argmax is the class")
+    mean_confidence: float | None
+    min_confidence: float | None
+
+
+class PoolReport(_Part):
+    images: int = Field(description="image files in the pool")
+    usable: int
+    skipped: list[SkippedFile]
+    empty_classes: list[str]
+    per_class: dict[str, PoolClass]
+
+
+class Throughput(_Part):
+    encoded_views_per_s: float | None
+    batch_images: int
+    batch_crops: int
+
+
+class BuildReport(_Part):
+    mode: BuildMode
+    source: str
+    candidates: int = Field(description="images listed (labelled: of the cache's labels; pool: files found)")
+    used: int
+    skipped: list[SkippedFile]
+    skipped_count: int
+    short_classes: dict[str, int] = Field(description="classes with fewer support items than asked for")
+    timings_s: dict[str, float]
+    throughput: Throughput
+    pool: PoolReport | None = _optional("pool builds only")
+
+
+class Manifest(_Part):
+    """manifest.json of one cache version. `version` and `files` are set by publish."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    created_at: str
+    model: ModelInfo
+    labels: list[str]
+    prompts: PromptSet
+    counts: Counts
+    captioner: CaptionerInfo
+    shots: int | None = Field(description="shots per class asked for (None: all; 0: labels only)")
+    views: int
+    seed: int
+    temperature: float = DEFAULT_TEMPERATURE
+    params: TunedParams
+    tuning: TuningReport
+    faiss: FaissReport
+    build_report: BuildReport
+    version: str | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file of the version")
+
+    def to_json(self) -> dict:
+        """The on-disk form (manifest.json), extra keys included."""
+        return self.model_dump(mode="json")
