@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -72,7 +72,7 @@ def zip_folder(folder: Path, out: BinaryIO, what: str = "folder") -> int:
     return count
 
 
-def read_labels(labels: list[str] | str | os.PathLike) -> list[str]:
+def read_labels(labels: Sequence[str] | str | os.PathLike) -> list[str]:
     """A list as given, or a labels file: one label per line, blank lines skipped."""
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels)
@@ -83,7 +83,7 @@ def read_labels(labels: list[str] | str | os.PathLike) -> list[str]:
     return list(labels)
 
 
-def read_templates(templates: list[str] | str | os.PathLike) -> list[str]:
+def read_templates(templates: Sequence[str] | str | os.PathLike) -> list[str]:
     """A list as given, or a file read as `kvclip build --templates` reads it (JSON list, or one
     template per line; '#' lines are comments)."""
     if isinstance(templates, (str, os.PathLike)):

@@ -46,11 +46,12 @@ class JobProgress:
             return
         if key != self._shown:
             self._close_bar()
-            total = job.total or None
-            self._bar = tqdm(total=total, desc=step, bar_format=_BAR if total else _COUNT,
+            bar_total = job.total or None
+            self._bar = tqdm(total=bar_total, desc=step, bar_format=_BAR if bar_total else _COUNT,
                              file=self._stream, dynamic_ncols=True, leave=False)
             self._shown = key
         bar = self._bar
+        assert bar is not None  # made above when the step began
         if job.total and bar.total != job.total:
             bar.total = job.total
         bar.n = job.done

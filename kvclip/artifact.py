@@ -29,6 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,7 +188,7 @@ def load_cache(
         if f"{name}.npy" in files
     }
     items = [json.loads(line) for line in (folder / ITEMS_FILE).read_text().splitlines() if line]
-    loaded = {
+    loaded: dict[str, Any] = {
         attr: key_index.read_index(folder / fname)
         for attr, fname in _INDEXES.items()
         if indexes and fname in files

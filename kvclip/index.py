@@ -24,11 +24,13 @@ def build_index(keys: np.ndarray, kind: str = "flat") -> faiss.Index:
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     dim = keys.shape[1]
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = 128
+        index = hnsw
     else:
         raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
     index.add(keys)

@@ -20,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import open_clip
@@ -97,6 +97,12 @@ class Encoder:
                                             self.interpolation)
 
     @property
+    def _clip(self) -> Any:
+        # open_clip's CLIP/CustomTextCLIP/CoCa all have encode_image/encode_text; nn.Module's
+        # __getattr__ types them as Tensor.
+        return self.model
+
+    @property
     def model_id(self) -> str:
         return self.spec.name
 
@@ -104,7 +110,7 @@ class Encoder:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W preprocessed pixels -> B x D L2-normalised float32 features."""
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        return F.normalize(self._clip.encode_image(pixels).float(), dim=-1)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -112,7 +118,7 @@ class Encoder:
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+            out.append(F.normalize(self._clip.encode_text(tokens).float(), dim=-1))
         return torch.cat(out)
 
     def info(self) -> dict:
@@ -194,6 +200,7 @@ def _create_model(spec: ModelSpec, device: torch.device, cache_dir: str | None):
 
 def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | None) -> str | None:
     """The local path of the weights, fetching them if a hub is reachable."""
+    assert spec.source is not None  # only tiny-random names no source, and it has no checkpoint
     if spec.kind == "file":
         _check_arch(spec)
         if not Path(spec.source).is_file():
