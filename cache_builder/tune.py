@@ -266,7 +266,7 @@ def _steps(a: float, b: float, n: int, linear: bool) -> list[float]:
     """n values strictly between a and b, and b: evenly spaced, or geometrically."""
     t = torch.linspace(0.0, 1.0, n + 2, dtype=torch.float64)[1:]
     values = a + (b - a) * t if linear else a * (b / a) ** t
-    return [round(float(v), 6) for v in values]
+    return [float(f"{float(v):.4g}") for v in values]  # 4 significant digits: readable in the manifest
 
 
 def _mean_log_likelihood(logits: torch.Tensor, truth: torch.Tensor) -> float:
