@@ -69,8 +69,8 @@ class Grid:
     def around(self, name: str, best: float) -> tuple[float, ...]:
         """The second pass's values of parameter `name` ("alphas", ...): the coarse neighbours of
         `best`, `best` itself and `refine_steps` values in each gap. Geometric steps (α, β, γ span
-        decades) except from 0 and for δ, which is a share in [0, 1]; past the grid's last value
-        the gap is extended by the last coarse ratio (×2 below the first positive β)."""
+        decades) except from 0 and for δ, which is a share in [0, 1]. Past the grid's last value the
+        gap is extended by the last coarse ratio; below a positive first value, down to its half."""
         values = sorted(getattr(self, name))
         i = values.index(best)
         lower = values[i - 1] if i > 0 else (best / 2 if best > 0 else None)
