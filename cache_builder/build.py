@@ -201,8 +201,8 @@ def fit_cache(
                                   image_index, caption_index, config.faiss_k)
     report = tuning.report()
     if pool_build:
-        report["protocol"] = ("leave-one-out on the pool's zero-shot pseudo-labels (query i excludes support "
-                              "item i); zero-shot agrees with them by construction, so auto serves tip with "
+        report["protocol"] = ("balanced leave-one-out on the pool's zero-shot pseudo-labels (as for labelled "
+                              "builds); zero-shot agrees with them by construction, so auto serves tip with "
                               f"fixed parameters {POOL_TIP_PARAMS.as_dict()}")
     return Fitted(TunedParams.model_validate(tuning.manifest_params()), TuningReport.model_validate(report),
                   FaissReport.model_validate({"index": config.index_kind, **faiss_report}),

@@ -6,6 +6,10 @@ batch (docs/methods.md, defect 3). Formulas are in ../docs/methods.md.
 
 `exclude` (bool, queries x items) drops support items from a query's sums; the tuner uses
 it for leave-one-out, where query i must not see support item i.
+
+Class balance: both cache terms are sums over items, so by default each class's sum is
+scaled by n̄ / n_c (n̄ the mean size of the non-empty classes, n_c the class's items that
+take part): a per-class mean, times a constant. Equal class sizes give exactly the old sums.
 """
 from __future__ import annotations
 
@@ -54,8 +58,10 @@ class CacheTensors:
     image_keys: torch.Tensor  # N x D, rows L2-normalised
     caption_keys: torch.Tensor | None  # N x D, rows L2-normalised, or None without captions
     values: torch.Tensor  # N x C one-hot labels
-    key_log_signatures: torch.Tensor  # N x C, log softmax(K_img W_t / T) over classes
+    key_log_partitions: torch.Tensor  # N, log-mean-exp of each key's centred logits (see kl_divergence)
+    class_counts: torch.Tensor  # C, support items per class (float32)
     temperature: float = DEFAULT_TEMPERATURE
+    balanced: bool = True  # per-class mean of the cache terms (module docstring); False: plain sums
 
     @classmethod
     def build(
@@ -66,6 +72,7 @@ class CacheTensors:
         caption_keys: torch.Tensor | None = None,
         temperature: float = DEFAULT_TEMPERATURE,
         device: torch.device | str | None = None,
+        balanced: bool = True,
     ) -> "CacheTensors":
         text_weights = torch.as_tensor(text_weights, dtype=torch.float32, device=device)
         image_keys = torch.as_tensor(image_keys, dtype=torch.float32, device=device)
@@ -90,8 +97,10 @@ class CacheTensors:
             image_keys=image_keys,
             caption_keys=caption_keys,
             values=values,
-            key_log_signatures=log_signatures(image_keys, text_weights, temperature),
+            key_log_partitions=key_log_partitions(image_keys, text_weights, temperature),
+            class_counts=values.sum(dim=0),
             temperature=temperature,
+            balanced=balanced,
         )
 
     @property
@@ -114,7 +123,8 @@ class CacheTensors:
             image_keys=move(self.image_keys),
             caption_keys=move(self.caption_keys),
             values=move(self.values),
-            key_log_signatures=move(self.key_log_signatures),
+            key_log_partitions=move(self.key_log_partitions),
+            class_counts=move(self.class_counts),
         )
 
 
@@ -144,29 +154,78 @@ def cache_logits(
     beta: float,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """exp(−β (1 − A)) L, with excluded items contributing nothing."""
+    """exp(−β (1 − A)) L, with excluded items contributing nothing (plain sums; see class_scale)."""
     weights = torch.exp(-beta * (1.0 - affinity))
     if exclude is not None:
         weights = weights.masked_fill(exclude, 0.0)
     return weights @ values
 
 
-def log_signatures(x: torch.Tensor, text_weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(x W_t / T) over the C classes (never over feature dimensions)."""
-    return torch.log_softmax((x @ text_weights) / temperature, dim=-1)
+def class_scale(cache: CacheTensors, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The factor n̄ / n_c that turns each class's sum into its mean times n̄: 1 x C, or
+    queries x C when `exclude` removes items (n_c then counts each query's remaining items).
+
+    n̄ = N / (non-empty classes) is fixed by the cache, so equal class sizes give a factor of
+    exactly 1, and leave-one-out (n_c − 1 items) scores a mean on the same scale as serving.
+    A class with no items left gets 0, as its empty sum does. All ones when not balanced.
+    """
+    if not cache.balanced:
+        return torch.ones(1, cache.num_classes, device=cache.device)
+    counts = cache.class_counts.view(1, -1)
+    mean_size = cache.num_items / max(1, int((counts > 0).sum()))
+    if exclude is not None:
+        counts = (~exclude).to(torch.float32) @ cache.values
+    return torch.where(counts > 0, mean_size / counts.clamp_min(1.0), 0.0)
+
+
+def centred_log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """log mean_c exp(z_c − z̄) per row, z̄ the row mean: logsumexp(z) − z̄ − log C, without
+    the cancellation of those three terms (each ≈ log C for CLIP's near-flat signatures)."""
+    z = logits - logits.mean(dim=-1, keepdim=True)
+    small = torch.log1p(torch.expm1(z).mean(dim=-1))  # accurate while z is small, as it is for CLIP
+    top = z.amax(dim=-1)
+    shifted = top + torch.log(torch.exp(z - top.unsqueeze(-1)).mean(dim=-1))  # never overflows
+    return torch.where(top < 20.0, small, shifted)
+
+
+def key_log_partitions(
+    image_keys: torch.Tensor, text_weights: torch.Tensor, temperature: float, chunk: int = 8192
+) -> torch.Tensor:
+    """centred_log_partition(K_img W_t / T), from float64 logits, stored as float32.
+
+    Once per cache. The float32 logits' rounding (~3e-7) would enter every KL directly: the
+    item term's matmul (kl_divergence) does not round the same way, so nothing cancels it,
+    and the per-row rescaling magnifies it by range(A) / range(KL), often ~100.
+    """
+    weights = text_weights.double()
+    parts = [centred_log_partition(rows.double() @ weights / temperature) for rows in image_keys.split(chunk)]
+    return torch.cat(parts).to(torch.float32) if parts else image_keys.new_zeros(0)
 
 
 def kl_divergence(
-    features: torch.Tensor, cache: CacheTensors, key_log_signatures: torch.Tensor | None = None
+    features: torch.Tensor, cache: CacheTensors, ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """KL(s(f) ‖ s(k_j)) by one matmul: queries x items against every support item, or
-    against each query's own candidates when given their log signatures (queries x M x C)."""
-    log_s_f = log_signatures(features, cache.text_weights, cache.temperature)
-    s_f = log_s_f.exp()
-    negative_entropy = (s_f * log_s_f).sum(dim=-1, keepdim=True)
-    if key_log_signatures is None:
-        return negative_entropy - s_f @ cache.key_log_signatures.T
-    return negative_entropy - torch.einsum("qc,qmc->qm", s_f, key_log_signatures)
+    """KL(s(f) ‖ s(k_j)), queries x items: against every support item, or against each
+    query's own candidate items `ids` (queries x M).
+
+    With u = f W_t / T and v_j = k_j W_t / T centred per row (ũ, ṽ_j) and lme the centred
+    log partition, KL_j = [s(f)·ũ − lme(ũ)] − [s(f)·ṽ_j − lme(ṽ_j)]: the log C inside both
+    log-partitions cancels analytically instead of in float32. s(f)·ṽ_j = p·v_j with
+    p = s(f) − 1/C (computed as expm1(ũ − lme(ũ)) / C), so the item term is one matmul,
+    (p W_tᵀ / T) k_jᵀ, and lme(ṽ_j) is precomputed per key. O(queries × N) memory.
+    """
+    logits = features @ cache.text_weights / cache.temperature
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    log_partition = centred_log_partition(logits).unsqueeze(-1)
+    excess = torch.expm1(centred - log_partition) / cache.num_classes  # s(f) − 1/C
+    own = (excess * centred).sum(dim=-1, keepdim=True) - log_partition
+    direction = excess @ cache.text_weights.T / cache.temperature  # queries x D
+    if ids is None:
+        cross = direction @ cache.image_keys.T - cache.key_log_partitions
+    else:
+        keys = cache.image_keys[ids]  # queries x M x D
+        cross = torch.einsum("qd,qmd->qm", direction, keys) - cache.key_log_partitions[ids]
+    return own - cross
 
 
 def rescale_rows(
@@ -196,7 +255,7 @@ def kl_logits(
     affinity: torch.Tensor,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(−rescaled KL) L: the Tip-X signature term before its weight γ."""
+    """(−rescaled KL) L: the Tip-X signature term before its weight γ (plain sums; see class_scale)."""
     kl = kl_divergence(features, cache)
     weights = -rescale_rows(kl, affinity, exclude)
     if exclude is not None:
@@ -219,10 +278,11 @@ def blend(
         return logits
     p = params.for_method(method)
     affinity = affinities(features, cache, p.delta)
+    scale = class_scale(cache, exclude)
     if p.alpha != 0.0:
-        logits = logits + p.alpha * cache_logits(affinity, cache.values, p.beta, exclude)
+        logits = logits + p.alpha * scale * cache_logits(affinity, cache.values, p.beta, exclude)
     if p.gamma != 0.0:
-        logits = logits + p.gamma * kl_logits(features, cache, affinity, exclude)
+        logits = logits + p.gamma * scale * kl_logits(features, cache, affinity, exclude)
     return logits
 
 
@@ -238,7 +298,9 @@ def blend_candidates(
     The top-k approximation for caches too large for a dense pass: candidates come from a
     FAISS search (kvclip.index). Ids of -1 and repeated ids are ignored. Affinities of the
     candidates are exact; items outside them contribute nothing, and the KL term is rescaled
-    over the candidates only. With every item as a candidate this equals `blend`.
+    over the candidates only. Class balance divides by the cache's class sizes, not by the
+    candidates per class: the candidates stand in for the whole sum. With every item as a
+    candidate this equals `blend`.
     """
     check_method(method)
     features = features.to(device=cache.device, dtype=torch.float32)
@@ -250,13 +312,14 @@ def blend_candidates(
     ids, invalid = _dedupe_candidates(candidates)
     affinity = candidate_affinities(features, cache, ids, p.delta)
     values = cache.values[ids]  # queries x M x C
+    scale = class_scale(cache)
     if p.alpha != 0.0:
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
-        logits = logits + p.alpha * torch.einsum("qm,qmc->qc", weights, values)
+        logits = logits + p.alpha * scale * torch.einsum("qm,qmc->qc", weights, values)
     if p.gamma != 0.0:
-        kl = kl_divergence(features, cache, cache.key_log_signatures[ids])
+        kl = kl_divergence(features, cache, ids)
         weights = (-rescale_rows(kl, affinity, invalid)).masked_fill(invalid, 0.0)
-        logits = logits + p.gamma * torch.einsum("qm,qmc->qc", weights, values)
+        logits = logits + p.gamma * scale * torch.einsum("qm,qmc->qc", weights, values)
     return logits
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.cache_builder.features import encode_image_files
 from kvclip.cache_builder.pool import PoolFeatures, pseudo_label, select_confident
+from kvclip.cache_builder.tune import loo_exclusions
 from kvclip import artifact as store
 from kvclip.blend import BlendParams, CacheTensors, blend
 from kvclip.cli import main
@@ -163,11 +164,12 @@ def test_pool_build_pseudo_labels_the_support_set(pool, tiny_encoder, tmp_path, 
     cache = CacheTensors.build(torch.from_numpy(loaded.text_weights), torch.from_numpy(loaded.image_keys),
                                torch.from_numpy(loaded.label_ids), None, temperature=loaded.temperature)
     queries = torch.from_numpy(loaded.query_features)
-    served = blend(queries, cache, BlendParams(alpha=1.0, beta=5.5), "tip", torch.eye(n, dtype=torch.bool))
     truth = torch.from_numpy(loaded.label_ids)
+    exclude = loo_exclusions(truth, torch.arange(n), len(LABELS), 0, queries)
+    served = blend(queries, cache, BlendParams(alpha=1.0, beta=5.5), "tip", exclude)
     assert m["tuning"]["loo_top1"]["tip"] == pytest.approx(float((served.argmax(1) == truth).float().mean()))
 
-    assert m["tuning"]["protocol"].startswith("leave-one-out on the pool's zero-shot pseudo-labels")
+    assert m["tuning"]["protocol"].startswith("balanced leave-one-out on the pool's zero-shot pseudo-labels")
     assert m["tuning"]["loo_top1"]["zeroshot"] == pytest.approx(1.0)  # by construction (docs/methods.md)
     # Pseudo-labels cannot choose a method, so auto serves tip with fixed, published parameters.
     assert m["params"]["best_method"] == "tip" == loaded.best_method

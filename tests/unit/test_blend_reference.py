@@ -9,9 +9,11 @@ from kvclip/blend.py:
     KL_j      = sum_c s(f)_c (log s(f)_c - log s(k_img_j)_c)
     KL row rescaled linearly onto [min_j A_j, max_j A_j] of the same query, then negated
     logits    = logits_zs + gamma (-rescaled KL) L + alpha exp(-beta (1 - A)) L
+    balanced: each class's two sums times n_bar / n_c, n_bar = N / (non-empty classes)
 
 Only the support items that are "active" for a query (not excluded / among its candidates)
-enter the sums and the min / max of the rescaling.
+enter the sums and the min / max of the rescaling. n_c counts a query's active items of
+class c after exclusion, but the whole cache's for candidates (they stand in for all items).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvclip.blend import BlendParams, CacheTensors, blend, blend_candidates
+from kvclip.blend import BlendParams, CacheTensors, blend, blend_candidates, kl_divergence
+from tests.clip_like import clip_like
 
 METHODS = ("zeroshot", "tip", "tipx", "caps")
 TOL = 1e-4
@@ -69,8 +72,11 @@ def ref_logits(
     method: str,
     temperature: float = 0.5,
     active=None,
+    balanced: bool = True,
+    class_sizes: str = "active",
 ):
-    """Q x C float64 logits. `active[i]` is the list of support ids used by query i."""
+    """Q x C float64 logits. `active[i]` is the list of support ids used by query i;
+    `class_sizes` "active" or "cache" says which items n_c counts when `balanced`."""
     f_all = np.asarray(features, dtype=np.float64)
     w = np.asarray(text_weights, dtype=np.float64)
     k_img = np.asarray(image_keys, dtype=np.float64)
@@ -99,8 +105,9 @@ def ref_logits(
             if delta != 0.0:
                 a += delta * _dot(f, k_cap[j])
             aff[j] = a
+        sums = [0.0] * n_cls
         for j in items:
-            out[i, labels[j]] += alpha * math.exp(-beta * (1.0 - aff[j]))
+            sums[labels[j]] += alpha * math.exp(-beta * (1.0 - aff[j]))
         if gamma != 0.0:
             sf = ref_signature(f, w, temperature)
             kl = {j: ref_kl(sf, key_sigs[j]) for j in items}
@@ -108,7 +115,15 @@ def ref_logits(
             a_min, a_max = min(aff.values()), max(aff.values())
             for j in items:
                 scaled = a_min + (kl[j] - kl_min) / (kl_max - kl_min) * (a_max - a_min)
-                out[i, labels[j]] += gamma * (-scaled)
+                sums[labels[j]] += gamma * (-scaled)
+        counted = items if class_sizes == "active" else range(n_items)
+        size = [sum(1 for j in counted if labels[j] == cls) for cls in range(n_cls)]
+        mean_size = n_items / len(set(labels))
+        for cls in range(n_cls):
+            if not balanced:
+                out[i, cls] += sums[cls]
+            elif size[cls]:
+                out[i, cls] += sums[cls] * mean_size / size[cls]
     return out
 
 
@@ -280,7 +295,7 @@ def test_candidates_all_ids_equal_blend(method, params):
     got = blend_candidates(feats, cache, params, method, cand)
     full = blend(feats, cache, params, method)
     assert float((got - full).abs().max()) <= TOL
-    ref = ref_logits(feats, tw, keys, labels, caps, params, method)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, class_sizes="cache")
     assert _maxdiff(got, ref) <= TOL
 
 
@@ -304,7 +319,7 @@ def test_candidates_subset_matches_reference(method, params):
         rows.append(row)
     cand = torch.tensor(rows, dtype=torch.long)
     got = blend_candidates(feats, cache, params, method, cand)
-    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active, class_sizes="cache")
     assert _maxdiff(got, ref) <= TOL
     if _has_cache_term(method, params):
         ref_all = ref_logits(feats, tw, keys, labels, caps, params, method)
@@ -353,7 +368,8 @@ def test_reference_kl_zero_for_identical_key():
 @pytest.mark.parametrize("method", ["tipx", "caps"])
 def test_support_key_as_query_kl_term(method):
     """Query = support key j (alone in its class). Its KL is 0, the row minimum, so its
-    rescaled KL is min_j A_j and the KL term of j's class is -gamma * min A. With delta = 0
+    rescaled KL is min_j A_j and the KL term of j's class is -gamma * min A (times n_bar / 1,
+    the class balance of a one-item class). With delta = 0
     its affinity (1.0) is the row maximum."""
     _, tw, keys, labels, caps = make_data(seed=59)
     j = 4
@@ -377,7 +393,8 @@ def test_support_key_as_query_kl_term(method):
         assert max(aff) == pytest.approx(1.0, abs=1e-6)
 
     got = blend(feats, cache, params, method) - blend(feats, cache, params, "zeroshot")
-    assert float(got[0, own]) == pytest.approx(-2.0 * min(aff), abs=TOL)
+    mean_size = N / len(set(labels.tolist()))
+    assert float(got[0, own]) == pytest.approx(-2.0 * min(aff) * mean_size, abs=TOL)
     ref = ref_logits(feats, tw, keys, labels, caps, params, method)
     assert _maxdiff(blend(feats, cache, params, method), ref) <= TOL
 
@@ -386,7 +403,8 @@ def test_support_key_as_query_kl_term(method):
 def test_signature_is_over_classes_not_features(method):
     """A support key k that differs from the query f only outside the span of W_t's columns
     has x W_t identical to f's, so KL(f, k) = 0 over the classes (but not over the D feature
-    dimensions). It is then the row's KL minimum and its rescaled KL is min A."""
+    dimensions). It is then the row's KL minimum and its rescaled KL is min A (times n_bar,
+    the balance of its one-item class)."""
     g = torch.Generator().manual_seed(61)
     feats_, tw, keys, labels, caps = make_data(seed=61)
     w = tw.double()
@@ -421,7 +439,8 @@ def test_signature_is_over_classes_not_features(method):
         for i in range(N)
     ]
     got = blend(feats, cache, params, method) - blend(feats, cache, params, "zeroshot")
-    assert float(got[0, own]) == pytest.approx(-min(aff), abs=TOL)
+    mean_size = N / len(set(labels.tolist()))
+    assert float(got[0, own]) == pytest.approx(-min(aff) * mean_size, abs=TOL)
     ref = ref_logits(feats, tw, keys, labels, caps, params, method)
     assert _maxdiff(blend(feats, cache, params, method), ref) <= TOL
 
@@ -439,3 +458,78 @@ def test_signature_depends_on_class_count():
         ref6 = ref_logits(feats, tw6, keys6, labels6, caps6, params, method)
         assert got6.shape == (Q, C - 1)
         assert _maxdiff(got6, ref6) <= TOL
+
+
+# --------------------------------------------------------------------------------------
+# 6. class balance: plain sums on request, equal classes unchanged
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unbalanced_cache_is_plain_sums(method):
+    feats, tw, keys, labels, caps = make_data(seed=71)  # 40 items over 7 classes: sizes 5 and 6
+    cache = CacheTensors.build(tw, keys, labels, caps, balanced=False)
+    params = BlendParams(alpha=3.0, beta=8.0, gamma=1.5, delta=0.6)
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, balanced=False)
+    assert _maxdiff(blend(feats, cache, params, method), ref) <= TOL
+    if method != "zeroshot":  # the sizes differ, so balancing must change the logits
+        assert _maxdiff(blend(feats, make_cache(tw, keys, labels, caps), params, method), ref) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["tip", "tipx", "caps"])
+def test_equal_class_sizes_keep_plain_sums_and_balanced_loo_scales_them_uniformly(method):
+    """n̄ / n_c is 1 for equal classes; balanced leave-one-out leaves n − 1 items in every class,
+    so the cache terms are the plain sums times n / (n − 1) for every class: the same argmax."""
+    feats, tw, keys, _, caps = make_data(seed=73)
+    labels = torch.arange(N) % 8  # 5 items in each of 8 classes
+    tw8 = torch.cat([tw, tw[:, :1]], dim=1)
+    params = BlendParams(alpha=3.0, beta=8.0, gamma=1.5, delta=0.6)
+    balanced, plain = make_cache(tw8, keys, labels, caps), CacheTensors.build(tw8, keys, labels, caps, balanced=False)
+    assert torch.equal(blend(feats, balanced, params, method), blend(feats, plain, params, method))
+
+    exclude = torch.zeros(8, N, dtype=torch.bool)
+    for row in range(8):
+        exclude[row, [8 * (row % 5) + c for c in range(8)]] = True  # one item of every class
+    zs = blend(feats[:8], plain, params, "zeroshot")
+    got = blend(feats[:8], balanced, params, method, exclude) - zs
+    want = blend(feats[:8], plain, params, method, exclude) - zs
+    assert torch.allclose(got, want * 5 / 4, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+# --------------------------------------------------------------------------------------
+# 7. KL precision and batch independence at CLIP's scale (C = 100, near-flat signatures)
+# --------------------------------------------------------------------------------------
+
+
+def test_kl_matches_float64_elementwise_at_clip_scale():
+    """All affinities positive and signatures near-flat, as with CLIP: KL ~1e-3 is a small
+    difference of terms ~log C. The KL term at γ = 5 must match float64 to 1e-4 in float32."""
+    d = clip_like(100, 4, seed=3, test_per_class=1)
+    feats = d.test_features[:8]
+    assert float((d.keys @ d.keys.T).min()) > 0.3
+    cache = make_cache(d.text_weights, d.keys, d.labels, None)
+    w = d.text_weights.double().numpy()
+    key_sigs = [ref_signature(k, w, 0.5) for k in d.keys.double().numpy()]
+    kl = kl_divergence(feats, cache).tolist()
+    for row, f in enumerate(feats.double().numpy()):
+        sf = ref_signature(f, w, 0.5)
+        ref = [ref_kl(sf, sk) for sk in key_sigs]
+        assert max(abs(a - b) for a, b in zip(kl[row], ref)) <= 1e-6
+    params = BlendParams(alpha=0.0, beta=1.0, gamma=5.0)
+    ref = ref_logits(feats, d.text_weights, d.keys, d.labels, None, params, "tipx")
+    assert _maxdiff(blend(feats, cache, params, "tipx"), ref) <= TOL
+
+
+@pytest.mark.parametrize("method", ["tipx", "caps"])
+def test_alone_equals_batch_of_64_at_clip_scale(method):
+    d = clip_like(100, 16, seed=5, test_per_class=1)
+    g = torch.Generator().manual_seed(6)
+    caps = _unit_rows(d.keys + 0.1 * torch.randn(d.keys.shape, generator=g))
+    cache = make_cache(d.text_weights, d.keys, d.labels, caps)
+    params = BlendParams(alpha=1.0, beta=5.5, gamma=5.0, delta=0.3)
+    batch = d.test_features[:64]
+    together = blend(batch, cache, params, method)
+    for row in (0, 17, 63):
+        alone = blend(batch[row : row + 1], cache, params, method)
+        assert torch.allclose(alone, together[row : row + 1], rtol=1e-5, atol=0)

@@ -1,0 +1,54 @@
+"""Unequal class sizes must not decide the answer: 8 vs 32 support items per class."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvclip.blend import BlendParams, CacheTensors, blend, blend_candidates
+from kvclip.cache_builder.tune import tune
+from kvclip.index import build_index, search_candidates
+from tests.clip_like import clip_like
+
+CLASSES = 40
+COUNTS = [8 if c % 2 == 0 else 32 for c in range(CLASSES)]  # half the classes small, half big
+PUBLISHED_TIP = BlendParams(alpha=1.0, beta=5.5)
+PUBLISHED_TIPX = BlendParams(alpha=1.0, beta=5.5, gamma=1.0)
+
+
+@pytest.fixture(scope="module")
+def unequal():
+    d = clip_like(CLASSES, COUNTS, seed=2, within_class=1.5, test_per_class=25)  # balanced test set
+    cache = CacheTensors.build(d.text_weights, d.keys, d.labels)
+    return d, cache, tune(cache, d.queries, d.labels)
+
+
+def big_share(d, logits: torch.Tensor) -> float:
+    """Share of the test images predicted as one of the big classes (their true share: 0.5)."""
+    big = torch.tensor(COUNTS) == 32
+    return float(big[logits.argmax(1)].float().mean())
+
+
+def test_plain_sums_predict_the_big_classes(unequal):
+    """The defect balancing removes (so the tests below can fail)."""
+    d, _, _ = unequal
+    plain = CacheTensors.build(d.text_weights, d.keys, d.labels, balanced=False)
+    assert big_share(d, blend(d.test_features, plain, PUBLISHED_TIP, "tip")) > 0.9
+    assert big_share(d, blend(d.test_features, plain, PUBLISHED_TIPX, "tipx")) < 0.1
+
+
+@pytest.mark.parametrize("method", ["tip", "tipx"])
+def test_dense_blend_predicts_big_classes_at_their_share(unequal, method):
+    d, cache, result = unequal
+    for params in (result.params[method], PUBLISHED_TIPX.for_method(method)):
+        assert abs(big_share(d, blend(d.test_features, cache, params, method)) - 0.5) <= 0.1, params
+
+
+@pytest.mark.parametrize("method", ["tip", "tipx"])
+def test_candidate_blend_predicts_big_classes_at_their_share(unequal, method):
+    """The FAISS top-k path divides by the cache's class sizes, not the candidates' counts."""
+    d, cache, result = unequal
+    index = build_index(d.keys.numpy(), "flat")
+    candidates = search_candidates(d.test_features, index, None, 64, 0.0)
+    for params in (result.params[method], PUBLISHED_TIPX.for_method(method)):
+        logits = blend_candidates(d.test_features, cache, params, method, candidates)
+        assert abs(big_share(d, logits) - 0.5) <= 0.1, params
