@@ -9,6 +9,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 from pathlib import Path
 
 from kvclip.clients import render
@@ -22,6 +23,8 @@ from kvclip.vocabulary import (CAPTIONERS, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_C
                                DEFAULT_VIEWS, REQUEST_METHODS)
 
 Handler = Callable[[argparse.Namespace], int]
+
+T = TypeVar("T")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -133,8 +136,8 @@ def _client(args: argparse.Namespace) -> KvclipClient:
     return KvclipClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
 
 
-def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], object],
-                text: Callable[[object], str]) -> int:
+def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], T],
+                text: Callable[[T], str]) -> int:
     """Run one client call; print its result as JSON (--json) or as `text` renders it."""
     with _client(args) as client:
         result = call(client)

@@ -116,15 +116,14 @@ class CacheTensors:
         return self.text_weights.device
 
     def to(self, device: torch.device | str) -> "CacheTensors":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(
             self,
-            text_weights=move(self.text_weights),
-            image_keys=move(self.image_keys),
-            caption_keys=move(self.caption_keys),
-            values=move(self.values),
-            key_log_partitions=move(self.key_log_partitions),
-            class_counts=move(self.class_counts),
+            text_weights=self.text_weights.to(device),
+            image_keys=self.image_keys.to(device),
+            caption_keys=None if self.caption_keys is None else self.caption_keys.to(device),
+            values=self.values.to(device),
+            key_log_partitions=self.key_log_partitions.to(device),
+            class_counts=self.class_counts.to(device),
         )
 
 
