@@ -121,7 +121,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     KVCLIP_CACHES=/caches \
     KVCLIP_HOST=0.0.0.0 \
     KVCLIP_PORT=8000 \
-    KVCLIP_LOG_FORMAT=json
+    KVCLIP_LOG_FORMAT=json \
+    OMP_WAIT_POLICY=PASSIVE
+# Compute threads follow the container's CPU limit: `kvclip serve` sets OMP_NUM_THREADS from
+# the cgroup quota at start unless it is set here or at run time (kvclip/threads.py).
 USER 10001:10001
 WORKDIR /home/kvclip
 VOLUME /caches

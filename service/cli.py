@@ -9,6 +9,7 @@ import sys
 
 from kvclip.extras import SERVER
 from kvclip.service import config as server_config
+from kvclip.threads import cpu_thread_defaults
 
 log = logging.getLogger("kvclip.service")
 
@@ -24,6 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Before torch loads: its OpenMP runtime reads these once (kvclip/threads.py says why).
+    applied = cpu_thread_defaults() if "torch" not in sys.modules else {}
     import uvicorn
 
     from kvclip.models import load_encoder
@@ -42,6 +45,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(config.log_format, config.log_level)
     log.info("configuration %s", json.dumps(config.describe()))
+    if applied:
+        log.info("CPU thread defaults: %s (set either variable to override)", applied)
     # Load before listening: a model that cannot be had fails the command with its reason.
     encoder = load_encoder(config.model, config.device, config.model_cache_dir)
     app = create_app(config, encoder)
