@@ -111,3 +111,24 @@ def test_the_encoder_preprocess_is_bounded(tiny_encoder):
     assert isinstance(tiny_encoder.preprocess, BoundedPreprocess)
     square = Image.new("RGB", (size, size), (10, 200, 10))
     assert torch.allclose(pixels, tiny_encoder.preprocess.transform(square), atol=1e-6)
+
+
+def test_large_jpegs_decode_at_reduced_scale_when_the_model_needs_less():
+    photo = smooth_image(4000, 3000, seed=3)
+    data = encoded(photo, "JPEG", quality=90)
+    reduced = decode_image(data, min_size=SIZE * 7)  # 224 for SIZE=32: a ViT-B/32 input
+    assert reduced.size == (500, 375)  # 1/8 scale: the smallest DCT scale with both sides >= 224
+    assert decode_image(data).size == (4000, 3000)  # without a size, the full picture
+    assert decode_image(encoded(photo, "PNG"), min_size=224).size == (4000, 3000)  # only JPEG has DCT scaling
+    recorder = Recorder()
+    bounded = BoundedPreprocess(recorder, SIZE)
+    full = bounded(decode_image(data))
+    assert (bounded(decode_image(data, min_size=SIZE)) - full).abs().mean() < 0.05  # the same picture
+
+
+def test_reduced_scale_decoding_keeps_exif_orientation():
+    upright = smooth_image(1600, 1200, seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, min_size=100).size == (200, 150)
