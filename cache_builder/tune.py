@@ -191,7 +191,7 @@ class _Search:
         kl_term = self.scale * kl_logits(self.queries, cache, affinity, exclude) if any(gammas) else None
         alpha_axis = torch.tensor(alphas, device=cache.device).view(-1, 1, 1)
         for beta in betas:
-            cache_term = self.scale * cache_logits(affinity, cache.values, beta, exclude)
+            cache_term = self.scale * cache_logits(affinity, cache.label_ids, cache.num_classes, beta, exclude)
             for gamma in gammas:
                 owners = [m for m in _owners(gamma, delta) if m in methods]
                 if not owners:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 # CACHE_METHODS is re-exported for the tuner, which imports it from here.
 from kvclip.vocabulary import CACHE_METHODS as CACHE_METHODS
@@ -57,7 +56,7 @@ class CacheTensors:
     text_weights: torch.Tensor  # D x C, columns L2-normalised
     image_keys: torch.Tensor  # N x D, rows L2-normalised
     caption_keys: torch.Tensor | None  # N x D, rows L2-normalised, or None without captions
-    values: torch.Tensor  # N x C one-hot labels
+    label_ids: torch.Tensor  # N int64: each item's class (sums per class are index_add_, O(N), not N x C)
     key_log_partitions: torch.Tensor  # N, log-mean-exp of each key's centred logits (see kl_divergence)
     class_counts: torch.Tensor  # C, support items per class (float32)
     temperature: float = DEFAULT_TEMPERATURE
@@ -91,14 +90,13 @@ class CacheTensors:
             )
         if label_ids.numel() and (label_ids.min() < 0 or label_ids.max() >= num_classes):
             raise ValueError(f"label ids must lie in [0, {num_classes})")
-        values = F.one_hot(label_ids, num_classes).to(torch.float32)
         return cls(
             text_weights=text_weights,
             image_keys=image_keys,
             caption_keys=caption_keys,
-            values=values,
+            label_ids=label_ids,
             key_log_partitions=key_log_partitions(image_keys, text_weights, temperature),
-            class_counts=values.sum(dim=0),
+            class_counts=torch.bincount(label_ids, minlength=num_classes).to(torch.float32),
             temperature=temperature,
             balanced=balanced,
         )
@@ -121,7 +119,7 @@ class CacheTensors:
             text_weights=self.text_weights.to(device),
             image_keys=self.image_keys.to(device),
             caption_keys=None if self.caption_keys is None else self.caption_keys.to(device),
-            values=self.values.to(device),
+            label_ids=self.label_ids.to(device),
             key_log_partitions=self.key_log_partitions.to(device),
             class_counts=self.class_counts.to(device),
         )
@@ -147,9 +145,21 @@ def affinities(features: torch.Tensor, cache: CacheTensors, delta: float = 0.0) 
     return (1.0 - delta) * image_part + delta * (features @ cache.caption_keys.T)
 
 
+def class_sums(weights: torch.Tensor, label_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """W L for the one-hot label matrix L, queries x classes, without building L: each item's
+    weight is added to its class (O(queries × N) work and no N x C matrix in memory).
+
+    `label_ids` is N (every query sees the same items) or queries x M (each query its own)."""
+    out = weights.new_zeros(weights.shape[0], num_classes)
+    if label_ids.dim() == 1:
+        return out.index_add_(1, label_ids, weights)
+    return out.scatter_add_(1, label_ids, weights)
+
+
 def cache_logits(
     affinity: torch.Tensor,
-    values: torch.Tensor,
+    label_ids: torch.Tensor,
+    num_classes: int,
     beta: float,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -157,7 +167,7 @@ def cache_logits(
     weights = torch.exp(-beta * (1.0 - affinity))
     if exclude is not None:
         weights = weights.masked_fill(exclude, 0.0)
-    return weights @ values
+    return class_sums(weights, label_ids, num_classes)
 
 
 def class_scale(cache: CacheTensors, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +183,7 @@ def class_scale(cache: CacheTensors, exclude: torch.Tensor | None = None) -> tor
     counts = cache.class_counts.view(1, -1)
     mean_size = cache.num_items / max(1, int((counts > 0).sum()))
     if exclude is not None:
-        counts = (~exclude).to(torch.float32) @ cache.values
+        counts = class_sums((~exclude).to(torch.float32), cache.label_ids, cache.num_classes)
     return torch.where(counts > 0, mean_size / counts.clamp_min(1.0), 0.0)
 
 
@@ -259,7 +269,7 @@ def kl_logits(
     weights = -rescale_rows(kl, affinity, exclude)
     if exclude is not None:
         weights = weights.masked_fill(exclude, 0.0)
-    return weights @ cache.values
+    return class_sums(weights, cache.label_ids, cache.num_classes)
 
 
 def blend(
@@ -279,7 +289,8 @@ def blend(
     affinity = affinities(features, cache, p.delta)
     scale = class_scale(cache, exclude)
     if p.alpha != 0.0:
-        logits = logits + p.alpha * scale * cache_logits(affinity, cache.values, p.beta, exclude)
+        logits = logits + p.alpha * scale * cache_logits(affinity, cache.label_ids, cache.num_classes, p.beta,
+                                                         exclude)
     if p.gamma != 0.0:
         logits = logits + p.gamma * scale * kl_logits(features, cache, affinity, exclude)
     return logits
@@ -310,15 +321,15 @@ def blend_candidates(
     candidates = candidates.to(device=cache.device, dtype=torch.long)
     ids, invalid = _dedupe_candidates(candidates)
     affinity = candidate_affinities(features, cache, ids, p.delta)
-    values = cache.values[ids]  # queries x M x C
+    labels = cache.label_ids[ids]  # queries x M
     scale = class_scale(cache)
     if p.alpha != 0.0:
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
-        logits = logits + p.alpha * scale * torch.einsum("qm,qmc->qc", weights, values)
+        logits = logits + p.alpha * scale * class_sums(weights, labels, cache.num_classes)
     if p.gamma != 0.0:
         kl = kl_divergence(features, cache, ids)
         weights = (-rescale_rows(kl, affinity, invalid)).masked_fill(invalid, 0.0)
-        logits = logits + p.gamma * scale * torch.einsum("qm,qmc->qc", weights, values)
+        logits = logits + p.gamma * scale * class_sums(weights, labels, cache.num_classes)
     return logits
 
 

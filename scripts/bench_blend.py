@@ -141,7 +141,7 @@ def make_queries(cache: CacheTensors, count: int, generator: torch.Generator) ->
 
 
 def cache_megabytes(cache: CacheTensors) -> float:
-    tensors = [cache.text_weights, cache.image_keys, cache.caption_keys, cache.values,
+    tensors = [cache.text_weights, cache.image_keys, cache.caption_keys, cache.label_ids,
                cache.key_log_partitions, cache.class_counts]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 2**20
 

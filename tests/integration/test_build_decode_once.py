@@ -25,9 +25,9 @@ def decodes(monkeypatch) -> Counter:
     counts: Counter = Counter()
     real = images.decode_image
 
-    def counting(data, max_pixels=images.DEFAULT_MAX_PIXELS, name="image"):
+    def counting(data, max_pixels=images.DEFAULT_MAX_PIXELS, name="image", **kwargs):
         counts[name] += 1
-        return real(data, max_pixels=max_pixels, name=name)
+        return real(data, max_pixels=max_pixels, name=name, **kwargs)
 
     monkeypatch.setattr(images, "decode_image", counting)
     return counts

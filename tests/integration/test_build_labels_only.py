@@ -76,7 +76,7 @@ def test_labels_only_build_is_a_zero_item_cache(label_files, tiny_encoder, tmp_p
     assert not np.allclose(loaded.text_weights[:, 1], without[:, 1].cpu().numpy(), atol=1e-4)
 
     tensors = loaded.tensors("cpu")
-    assert tensors.num_items == 0 and tensors.values.shape == (0, 3)
+    assert tensors.num_items == 0 and tensors.label_ids.shape == (0,) and tensors.num_classes == 3
 
 
 def test_zero_item_artifact_round_trip_and_a_manifest_that_names_another_method(tmp_path):

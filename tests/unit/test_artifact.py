@@ -46,7 +46,7 @@ def test_publish_and_load_round_trip(tmp_path):
     assert loaded.params("tip").alpha == 2.0 and loaded.best_method == "tip"
     assert loaded.methods == ["zeroshot", "tip", "tipx", "caps"]
     tensors = loaded.tensors("cpu")
-    assert tensors.values.shape == (12, 3) and torch.equal(tensors.values.argmax(1), torch.arange(12) % 3)
+    assert tensors.num_classes == 3 and torch.equal(tensors.label_ids, torch.arange(12) % 3)
 
 
 def test_versions_increase_and_current_moves(tmp_path):
