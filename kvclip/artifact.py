@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ class CacheArtifact:
     text_weights: np.ndarray  # D x C float32
     image_keys: np.ndarray  # N x D float32
     label_ids: np.ndarray  # N int64
-    query_features: np.ndarray  # N x D float32: support images through the plain preprocess
+    query_features: np.ndarray | None  # N x D float32: support images, plain preprocess (None: not loaded)
     manifest: Manifest
     caption_keys: np.ndarray | None = None  # N x D float32
     items: list[dict] = field(default_factory=list)  # {"path", "label", "caption"}
@@ -93,14 +94,24 @@ class CacheArtifact:
         return tuned.blend_params() if tuned else BlendParams()
 
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
+        """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones
+        included: nothing is copied); on a GPU they are copies."""
         return CacheTensors.build(
-            torch.from_numpy(self.text_weights),
-            torch.from_numpy(self.image_keys),
-            torch.from_numpy(self.label_ids),
-            None if self.caption_keys is None else torch.from_numpy(self.caption_keys),
+            _tensor(self.text_weights),
+            _tensor(self.image_keys),
+            _tensor(self.label_ids),
+            None if self.caption_keys is None else _tensor(self.caption_keys),
             temperature=self.temperature,
             device=device,
         )
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    if not array.flags.writeable:  # memory-mapped read-only; the blend never writes to it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
+    return torch.from_numpy(array)
 
 
 def validate_cache_name(name: str) -> str:
@@ -166,10 +177,25 @@ def publish(cache_dir: str | Path, artifact: CacheArtifact, activate: bool = Tru
     return version
 
 
+SERVING_ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids")
+
+
 def load_cache(
-    cache_dir: str | Path, version: str | None = None, verify: bool = True, indexes: bool = True
+    cache_dir: str | Path,
+    version: str | None = None,
+    verify: bool = True,
+    indexes: bool = True,
+    arrays: tuple[str, ...] = _ARRAYS,
+    mmap: bool = False,
+    index_min_items: int = 0,
 ) -> CacheArtifact:
-    """Read one version (CURRENT by default), checking every file against the manifest."""
+    """Read one version (CURRENT by default), checking every file against the manifest.
+
+    `arrays` names the arrays to read (a server needs SERVING_ARRAYS, not the tuner's query
+    features); `mmap` maps them read-only instead of reading them, so processes serving the
+    same version share the pages; `indexes=False` skips the FAISS indexes, and so does a cache
+    of at most `index_min_items` items (a server searches them only above its dense limit).
+    """
     cache_dir = Path(cache_dir)
     version = version or current_version(cache_dir)
     if version is None:
@@ -182,16 +208,17 @@ def load_cache(
             path = folder / name
             if not path.is_file() or sha256_file(path) != digest:
                 raise ArtifactError(f"{path}: missing or corrupt (checksum mismatch)")
-    arrays = {
-        name: np.load(folder / f"{name}.npy", allow_pickle=False)
-        for name in _ARRAYS
+    loaded_arrays: dict[str, Any] = {name: None for name in _ARRAYS if name not in arrays}
+    loaded_arrays.update({
+        name: np.load(folder / f"{name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
+        for name in arrays
         if f"{name}.npy" in files
-    }
+    })
     items = [json.loads(line) for line in (folder / ITEMS_FILE).read_text().splitlines() if line]
     loaded: dict[str, Any] = {
         attr: key_index.read_index(folder / fname)
         for attr, fname in _INDEXES.items()
-        if indexes and fname in files
+        if indexes and fname in files and manifest.counts.items > index_min_items
     }
     return CacheArtifact(
         labels=list(manifest.labels),
@@ -199,7 +226,7 @@ def load_cache(
         manifest=manifest,
         version=version,
         path=folder,
-        **arrays,
+        **loaded_arrays,
         **loaded,
     )
 

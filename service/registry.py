@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvclip import artifact as store
-from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
+from kvclip.artifact import SERVING_ARRAYS, CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import BlendParams, CacheTensors
 from kvclip.errors import ArtifactError, KvclipError
 from kvclip.models import Encoder
@@ -82,9 +82,10 @@ class ReloadReport:
 
 
 class CacheRegistry:
-    def __init__(self, root: Path, encoder: Encoder, on_change=None) -> None:
+    def __init__(self, root: Path, encoder: Encoder, on_change=None, dense_max_keys: int = 0) -> None:
         self.root = Path(root)
         self.encoder = encoder
+        self.dense_max_keys = dense_max_keys  # caches above it need their FAISS indexes
         self._caches: dict[str, LoadedCache] = {}
         self.errors: dict[str, str] = {}  # cache -> why its latest load failed
         self._mutate = threading.Lock()  # one load/swap at a time; readers never lock
@@ -135,7 +136,7 @@ class CacheRegistry:
         with self._mutate:
             if name not in self._caches and not cache_dir.is_dir():
                 raise CacheNotFound(f"unknown cache {name!r}")
-            loaded = activate_version(cache_dir, name, version, self.encoder)
+            loaded = activate_version(cache_dir, name, version, self.encoder, self.dense_max_keys)
             self._swap({**self._caches, name: loaded})
             self.errors.pop(name, None)
             return loaded
@@ -168,7 +169,7 @@ class CacheRegistry:
         return found
 
     def _load(self, name: str, version: str) -> LoadedCache:
-        return load_version(self.cache_dir(name), name, version, self.encoder)
+        return load_version(self.cache_dir(name), name, version, self.encoder, self.dense_max_keys)
 
     def _swap(self, caches: dict[str, LoadedCache]) -> None:
         self._caches = caches  # one reference assignment: readers see old or new, never a mix
@@ -185,13 +186,18 @@ def cache_path(root: Path, name: str) -> Path:
     return Path(root) / name
 
 
-def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
+def load_version(
+    cache_dir: Path, name: str, version: str, encoder: Encoder, dense_max_keys: int = 0
+) -> LoadedCache:
     """Load one version and check it was built with `encoder`'s model; tensors go to its device.
 
+    Only what serving reads is loaded: no tuner query features, and the FAISS indexes only for
+    caches above `dense_max_keys` (smaller ones blend densely). The arrays are memory-mapped, so
+    processes serving one version share its pages and a GPU server keeps no host copy resident.
     Also used by the Ray Serve replicas (deploy/ray/app.py), which keep caches per replica.
     """
     start = time.perf_counter()
-    artifact = load_cache(cache_dir, version)
+    artifact = load_cache(cache_dir, version, arrays=SERVING_ARRAYS, mmap=True, index_min_items=dense_max_keys)
     check_model_matches(encoder, artifact)
     tensors = artifact.tensors(encoder.device)
     if encoder.device.type == "cuda":
@@ -201,7 +207,9 @@ def load_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> 
     return LoadedCache(name, version, artifact, tensors)
 
 
-def activate_version(cache_dir: Path, name: str, version: str, encoder: Encoder) -> LoadedCache:
+def activate_version(
+    cache_dir: Path, name: str, version: str, encoder: Encoder, dense_max_keys: int = 0
+) -> LoadedCache:
     """Load and check `version`, then point CURRENT at it. A version that is missing
     (VersionNotFound), corrupt or built with another model (VersionNotLoadable) leaves
     CURRENT untouched.
@@ -213,7 +221,7 @@ def activate_version(cache_dir: Path, name: str, version: str, encoder: Encoder)
         raise VersionNotFound(f"cache {name!r} has no version {version!r} "
                               f"(versions: {', '.join(versions) or 'none'})")
     try:
-        loaded = load_version(cache_dir, name, version, encoder)
+        loaded = load_version(cache_dir, name, version, encoder, dense_max_keys)
         store.set_current(cache_dir, version)
     except KvclipError as exc:
         raise VersionNotLoadable(f"{name} {version} not activated: {exc}") from exc

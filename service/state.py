@@ -79,7 +79,8 @@ class ServerState:
                 "precision": str(self.encoder.dtype).replace("torch.", ""),
                 "weights_sha256": self.encoder.weights_sha256 or "",
             })
-            self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches)
+            self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
+                                          dense_max_keys=self.config.dense_max_keys)
             report = await asyncio.to_thread(self.registry.reload)
             log.info("caches loaded: %s", report.as_dict())
             self.batcher = Batcher(

@@ -214,3 +214,17 @@ def test_a_manifest_that_is_not_v1_is_refused(tmp_path, change, message):
     _rewrite_manifest(cache_dir, change)
     with pytest.raises(ArtifactError, match=message):
         store.load_cache(cache_dir)
+
+
+def test_serving_loads_only_what_it_reads_memory_mapped(tmp_path):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact())
+    served = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True, index_min_items=12)
+    assert served.query_features is None  # the tuner's, never read by a server
+    assert served.image_index is None and served.caption_index is None  # 12 items: blended densely
+    assert not served.image_keys.flags.writeable and isinstance(served.image_keys, np.memmap)
+    tensors = served.tensors("cpu")
+    assert tensors.image_keys.data_ptr() == served.image_keys.ctypes.data  # shared, not copied
+    assert np.array_equal(served.image_keys, store.load_cache(cache_dir).image_keys)
+    large = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True, index_min_items=11)
+    assert large.image_index.ntotal == 12  # above the dense limit a server searches the index
