@@ -215,10 +215,11 @@ def load_cache(
         if f"{name}.npy" in files
     })
     items = [json.loads(line) for line in (folder / ITEMS_FILE).read_text().splitlines() if line]
+    num_items = len(items)
     loaded: dict[str, Any] = {
         attr: key_index.read_index(folder / fname)
         for attr, fname in _INDEXES.items()
-        if indexes and fname in files and manifest.counts.items > index_min_items
+        if indexes and fname in files and num_items > index_min_items
     }
     return CacheArtifact(
         labels=list(manifest.labels),
