@@ -44,3 +44,45 @@ def image_files(folder: Path, count: int) -> list[tuple[str, tuple[str, bytes, s
     """Multipart `files=` for the first `count` PNGs under folder (sorted by name)."""
     paths = sorted(Path(folder).rglob("*.png"), key=lambda p: p.name)[:count]
     return [("file", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def run_serve(monkeypatch, capsys, *argv: str, env: dict[str, str] | None = None):
+    """`kvclip serve ARGV` in-process, up to where it would listen: (exit code, stderr, the
+    uvicorn.Config it would have served with, or None when it never got there).
+
+    Environment: no KVCLIP_* variable but `env`. uvicorn's Server is a recorder; the root
+    logger and the signal handlers that `serve` sets are restored afterwards.
+    """
+    import logging
+    import os
+    import signal
+
+    import uvicorn
+
+    from kvclip.cli import main
+
+    for name in [n for n in os.environ if n.startswith("KVCLIP_")]:
+        monkeypatch.delenv(name)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    served: list[uvicorn.Config] = []
+
+    class NotListening:
+        def __init__(self, config: uvicorn.Config) -> None:
+            served.append(config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", NotListening)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = main(["serve", *argv])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+    return code, capsys.readouterr().err, served[0] if served else None
