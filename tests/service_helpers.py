@@ -1,7 +1,6 @@
 """Helpers for server tests: run the app in-process (httpx over ASGI) with its lifespan."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 from dataclasses import replace
@@ -12,6 +11,9 @@ import httpx
 from kvclip.service.app import create_app
 from kvclip.service.config import ServerConfig
 from kvclip.service.metrics import metric_value  # noqa: F401  (re-exported for tests)
+from tests.waiting import until
+
+READY_TIMEOUT_S = 120  # the model loads in a thread; a loaded machine takes many times longer
 
 
 def make_config(caches: Path, **overrides) -> ServerConfig:
@@ -26,12 +28,10 @@ async def running_app(config: ServerConfig, encoder=None, wait_ready: bool = Tru
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://kvclip.test", timeout=60) as client:
             if wait_ready:
-                for _ in range(600):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError(f"server never became ready: {(await client.get('/readyz')).json()}")
+                async def ready() -> bool:
+                    return (await client.get("/readyz")).status_code == 200
+
+                await until(ready, READY_TIMEOUT_S, "GET /readyz answering 200", interval=0.05)
             yield app, client
 
 

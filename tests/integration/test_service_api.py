@@ -7,7 +7,6 @@ copy of `served_caches`; tests that need other settings start their own app.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
@@ -24,6 +23,7 @@ from PIL import Image
 from kvclip.service import api_classify
 from kvclip.service.config import ServerConfig, add_arguments, from_namespace
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
+from tests.waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -459,11 +459,11 @@ async def test_decompression_bomb_is_400(served_caches, tiny_encoder):
 async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test):
     config = make_config(tmp_path, model="ViT-B-32:/nonexistent/weights.pt", retry_after_s=7)
     async with running_app(config, None, wait_ready=False) as (_, client):
-        for _ in range(200):
+        async def failed():
             ready = await client.get("/readyz")
-            if ready.json()["errors"]:
-                break
-            await asyncio.sleep(0.05)
+            return ready if ready.json()["errors"] else None
+
+        ready = await until(failed, what="/readyz reporting the failed model load", interval=0.05)
         assert ready.status_code == 503 and ready.headers["retry-after"] == "7"
         assert ready.json()["ready"] is False and "model" in ready.json()["errors"]
         assert (await client.get("/healthz")).status_code == 200

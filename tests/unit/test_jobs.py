@@ -6,12 +6,12 @@ HTTP in tests/integration/test_service_builds.py.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from kvclip.service.jobs import Job, JobManager, ThreadRunner
+from tests.waiting import wait_until
 
 
 class ScriptedRunner(ThreadRunner):
@@ -22,14 +22,6 @@ class ScriptedRunner(ThreadRunner):
 
     def start(self, target, spec, conn, cancel, name):
         return super().start(lambda _spec, c, e: self.worker(c, e), spec, conn, cancel, name)
-
-
-def wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.01)
 
 
 @pytest.fixture
