@@ -15,11 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[ray]'")
-
-from kvclip import artifact as store  # noqa: E402
-from tests.server_process import free_port  # noqa: E402
-from tests.service_helpers import copy_caches, image_files, make_config, running_app  # noqa: E402
+from kvclip import artifact as store
+from tests.server_process import free_port
+from tests.service_helpers import copy_caches, image_files, make_config, running_app
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -37,6 +35,8 @@ _ENV = {
 @pytest.fixture(scope="module")
 def serve_url():
     """A local Ray cluster (2 CPUs, no dashboard, bound to 127.0.0.1) with Serve on a free port."""
+    # Here, not at import: collecting the default suite (slow tests deselected) imports no Ray.
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[ray]'")
     import ray
     from ray import serve
 
