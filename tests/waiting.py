@@ -6,7 +6,7 @@ import inspect
 import time
 from typing import Callable
 
-TIMEOUT_S = 60.0  # generous: a loaded 2-core machine is many times slower than an idle one
+TIMEOUT_S = 120.0  # generous: a loaded 2-core machine is many times slower than an idle one
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = TIMEOUT_S, what: str = "condition",

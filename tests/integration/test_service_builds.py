@@ -67,7 +67,7 @@ async def post_build(client, name: str, options: dict, data: bytes | None = None
                              files={"data": (filename, data, "application/zip")}, headers=headers)
 
 
-async def wait_job(client, job_id: str, timeout: float = 120.0, until=None) -> dict:
+async def wait_job(client, job_id: str, timeout: float = 300.0, until=None) -> dict:
     """Poll the job until it ends (or `until(job)` holds); returns the last JSON."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -201,7 +201,7 @@ async def test_cancel_a_running_build(client, fashion_train, app_client, worker_
     assert running["state"] == "running", running
     cancelled = await client.delete(f"/v1/jobs/{job_id}", headers=ADMIN)
     assert cancelled.status_code == 202 and cancelled.json()["cancel_requested"]
-    job = await wait_job(client, job_id, timeout=60)
+    job = await wait_job(client, job_id)
     assert job["state"] == "cancelled" and job["version"] is None
     await until(lambda: not build_processes(), what="the cancelled worker process ending")
     after = (await client.get("/v1/caches/fashion", headers=READ)).json()
@@ -295,7 +295,7 @@ async def test_a_crashed_worker_fails_only_its_job(client, fashion_train, fashio
     await wait_job(client, job_id, until=lambda j: j["step"] == "encoding")
     [worker] = build_processes()
     worker.kill()  # as the kernel's out-of-memory killer would
-    job = await wait_job(client, job_id, timeout=60)
+    job = await wait_job(client, job_id)
     assert job["state"] == "failed" and job["version"] is None, job
     assert "exited with code -9 without a result" in job["error"]
     after = (await client.get("/v1/caches/fashion", headers=READ)).json()
