@@ -6,6 +6,10 @@ registry (an atomic swap, like POST /activate). A job that fails or is cancelled
 served version untouched, and a version published by a cancelled build is deleted, so
 nothing half-done is ever visible. Jobs run one at a time: builds of one cache must not race
 for version numbers, and one build already uses the CPU the server leaves spare.
+
+Where the worker runs is the manager's `runner`: ProcessRunner (the default) spawns it;
+ThreadRunner runs the same worker function on a thread over the same pipe and cancel event,
+for tests and embedding, without the process's isolation.
 """
 from __future__ import annotations
 
@@ -82,6 +86,49 @@ class JobNotFound(LookupError):
     pass
 
 
+class ProcessRunner:
+    """Each worker in its own spawned process: niced, isolated, and killable if it ignores a cancel."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
+
+    def channel(self) -> tuple:
+        """(receiving end, sending end, cancel event) for one job."""
+        parent, child = self._context.Pipe(duplex=False)
+        return parent, child, self._context.Event()
+
+    def start(self, target: Callable, spec: WorkerSpec, conn, cancel, name: str):
+        """Start `target(spec, conn, cancel)`; returns a handle like multiprocessing.Process."""
+        process = self._context.Process(target=target, args=(spec, conn, cancel), name=name, daemon=True)
+        process.start()
+        conn.close()  # the child holds its own copy: the parent then sees EOF when the child dies
+        return process
+
+
+class _WorkerThread(threading.Thread):
+    exitcode: int | None = None  # what a process handle reports; a thread has none
+
+    def terminate(self) -> None:
+        """A thread cannot be killed: the job reads as cancelled and the thread runs to its end."""
+
+
+class ThreadRunner:
+    """The worker function on a thread of this process, same pipe and cancel protocol.
+
+    No isolation: the worker's nice and torch threads apply to this process (configure
+    build_nice 0 and this process's thread count), and its crash is this process's.
+    """
+
+    def channel(self) -> tuple:
+        parent, child = multiprocessing.Pipe(duplex=False)
+        return parent, child, threading.Event()
+
+    def start(self, target: Callable, spec: WorkerSpec, conn, cancel, name: str) -> _WorkerThread:
+        thread = _WorkerThread(target=target, args=(spec, conn, cancel), name=name, daemon=True)
+        thread.start()
+        return thread
+
+
 class JobManager:
     """Queues jobs and runs them one at a time on a background thread."""
 
@@ -91,6 +138,7 @@ class JobManager:
         delete_version: Callable[[str, str], None],
         metrics: Metrics | None = None,
         max_kept: int = 100,
+        runner: ProcessRunner | ThreadRunner | None = None,
     ) -> None:
         self._activate = activate
         self._delete_version = delete_version
@@ -100,7 +148,7 @@ class JobManager:
         self._queue: queue.Queue[BuildJob | None] = queue.Queue()
         self._lock = threading.Lock()
         self._cancel_events: dict[str, object] = {}
-        self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
+        self.runner = runner or ProcessRunner()  # read per job: may be swapped between jobs
         self._thread: threading.Thread | None = None
 
     # API -------------------------------------------------------------------------------
@@ -171,10 +219,8 @@ class JobManager:
                 shutil.rmtree(job.workdir, ignore_errors=True)
 
     def _run_job(self, job: BuildJob) -> None:
-        parent, child = self._context.Pipe(duplex=False)
-        cancel = self._context.Event()
-        process = self._context.Process(target=run_worker, args=(job.spec, child, cancel),
-                                        name=f"kvclip-build-{job.id}", daemon=True)
+        runner = self.runner
+        parent, child, cancel = runner.channel()
         with self._lock:
             if job.state != "queued":
                 return
@@ -185,8 +231,7 @@ class JobManager:
                 cancel.set()
         self._gauge()
         log.info("build job %s for cache %s started", job.id, job.cache)
-        process.start()
-        child.close()
+        process = runner.start(run_worker, job.spec, child, cancel, f"kvclip-build-{job.id}")
         outcome = self._follow(job, process, parent, cancel)
         process.join(5)
         parent.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 180  # generous: importing torch on a loaded machine takes a while
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ class Server:
                     pass  # a line being written right now
         return records
 
-    def wait_for_record(self, predicate, timeout: float = 10.0) -> dict:
+    def wait_for_record(self, predicate, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             for record in self.log_records():

@@ -1,7 +1,6 @@
 """Helpers for server tests: run the app in-process (httpx over ASGI) with its lifespan."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 from dataclasses import replace
@@ -12,6 +11,9 @@ import httpx
 from kvclip.service.app import create_app
 from kvclip.service.config import ServerConfig
 from kvclip.service.metrics import metric_value  # noqa: F401  (re-exported for tests)
+from tests.waiting import until
+
+READY_TIMEOUT_S = 120  # the model loads in a thread; a loaded machine takes many times longer
 
 
 def make_config(caches: Path, **overrides) -> ServerConfig:
@@ -26,12 +28,10 @@ async def running_app(config: ServerConfig, encoder=None, wait_ready: bool = Tru
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://kvclip.test", timeout=60) as client:
             if wait_ready:
-                for _ in range(600):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError(f"server never became ready: {(await client.get('/readyz')).json()}")
+                async def ready() -> bool:
+                    return (await client.get("/readyz")).status_code == 200
+
+                await until(ready, READY_TIMEOUT_S, "GET /readyz answering 200", interval=0.05)
             yield app, client
 
 
@@ -44,3 +44,45 @@ def image_files(folder: Path, count: int) -> list[tuple[str, tuple[str, bytes, s
     """Multipart `files=` for the first `count` PNGs under folder (sorted by name)."""
     paths = sorted(Path(folder).rglob("*.png"), key=lambda p: p.name)[:count]
     return [("file", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def run_serve(monkeypatch, capsys, *argv: str, env: dict[str, str] | None = None):
+    """`kvclip serve ARGV` in-process, up to where it would listen: (exit code, stderr, the
+    uvicorn.Config it would have served with, or None when it never got there).
+
+    Environment: no KVCLIP_* variable but `env`. uvicorn's Server is a recorder; the root
+    logger and the signal handlers that `serve` sets are restored afterwards.
+    """
+    import logging
+    import os
+    import signal
+
+    import uvicorn
+
+    from kvclip.cli import main
+
+    for name in [n for n in os.environ if n.startswith("KVCLIP_")]:
+        monkeypatch.delenv(name)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    served: list[uvicorn.Config] = []
+
+    class NotListening:
+        def __init__(self, config: uvicorn.Config) -> None:
+            served.append(config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", NotListening)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = main(["serve", *argv])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+    return code, capsys.readouterr().err, served[0] if served else None

@@ -269,7 +269,15 @@ def test_cli_piped_into_a_reader_that_quits_exits_quietly(server, images, comman
 
 # --- builds ---------------------------------------------------------------------------------
 
-def test_build_cache_from_a_folder_then_classify(admin, reader, fashion_train, images, tmp_path):
+@pytest.fixture
+def new_cache(server, admin):
+    """A name for a cache the test builds; removed afterwards (the others list two caches)."""
+    yield "mini"
+    shutil.rmtree(server.caches / "mini", ignore_errors=True)
+    assert admin.reload().removed == ["mini"]
+
+
+def test_build_cache_from_a_folder_then_classify(admin, reader, fashion_train, images, tmp_path, new_cache):
     data = tmp_path / "data"
     for label in ("sneaker", "trouser", "bag"):
         shutil.copytree(fashion_train / label, data / label)

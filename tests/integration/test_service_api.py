@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import threading
 import functools
+import threading
 import base64
 import io
 import json
@@ -26,6 +26,7 @@ from PIL import Image
 from kvclip.service.config import ServerConfig, add_arguments, from_namespace
 from kvclip.service.schemas import ReadyResponse
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
+from tests.waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -461,11 +462,11 @@ async def test_decompression_bomb_is_400(served_caches, tiny_encoder):
 async def test_not_ready_is_503_with_retry_after(tmp_path, fashion_test):
     config = make_config(tmp_path, model="ViT-B-32:/nonexistent/weights.pt", retry_after_s=7)
     async with running_app(config, None, wait_ready=False) as (_, client):
-        for _ in range(200):
+        async def failed():
             ready = await client.get("/readyz")
-            if ready.json()["errors"]:
-                break
-            await asyncio.sleep(0.05)
+            return ready if ready.json()["errors"] else None
+
+        ready = await until(failed, what="/readyz reporting the failed model load", interval=0.05)
         assert ready.status_code == 503 and ready.headers["retry-after"] == "7"
         assert ready.json()["ready"] is False and "model" in ready.json()["errors"]
         assert (await client.get("/healthz")).status_code == 200
@@ -492,14 +493,6 @@ class HeldEncoder:
         return self.inner.encode_images(pixels)
 
 
-async def until(condition, what: str) -> None:
-    for _ in range(6000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_overloaded_is_503_with_retry_after(served_caches, tiny_encoder, fashion_test):
     config = make_config(served_caches, max_queue=1, max_images=1, retry_after_s=3)
     encoder = HeldEncoder(tiny_encoder)
@@ -507,9 +500,9 @@ async def test_overloaded_is_503_with_retry_after(served_caches, tiny_encoder, f
         files = image_files(fashion_test, 1)
         post = functools.partial(client.post, CLASSIFY, params={"cache": "fashion"}, files=files)
         on_device = asyncio.create_task(post())
-        await until(lambda: encoder.calls == 1, "the first request to reach the encoder")
+        await until(lambda: encoder.calls == 1, what="the first request to reach the encoder")
         queued = asyncio.create_task(post())
-        await until(lambda: app.state.kv.batcher.queued_images == 1, "the second request to fill the queue")
+        await until(lambda: app.state.kv.batcher.queued_images == 1, what="the second request to fill the queue")
         response = await post()
         assert_error(response, 503, "overloaded", "retry")
         assert response.headers["retry-after"] == "3"

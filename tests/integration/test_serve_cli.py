@@ -1,0 +1,42 @@
+"""`kvclip serve` in-process, up to where it would listen: settings and model refusals.
+
+The command as a real process (uvicorn, sockets, SIGTERM): tests/e2e/test_service_uvicorn.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+import kvclip.models
+from tests.service_helpers import run_serve
+
+
+def test_model_without_weights_is_refused_before_any_model_is_made(monkeypatch, capsys, tmp_path):
+    made = []
+    monkeypatch.setattr(kvclip.models, "_create_model", lambda *a, **k: made.append(a))
+    # --caches from the environment, --model as a flag naming an architecture only
+    code, err, served = run_serve(monkeypatch, capsys, "--model", "ViT-B-32", "--device", "cpu",
+                                  env={"KVCLIP_CACHES": str(tmp_path / "nowhere")})
+    assert code == 2, err
+    assert "names no weights" in err and "ViT-B-32:openai" in err  # says how to name the weights
+    assert "the following arguments are required" not in err  # KVCLIP_CACHES stood in for --caches
+    assert "Traceback" not in err
+    assert made == [] and served is None  # no model was made, nothing listened
+
+
+def test_missing_required_settings_is_a_usage_error(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_serve(monkeypatch, capsys)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    required = next(line for line in err.splitlines() if "the following arguments are required" in line)
+    assert "--caches" in required and "--model" in required
+    assert "Traceback" not in err
+
+
+def test_a_loadable_model_reaches_uvicorn_with_the_configured_server(monkeypatch, capsys, tmp_path):
+    code, err, served = run_serve(monkeypatch, capsys, "--caches", str(tmp_path), "--model", "tiny-random",
+                                  "--device", "cpu", "--port", "8123", env={"KVCLIP_MAX_CONCURRENCY": "7"})
+    assert code == 0, err
+    assert served.port == 8123 and served.limit_concurrency == 7
+    assert served.timeout_graceful_shutdown > 0

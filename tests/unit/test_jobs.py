@@ -1,0 +1,143 @@
+"""The job manager's protocol with its worker, on a thread running a scripted worker function.
+
+The messages are those of service/build_worker.py; the real worker is exercised through
+HTTP in tests/integration/test_service_builds.py.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvclip.service.jobs import BuildJob, JobManager, ThreadRunner
+from tests.waiting import wait_until
+
+
+class ScriptedRunner(ThreadRunner):
+    """Runs `worker(conn, cancel)` on a thread in place of the build worker."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def start(self, target, spec, conn, cancel, name):
+        return super().start(lambda _spec, c, e: self.worker(c, e), spec, conn, cancel, name)
+
+
+@pytest.fixture
+def calls() -> list[tuple]:
+    return []
+
+
+def manager(calls: list[tuple], worker) -> JobManager:
+    jobs = JobManager(activate=lambda cache, version: calls.append(("activate", cache, version)),
+                      delete_version=lambda cache, version: calls.append(("delete", cache, version)),
+                      runner=ScriptedRunner(worker))
+    jobs.start()
+    return jobs
+
+
+def submit(jobs: JobManager, tmp_path: Path) -> BuildJob:
+    return jobs.submit(JobManager.new_job("pets", {}, tmp_path))
+
+
+def test_progress_eta_then_activation(calls, tmp_path):
+    release = threading.Event()
+
+    def worker(conn, cancel):
+        conn.send(("progress", "encoding", 0, 10))
+        conn.send(("progress", "encoding", 5, 10))
+        release.wait(30)
+        conn.send(("done", "v0003", {"used": 10}))
+        conn.close()
+
+    jobs = manager(calls, worker)
+    try:
+        job = submit(jobs, tmp_path)
+        wait_until(lambda: job.done == 5)
+        assert job.state == "running" and job.step == "encoding" and job.total == 10
+        job.step_started -= 10  # as if the 5 done had taken 10 s: 5 more take about as long
+        assert job.eta_s() == pytest.approx(10, abs=5)
+        release.set()
+        wait_until(lambda: job.state == "succeeded")
+        assert job.version == "v0003" and job.activated and job.report == {"used": 10} and job.eta_s() is None
+        assert calls == [("activate", "pets", "v0003")]
+    finally:
+        jobs.stop()
+
+
+def test_cancel_reaches_the_worker(calls, tmp_path):
+    started = threading.Event()
+
+    def worker(conn, cancel):
+        started.set()
+        assert cancel.wait(30)
+        conn.send(("cancelled",))
+        conn.close()
+
+    jobs = manager(calls, worker)
+    try:
+        job = submit(jobs, tmp_path)
+        assert started.wait(30)
+        assert jobs.cancel(job.id).cancel_requested
+        wait_until(lambda: job.state == "cancelled")
+        assert calls == [] and job.version is None
+    finally:
+        jobs.stop()
+
+
+def test_a_version_published_after_the_cancel_is_deleted(calls, tmp_path):
+    def worker(conn, cancel):
+        assert cancel.wait(30)
+        conn.send(("done", "v0002", {}))  # too late to stop: publishing had begun
+        conn.close()
+
+    jobs = manager(calls, worker)
+    try:
+        job = submit(jobs, tmp_path)
+        wait_until(lambda: job.state == "running")
+        jobs.cancel(job.id)
+        wait_until(lambda: job.state == "cancelled")
+        assert calls == [("delete", "pets", "v0002")] and job.version is None and not job.activated
+    finally:
+        jobs.stop()
+
+
+def test_a_worker_that_ends_without_a_result_fails_its_job_only(calls, tmp_path):
+    results = iter([None, ("done", "v0001", {})])
+
+    def worker(conn, cancel):
+        result = next(results)
+        if result is not None:
+            conn.send(result)
+        conn.close()
+
+    jobs = manager(calls, worker)
+    try:
+        lost, next_one = submit(jobs, tmp_path), submit(jobs, tmp_path)
+        wait_until(lambda: next_one.state == "succeeded")
+        assert lost.state == "failed" and "without a result" in lost.error
+        assert calls == [("activate", "pets", "v0001")]
+    finally:
+        jobs.stop()
+
+
+def test_a_job_cancelled_while_queued_never_starts(calls, tmp_path):
+    release, ran = threading.Event(), []
+
+    def worker(conn, cancel):
+        ran.append(1)
+        release.wait(30)
+        conn.send(("done", f"v000{len(ran)}", {}))
+        conn.close()
+
+    jobs = manager(calls, worker)
+    try:
+        first, queued = submit(jobs, tmp_path), submit(jobs, tmp_path)
+        wait_until(lambda: first.state == "running")
+        assert jobs.cancel(queued.id).state == "cancelled"
+        release.set()
+        wait_until(lambda: first.state == "succeeded")
+        assert ran == [1] and queued.started is None
+    finally:
+        jobs.stop()
