@@ -5,11 +5,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvclip.extras import SERVER
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
                                DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS)
+
+if TYPE_CHECKING:  # the manifest imports torch; `kvclip --help` must not
+    from kvclip.manifest import DuplicatesReport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +45,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--pool-per-class", type=int, default=DEFAULT_POOL_PER_CLASS,
                        help="with --pool: most confident pseudo-labelled images kept per class "
                             f"(default {DEFAULT_POOL_PER_CLASS})")
+    build.add_argument("--keep-duplicates", action="store_true",
+                       help="keep exact duplicate support images (same bytes or features; dropped by default, "
+                            "one copy per label kept); near duplicates are always kept and reported")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE,
                        help="images per encoder batch (x views crops)")
@@ -86,6 +93,7 @@ def run_build(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, index_kind=args.index,
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
+        keep_duplicates=args.keep_duplicates,
     )
     result = build_cache(config)
     m = result.manifest
@@ -104,6 +112,8 @@ def run_build(args: argparse.Namespace) -> int:
               ", ".join(f"{lb} {c.count}" for lb, c in pool.per_class.items()))
         if pool.empty_classes:
             print(f"  no pool image for: {', '.join(pool.empty_classes)} (zero-shot text weights only)")
+    if report.duplicates is not None:
+        print_duplicates(report.duplicates)
     if m.tuning.loo_top1:
         on = "pseudo-labels (zero-shot agrees by construction)" if report.mode == "pool" else "the support set"
         print(f"  leave-one-out top-1 on {on}: " +
@@ -111,6 +121,20 @@ def run_build(args: argparse.Namespace) -> int:
     best = m.params.methods.get(m.params.best_method)
     print(f"  best method {m.params.best_method}: {best.model_dump() if best else {}}")
     return 0
+
+
+def print_duplicates(duplicates: DuplicatesReport) -> None:
+    """Cross-class groups (the same image labelled twice) first and loudest, then the others."""
+    for group in duplicates.groups:
+        items = ", ".join(f"{it.path} [{it.label}]{' (dropped)' if it.dropped else ''}" for it in group.items)
+        if group.cross_class:
+            print(f"  WARNING: the same image carries different labels ({group.kind}): {items}")
+        else:
+            print(f"  {group.kind} duplicates (cosine >= {group.min_cosine:.4f}): {items}")
+    if duplicates.groups:
+        kept = "kept (--keep-duplicates)" if duplicates.kept else f"dropped {duplicates.dropped}"
+        print(f"  duplicates: {duplicates.exact_groups} exact groups ({kept}), {duplicates.near_groups} near groups "
+              f"(cosine >= {duplicates.near_cosine}, kept), {duplicates.cross_class_groups} across labels")
 
 
 def run_eval(args: argparse.Namespace) -> int:
