@@ -21,8 +21,8 @@ from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, Buil
 from kvclip.cache_builder.duplicates import Duplicates, duplicates_report, find_duplicates
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
 from kvclip.cache_builder.modes import MODE_SUPPORT, SupportSet
-from kvclip.cache_builder.sources import SupportItem
 from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.sources import SupportItem
 from kvclip.cache_builder.tune import Grid, query_ids, tune
 from kvclip import artifact as store
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
