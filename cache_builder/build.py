@@ -6,6 +6,8 @@ set and its text weights, and then the one tail every mode shares: encode -> tun
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +18,11 @@ import torch
 
 from kvclip.cache_builder.captioners import Captioner, NoCaptioner, make_captioner
 from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, BuildContext, build_mode
+from kvclip.cache_builder.duplicates import Duplicates, duplicates_report, find_duplicates
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
 from kvclip.cache_builder.modes import MODE_SUPPORT, SupportSet
 from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.cache_builder.sources import SupportItem
 from kvclip.cache_builder.tune import Grid, query_ids, tune
 from kvclip import artifact as store
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
@@ -27,6 +31,7 @@ from kvclip.manifest import (
     BuildReport,
     CaptionerInfo,
     Counts,
+    DuplicatesReport,
     FaissReport,
     Manifest,
     ModelInfo,
@@ -40,6 +45,7 @@ __all__ = ["DEFAULT_MODEL", "MODES", "POOL_TIP_PARAMS", "BuildConfig", "BuildRes
 # Tip-Adapter's published training-free setting (α = 1, β = 5.5): what a pool build serves
 # under method=auto, since its pseudo-labels cannot tune (docs/methods.md).
 POOL_TIP_PARAMS = BlendParams(alpha=1.0, beta=5.5)
+log = logging.getLogger("kvclip.build")
 
 
 @dataclass
@@ -72,9 +78,19 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     # A zero-shot cache (labels only) has no captioner to run; recording "none" says so.
     captioner = make_captioner(config.captioner, config.captioner_model, ctx.encoder.device) if items \
         else NoCaptioner()
+    features, caption_keys = encode_items(ctx, support, captioner)
+    duplicates = None
+    if items:
+        with ctx.timed("duplicates"):
+            found = find_duplicates([it.path for it in items], [it.label for it in items], features.query_features,
+                                    drop=not config.keep_duplicates)
+        warn_duplicates(found, items)
+        duplicates = DuplicatesReport.model_validate(
+            duplicates_report(found, [it.path for it in items], config.keep_duplicates))
+        support, features, caption_keys = without_items(support, features, caption_keys, found.dropped)
+        items = support.selection.items
     label_id = {label: i for i, label in enumerate(support.labels)}
     label_ids = torch.tensor([label_id[it.label] for it in items], dtype=torch.long)
-    features, caption_keys = encode_items(ctx, support, captioner)
     fitted = fit_cache(ctx, support, features, caption_keys, label_ids) if items else Fitted.zeroshot()
     artifact = store.CacheArtifact(
         labels=support.labels,
@@ -84,7 +100,7 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
         query_features=features.query_features.numpy().astype(np.float32),
         caption_keys=None if caption_keys is None else caption_keys.numpy().astype(np.float32),
         items=[{"path": str(it.path), "label": it.label, "caption": cap} for it, cap in zip(items, features.captions)],
-        manifest=make_manifest(ctx, support, captioner, features, fitted),
+        manifest=make_manifest(ctx, support, captioner, features, fitted, duplicates),
         image_index=fitted.image_index,
         caption_index=fitted.caption_index,
     )
@@ -96,7 +112,8 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
 
 
 def make_manifest(
-    ctx: BuildContext, support: SupportSet, captioner: Captioner, features: SupportFeatures, fitted: Fitted
+    ctx: BuildContext, support: SupportSet, captioner: Captioner, features: SupportFeatures, fitted: Fitted,
+    duplicates: DuplicatesReport | None = None,
 ) -> Manifest:
     config, items = ctx.config, support.selection.items
     return Manifest(
@@ -116,8 +133,33 @@ def make_manifest(
         params=fitted.params,
         tuning=fitted.tuning,
         faiss=fitted.faiss,
-        build_report=build_report(ctx, support, features),
+        build_report=build_report(ctx, support, features, duplicates),
     )
+
+
+def without_items(
+    support: SupportSet, features: SupportFeatures, caption_keys: torch.Tensor | None, dropped: list[int]
+) -> tuple[SupportSet, SupportFeatures, torch.Tensor | None]:
+    """The support set, its features and caption keys without the items at `dropped`."""
+    if not dropped:
+        return support, features, caption_keys
+    gone = set(dropped)
+    keep = [i for i in range(len(support.selection.items)) if i not in gone]
+    index = torch.tensor(keep, dtype=torch.long)
+    selection = dataclasses.replace(support.selection, items=[support.selection.items[i] for i in keep])
+    features = dataclasses.replace(features, image_keys=features.image_keys[index],
+                                   query_features=features.query_features[index],
+                                   captions=[features.captions[i] for i in keep])
+    return (dataclasses.replace(support, selection=selection), features,
+            None if caption_keys is None else caption_keys[index])
+
+
+def warn_duplicates(found: Duplicates, items: list[SupportItem]) -> None:
+    for group in found.conflicts:
+        log.warning("the same image carries different labels (%s): %s", group.kind,
+                    ", ".join(f"{items[i].path} [{items[i].label}]" for i in group.members))
+    if found.dropped:
+        log.warning("dropped %d exact duplicate support images (--keep-duplicates keeps them)", len(found.dropped))
 
 
 def encode_items(
@@ -209,7 +251,9 @@ def fit_cache(
                   image_index, caption_index)
 
 
-def build_report(ctx: BuildContext, support: SupportSet, features: SupportFeatures) -> BuildReport:
+def build_report(
+    ctx: BuildContext, support: SupportSet, features: SupportFeatures, duplicates: DuplicatesReport | None = None
+) -> BuildReport:
     config, selection = ctx.config, support.selection
     n = len(selection.items)
     encode_s = features.timings["encode_s"]
@@ -227,6 +271,7 @@ def build_report(ctx: BuildContext, support: SupportSet, features: SupportFeatur
         throughput={"encoded_views_per_s": n * config.views / encode_s if encode_s else None,
                     "batch_images": config.batch_size, "batch_crops": config.batch_size * config.views},
         **({} if support.pool is None else {"pool": PoolReport.model_validate(support.pool.report())}),
+        duplicates=duplicates,
     )
 
 

@@ -1,15 +1,20 @@
-"""`kvclip build`, `kvclip eval` and `kvclip export-dataset`."""
+"""`kvclip build`, `kvclip eval`, `kvclip bench` and `kvclip export-dataset`."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvclip.extras import SERVER
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
-                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS)
+                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS,
+                               BENCH_SEEDS, BENCH_SHOTS)
+
+if TYPE_CHECKING:  # the manifest imports torch; `kvclip --help` must not
+    from kvclip.manifest import DuplicatesReport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--pool-per-class", type=int, default=DEFAULT_POOL_PER_CLASS,
                        help="with --pool: most confident pseudo-labelled images kept per class "
                             f"(default {DEFAULT_POOL_PER_CLASS})")
+    build.add_argument("--keep-duplicates", action="store_true",
+                       help="keep exact duplicate support images (same bytes or features; dropped by default, "
+                            "one copy per label kept); near duplicates are always kept and reported")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE,
                        help="images per encoder batch (x views crops)")
@@ -65,6 +73,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(run=run_eval, extra=SERVER)
 
+    bench = sub.add_parser(
+        "bench", help="the CoOp / Tip-Adapter few-shot protocol on a benchmark split, beside published figures",
+        description="Reads a CoOp split file (split_zhou_<Dataset>.json: train/val/test lists of "
+                    "[path, label, classname], paths relative to --root), and for every K and seed builds a "
+                    "cache from K train images per class (tuned on those only), evaluates every method on the "
+                    "test split, and prints mean ± std over seeds per K beside the published figures.")
+    bench.add_argument("split_file", type=Path, help="split_zhou_<Dataset>.json")
+    bench.add_argument("--root", type=Path, help="the folder the split's image paths are relative to "
+                                                 "(default: the split file's folder)")
+    bench.add_argument("--shots", default=",".join(map(str, BENCH_SHOTS)),
+                       help=f"comma-separated K (default {','.join(map(str, BENCH_SHOTS))})")
+    bench.add_argument("--seeds", default=",".join(map(str, BENCH_SEEDS)),
+                       help=f"comma-separated sampling seeds (default {','.join(map(str, BENCH_SEEDS))})")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help="as for build (Tip-Adapter's figures are RN50:openai)")
+    bench.add_argument("--model-cache-dir", help="where open_clip looks for / stores downloaded weights")
+    bench.add_argument("--views", type=int, default=DEFAULT_VIEWS, help=f"as for build (default {DEFAULT_VIEWS})")
+    bench.add_argument("--captioner", default="none", choices=CAPTIONERS,
+                       help="as for build (default none: the splits have no captions; coca adds caps)")
+    bench.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE)
+    bench.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE)
+    bench.add_argument("--device")
+    bench.add_argument("--work-dir", type=Path, help="keep the caches here (default: a temporary folder, removed)")
+    bench.add_argument("--json", action="store_true", help="print every run, the summary and the published figures")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=run_bench, extra=SERVER)
+
     ex = sub.add_parser("export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>")
     ex.add_argument("dataset", choices=("fashion-mnist",))
     ex.add_argument("--out", type=Path, required=True)
@@ -86,6 +120,7 @@ def run_build(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, index_kind=args.index,
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
+        keep_duplicates=args.keep_duplicates,
     )
     result = build_cache(config)
     m = result.manifest
@@ -104,6 +139,8 @@ def run_build(args: argparse.Namespace) -> int:
               ", ".join(f"{lb} {c.count}" for lb, c in pool.per_class.items()))
         if pool.empty_classes:
             print(f"  no pool image for: {', '.join(pool.empty_classes)} (zero-shot text weights only)")
+    if report.duplicates is not None:
+        print_duplicates(report.duplicates)
     if m.tuning.loo_top1:
         on = "pseudo-labels (zero-shot agrees by construction)" if report.mode == "pool" else "the support set"
         print(f"  leave-one-out top-1 on {on}: " +
@@ -111,6 +148,20 @@ def run_build(args: argparse.Namespace) -> int:
     best = m.params.methods.get(m.params.best_method)
     print(f"  best method {m.params.best_method}: {best.model_dump() if best else {}}")
     return 0
+
+
+def print_duplicates(duplicates: DuplicatesReport) -> None:
+    """Cross-class groups (the same image labelled twice) first and loudest, then the others."""
+    for group in duplicates.groups:
+        items = ", ".join(f"{it.path} [{it.label}]{' (dropped)' if it.dropped else ''}" for it in group.items)
+        if group.cross_class:
+            print(f"  WARNING: the same image carries different labels ({group.kind}): {items}")
+        else:
+            print(f"  {group.kind} duplicates (cosine >= {group.min_cosine:.4f}): {items}")
+    if duplicates.groups:
+        kept = "kept (--keep-duplicates)" if duplicates.kept else f"dropped {duplicates.dropped}"
+        print(f"  duplicates: {duplicates.exact_groups} exact groups ({kept}), {duplicates.near_groups} near groups "
+              f"(cosine >= {duplicates.near_cosine}, kept), {duplicates.cross_class_groups} across labels")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -133,6 +184,30 @@ def run_eval(args: argparse.Namespace) -> int:
         for method, acc in report.faiss["methods"].items():
             print(f"faiss k={report.faiss['k']} {method:<6} top1 {acc['top1']:.4f} agreement {acc['top1_agreement']:.4f}")
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    shots = _int_list(args.shots, "--shots", minimum=1)
+    seeds = _int_list(args.seeds, "--seeds", minimum=0)
+    from kvclip.cache_builder.bench import format_table, run_bench as bench
+    from kvclip.models import load_encoder
+
+    encoder = load_encoder(args.model, args.device, args.model_cache_dir)
+    report = bench(args.split_file, args.root, shots, seeds, encoder=encoder, views=args.views,
+                   captioner=args.captioner, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                   work_dir=args.work_dir, progress=not args.quiet)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _int_list(text: str, flag: str, minimum: int) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum or len(set(values)) != len(values):
+        sys.exit(f"kvclip: error: {flag} must be distinct comma-separated integers >= {minimum}, not {text!r}")
+    return values
 
 
 def run_export(args: argparse.Namespace) -> int:

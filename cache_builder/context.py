@@ -54,6 +54,7 @@ class BuildConfig:
     pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
     labels: Sequence[str] | None = None  # the label set itself, instead of labels_file
+    keep_duplicates: bool = False  # keep exact duplicate support images (cache_builder/duplicates.py)
 
     @property
     def has_labels(self) -> bool:

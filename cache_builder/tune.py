@@ -5,7 +5,7 @@ plain view) and the blend simply excludes support item i. Excluding only item i 
 label, though: the query's own class would be the one class with an item fewer, and with
 CLIP's all-positive affinities every Tip-X/CapS weight −ψ(KL) is negative, so one item fewer
 *raises* the true class whatever the image (docs/methods.md). So each query also drops one
-seeded random item of every other class, and any exact duplicate of itself: every class
+seeded random item of every other class, and any exact or near duplicate of itself: every class
 enters its sums with one item fewer, as in a cache of one shot fewer, and the estimate no
 longer depends on which class the query is in.
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.vocabulary import NEAR_DUPLICATE_COSINE
 from kvclip.blend import (
     CACHE_METHODS,
     METHODS,
@@ -38,13 +39,14 @@ from kvclip.blend import (
 )
 
 PROTOCOL = (
-    "balanced leave-one-out on the support set: query i excludes support item i, its exact duplicates "
-    "and one seeded random item of every other class, so every class takes part with one item fewer"
+    "balanced leave-one-out on the support set: query i excludes support item i, its exact and near "
+    f"duplicates (plain-view cosine >= {NEAR_DUPLICATE_COSINE}) and one seeded random item of every other "
+    "class, so every class takes part with one item fewer"
 )
 CLASS_BALANCE = "each class's cache sums times n̄ / n_c (per-class mean; n̄ the mean class size)"
-# Cosine above which two plain-view features are the same image: float32 rounding of identical
-# vectors stays within ~1e-7 of 1, and distinct photos are far below.
-DUPLICATE_COSINE = 1.0 - 1e-5
+# Plain-view cosine from which a support item is the query's own image again (a copy, resized or
+# re-compressed): the build reports these (cache_builder/duplicates.py); docs/methods.md says why 0.98.
+DUPLICATE_COSINE = NEAR_DUPLICATE_COSINE
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class TuningResult:
     loo_top1: dict[str, float]  # per method, from `blend` with the chosen parameters
     n_queries: int
     grid: Grid = field(default_factory=Grid)
-    duplicates: int = 0  # support items excluded from some query's sums as exact duplicates of it
+    duplicates: int = 0  # support items excluded from some query's sums as exact or near duplicates of it
 
     def manifest_params(self) -> dict:
         return {
@@ -223,7 +225,7 @@ def loo_exclusions(
     label_ids: torch.Tensor, ids: torch.Tensor, num_classes: int, seed: int, query_features: torch.Tensor
 ) -> torch.Tensor:
     """The tuner's leave-one-out (queries x items, True = left out) for the queries `ids`:
-    balanced_exclusions plus each query's exact duplicates among the support items."""
+    balanced_exclusions plus each query's exact and near duplicates among the support items."""
     query_features = query_features.to(ids.device, torch.float32)
     return balanced_exclusions(label_ids, ids, num_classes, seed) | duplicate_mask(query_features[ids], query_features)
 
@@ -247,7 +249,7 @@ def balanced_exclusions(label_ids: torch.Tensor, ids: torch.Tensor, num_classes:
 
 def duplicate_mask(queries: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
     """queries x items: True where a support item's plain-view feature is the query's own image
-    again (a file copied into the support set twice defeats exclusion by index)."""
+    again, exactly or nearly (a file copied into the support set twice defeats exclusion by index)."""
     return queries @ query_features.T >= DUPLICATE_COSINE
 
 

@@ -148,6 +148,31 @@ class Throughput(_Part):
     batch_crops: int
 
 
+class DuplicateItem(_Part):
+    path: str
+    label: str
+    dropped: bool = Field(description="left out of the cache (an exact copy of a kept item of its label)")
+
+
+class DuplicateGroup(_Part):
+    kind: Literal["exact", "near"] = Field(description=(
+        "exact: same file bytes or plain-view features equal to 1e-6; near: plain-view cosine >= near_cosine"))
+    cross_class: bool = Field(description="the copies carry different labels: the same image labelled twice")
+    same_bytes: bool = Field(description="every copy has the same file bytes")
+    min_cosine: float = Field(description="lowest plain-view cosine of the group's linked pairs")
+    items: list[DuplicateItem]
+
+
+class DuplicatesReport(_Part):
+    near_cosine: float = Field(description="plain-view cosine from which images are near duplicates")
+    kept: bool = Field(description="exact duplicates kept (--keep-duplicates)")
+    exact_groups: int
+    near_groups: int
+    cross_class_groups: int = Field(description="groups whose copies carry different labels")
+    dropped: int = Field(description="support items dropped as exact duplicates")
+    groups: list[DuplicateGroup] = Field(description="cross-class groups first")
+
+
 class BuildReport(_Part):
     mode: BuildMode
     source: str
@@ -159,6 +184,7 @@ class BuildReport(_Part):
     timings_s: dict[str, float]
     throughput: Throughput
     pool: PoolReport | None = _optional("pool builds only")
+    duplicates: DuplicatesReport | None = _optional("duplicate support images; absent without support items")
 
 
 class Manifest(_Part):

@@ -76,6 +76,13 @@ MAX_LABELS = 100_000
 DEFAULT_BUILD_BATCH_SIZE = 32  # images per encoder batch while building (x views crops)
 DEFAULT_EVAL_BATCH_SIZE = 128
 DEFAULT_FAISS_K = 64  # candidates per query on the FAISS top-k path
+# Plain-view cosine at or above which two support images are near duplicates (a resized or
+# re-compressed copy): reported by the build, and left out with each other in leave-one-out.
+# Why 0.98: docs/methods.md ("Duplicates").
+NEAR_DUPLICATE_COSINE = 0.98
+# Published benchmark shots and seeds (CoOp / Tip-Adapter protocol): `kvclip bench` defaults.
+BENCH_SHOTS = (1, 2, 4, 8, 16)
+BENCH_SEEDS = (1, 2, 3)
 
 # --- classify defaults and limits -------------------------------------------------------
 DEFAULT_TOP_K = 5

@@ -146,6 +146,9 @@ class BuildOptions(BaseModel):
     pool_per_class: int = Field(DEFAULT_POOL_PER_CLASS, ge=1, le=MAX_POOL_PER_CLASS,
                                 description="pool images kept per class")
     activate: bool = Field(True, description="make the new version current when the build succeeds")
+    keep_duplicates: bool = Field(False, description=(
+        "keep exact duplicate support images (same bytes or features); by default they are dropped, "
+        "one copy per label kept, and listed in the build report's duplicates"))
 
     @field_validator("labels")
     @classmethod
