@@ -54,6 +54,9 @@ class BuildConfig:
     pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
     labels: Sequence[str] | None = None  # the label set itself, instead of labels_file
+    # What the build report names as its source instead of the folder read (an HTTP build's
+    # folder is a temporary work folder, gone once the job ends: it names the upload instead).
+    source_name: str | None = None
 
     @property
     def has_labels(self) -> bool:
