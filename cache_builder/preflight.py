@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvclip.cache_builder.sources import (discover_folder, discover_images, order_labels, read_labels_file,
-                                          read_manifest, sidecar_caption)
+from kvclip.cache_builder.sources import (
+    discover_folder,
+    discover_images,
+    order_labels,
+    read_labels_file,
+    read_manifest,
+    sidecar_caption,
+)
 from kvclip.errors import UsageError
 from kvclip.model_names import check_model_name
 from kvclip.vocabulary import CACHE_NAME_RE, MAX_POOL_PER_CLASS, MAX_VIEWS

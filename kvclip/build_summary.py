@@ -6,7 +6,8 @@ standard library only: the client install renders it without pydantic or torch.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 CACHE_ONLY_METHODS = "tip, tipx"
 

@@ -86,8 +86,8 @@ def check_model_name(name: str, flag: str = "--model") -> ModelSpec:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise InvalidModelName(f"{flag} {name!r}: unknown open_clip architecture {spec.arch!r}{hint}; "
                                  f"use {MODEL_SYNTAX}")
-    if spec.kind == "file" and not Path(spec.source).is_file():
+    if spec.kind == "file" and not Path(spec.source or "").is_file():
         raise InvalidModelName(f"{flag} {name!r}: no checkpoint file {spec.source}")
-    if spec.kind == "local-dir" and not Path(spec.source).is_dir():
+    if spec.kind == "local-dir" and not Path(spec.source or "").is_dir():
         raise InvalidModelName(f"{flag} {name!r}: no folder {spec.source}")
     return spec

@@ -8,7 +8,8 @@ import asyncio
 import io
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Path as PathParam, Query
+from fastapi import APIRouter, Depends, Query
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 
 from kvclip.errors import ImageDecodeError

@@ -15,7 +15,8 @@ from tests.conftest import write_images
 PROBE = ("import json, sys\n"
          "from kvclip.cli import main\n"
          "code = main(sys.argv[1:])\n"
-         "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}))\n")
+         "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules,\n"
+         "                  'open_clip': 'open_clip' in sys.modules}))\n")
 
 
 def kvclip_probe(*argv: str) -> tuple[dict, str]:

@@ -13,9 +13,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.test_web_page import (READ, READ_KEY, _by_testid, _open_with_key, _submit, _wait,  # noqa: F401
-                                     browser, first_image, server)
+from tests.e2e import test_web_page as web
+from tests.e2e.test_web_page import READ, READ_KEY, _by_testid, _open_with_key, _submit, _wait, first_image
 from tests.service_helpers import make_config, running_app
+
+# The same Chromium and `kvclip serve` (API keys on) as the page's own tests.
+browser = web.browser
+server = web.server
 
 
 @pytest.mark.anyio
