@@ -118,8 +118,8 @@ def _guarded(handler: Handler) -> Handler:
             message = " ".join(str(exc).split())
             if isinstance(exc, ApiError) and exc.status == 401:
                 # The server's advice names HTTP headers; on the command line the key comes from here.
-                message = (f"the server needs an API key ({exc.message.split(':')[0]}; HTTP 401): set "
-                           f"${API_KEY_ENV} or pass --api-key-file FILE")
+                message = (f"{exc.message.split(':')[0]}: set ${API_KEY_ENV} or pass --api-key-file FILE "
+                           f"(HTTP 401 {exc.code})")
             print(f"kvclip: error: {message}", file=sys.stderr)
             return 2 if isinstance(exc, InputError) else 1
 
