@@ -1,6 +1,11 @@
 """Captioners: one caption per support image, for CapS caption keys.
 
-  sidecar  the manifest's "caption", else the text file next to the image (cat.jpg -> cat.txt)
+  auto     (the default) per image: its sidecar caption when it has one; else, when a
+           captioner model is given (--captioner-model), a CoCa caption; else no caption.
+           A cache has caption keys (and serves caps) only when every image has a caption;
+           with none, or some missing, it has image keys only (tip, tipx). Never an error.
+  sidecar  the manifest's "caption", else the text file next to the image (cat.jpg -> cat.txt);
+           an image without one is an error
   coca     open_clip CoCa generation from the image
   none     no captions: image keys only (plain Tip-Adapter / Tip-X)
 """
@@ -12,7 +17,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from kvclip.cache_builder.sources import SupportItem
+from kvclip.cache_builder.sources import SupportItem, sidecar_caption
 from kvclip.errors import DataError, ModelLoadError
 from kvclip.models import create_open_clip_model, default_device
 from kvclip.vocabulary import CAPTIONERS, DEFAULT_COCA_MODEL
@@ -47,22 +52,50 @@ class SidecarCaptioner:
 
     @staticmethod
     def _one(item: SupportItem) -> str:
-        if item.caption is not None and item.caption.strip():
-            return item.caption.strip()
-        sidecar = item.path.with_suffix(".txt")
-        try:
-            text = sidecar.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            text = ""
-        if not text:
+        text = sidecar_caption(item)
+        if text is None:
             raise DataError(
-                f"no caption for {item.path}: expected a non-empty {sidecar} (or a \"caption\" "
-                "field in the manifest); use --captioner none to build without captions"
+                f"no caption for {item.path}: expected a non-empty {item.path.with_suffix('.txt')} (or a "
+                "\"caption\" field in the manifest); use --captioner auto or --captioner none to build "
+                "without captions"
             )
         return text
 
     def describe(self) -> dict:
         return {"name": self.name}
+
+
+class AutoCaptioner:
+    """Sidecar captions where present, CoCa captions for the rest when a model is given, else none.
+
+    describe() counts where the captions came from, so the build report says what `auto` did.
+    """
+
+    name = "auto"
+
+    def __init__(self, generator: "CocaCaptioner | None" = None) -> None:
+        self.generator = generator
+        self.needs_images = generator is not None  # generation reads the decoded images
+        self.counts = {"sidecar": 0, "generated": 0, "uncaptioned": 0}
+
+    def caption(self, items, images=None):
+        captions: list[str | None] = [sidecar_caption(item) for item in items]
+        missing = [i for i, text in enumerate(captions) if text is None]
+        self.counts["sidecar"] += len(items) - len(missing)
+        if missing and self.generator is not None and images is not None:
+            generated = self.generator.caption([items[i] for i in missing], [images[i] for i in missing])
+            for i, text in zip(missing, generated):
+                captions[i] = text
+            self.counts["generated"] += len(missing)
+        else:
+            self.counts["uncaptioned"] += len(missing)
+        return captions
+
+    def describe(self) -> dict:
+        info: dict = {"name": self.name, **self.counts}
+        if self.generator is not None:
+            info.update({k: v for k, v in self.generator.describe().items() if k != "name"})
+        return info
 
 
 class CocaCaptioner:
@@ -108,6 +141,8 @@ def _clean(text: str) -> str:
 
 
 def make_captioner(name: str, model: str | None = None, device: torch.device | None = None) -> Captioner:
+    if name == "auto":
+        return AutoCaptioner(CocaCaptioner(model, device) if model else None)
     if name == "none":
         return NoCaptioner()
     if name == "sidecar":

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from kvclip.build_summary import report_lines, tuning_lines
+from kvclip.errors import UsageError
 from kvclip.extras import SERVER
+from kvclip.model_names import MODEL_SYNTAX
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
                                DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS,
@@ -23,18 +25,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Give DATA_DIR, or --manifest, or --labels FILE alone (a zero-shot cache with no support "
                     "images), or --labels FILE --pool DIR (support images pseudo-labelled from a folder of "
                     "unlabelled images).")
-    build.add_argument("data_dir", nargs="?", type=Path, help="DATA_DIR/<label>/<image> folder")
+    build.add_argument("data_dir", nargs="?", type=Path, metavar="DATA_DIR",
+                       help="DATA_DIR/<label>/<image> folder (or --data DATA_DIR)")
+    build.add_argument("--data", type=Path, dest="data_flag", metavar="DATA_DIR", help="the same as DATA_DIR")
     build.add_argument("--manifest", type=Path, help='JSONL rows {"path", "label", "caption"?} instead of a folder')
     build.add_argument("--out", type=Path, required=True, help="cache folder; its name is the cache name")
     build.add_argument("--model", default=DEFAULT_MODEL,
-                       help="ARCH:TAG, ARCH:/path/checkpoint, hf-hub:ORG/REPO, or tiny-random (plumbing only)")
+                       help=f"{MODEL_SYNTAX} (default {DEFAULT_MODEL})")
     build.add_argument("--model-cache-dir", help="where open_clip looks for / stores downloaded weights")
     build.add_argument("--shots", default=str(DEFAULT_SHOTS),
                        help=f"support images per class, or 'all' (default {DEFAULT_SHOTS})")
     build.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                        help=f"random augmented views averaged per image key (default {DEFAULT_VIEWS})")
-    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, choices=CAPTIONERS)
-    build.add_argument("--captioner-model", help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL})")
+    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, choices=CAPTIONERS,
+                       help="captions for CapS: auto (default) uses an image's caption file (cat.jpg -> cat.txt) "
+                            "or manifest caption where there is one and, with --captioner-model, generates the "
+                            "rest; sidecar requires one for every image; coca generates all; none builds "
+                            "image keys only. caps is served only when every image has a caption")
+    build.add_argument("--captioner-model",
+                       help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL}); with auto, "
+                            "generates the captions caption files do not give")
     build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
     build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
     build.add_argument("--labels", type=Path,
@@ -60,17 +70,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(run=run_build, extra=SERVER)
 
-    ev = sub.add_parser("eval", help="accuracy of every method of a cache on labelled test images")
-    ev.add_argument("--cache", type=Path, required=True)
-    ev.add_argument("--data", type=Path, help="test DATA_DIR/<label>/<image> folder")
-    ev.add_argument("--manifest", type=Path, help="test manifest (JSONL) instead of a folder")
-    ev.add_argument("--model", help="default: the model recorded in the cache")
-    ev.add_argument("--device")
-    ev.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE)
+    ev = sub.add_parser(
+        "eval", help="accuracy of every method of a cache on labelled test images",
+        description="Classify labelled test images (DATA_DIR/<label>/<image>, or --manifest) with every method "
+                    "the cache serves and print top-1 and top-5 accuracy per method. The model must be the "
+                    "one that built the cache (its weights' sha256 is checked).")
+    ev.add_argument("data_dir", nargs="?", type=Path, metavar="DATA_DIR",
+                    help="test DATA_DIR/<label>/<image> folder (or --data DATA_DIR)")
+    ev.add_argument("--cache", type=Path, required=True, help="cache folder (CACHES/NAME), as given to build --out")
+    ev.add_argument("--data", type=Path, dest="data_flag", metavar="DATA_DIR", help="the same as DATA_DIR")
+    ev.add_argument("--manifest", type=Path, help='test manifest, JSONL rows {"path", "label"}, instead of a folder')
+    ev.add_argument("--model", help=f"{MODEL_SYNTAX} (default: the model recorded in the cache)")
+    ev.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    ev.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+                    help=f"test images per encoder batch (default {DEFAULT_EVAL_BATCH_SIZE})")
     ev.add_argument("--limit", type=int, help="evaluate the first N images only")
     ev.add_argument("--faiss-k", type=int, help="also evaluate the FAISS top-k path with this k")
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print the report as JSON (accuracies to 6 digits)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(run=run_eval, extra=SERVER)
 
     bench = sub.add_parser(
@@ -99,20 +116,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(run=run_bench, extra=SERVER)
 
-    ex = sub.add_parser("export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>")
-    ex.add_argument("dataset", choices=("fashion-mnist",))
-    ex.add_argument("--out", type=Path, required=True)
-    ex.add_argument("--split", choices=("train", "test"), default="train")
-    ex.add_argument("--per-class", type=int, help="seeded sample of N per class")
-    ex.add_argument("--limit", type=int, help="first N images of the split")
-    ex.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ex = sub.add_parser(
+        "export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>",
+        description="Write Fashion-MNIST (Debian's dataset-fashion-mnist package) as PNG files in "
+                    "OUT/<label>/<split>_<index>.png, a data folder for kvclip build and kvclip eval.")
+    ex.add_argument("dataset", choices=("fashion-mnist",), help="the dataset to write")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write OUT/<label>/<file> into")
+    ex.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
+    ex.add_argument("--per-class", type=int, help="a seeded sample of N images per class")
+    ex.add_argument("--limit", type=int, help="at most N images (with --per-class: of that sample)")
+    ex.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the --per-class sample")
     ex.set_defaults(run=run_export, extra=SERVER)
 
 
+def _data_dir(args: argparse.Namespace) -> Path | None:
+    """DATA_DIR given as the positional or as --data (not both)."""
+    if args.data_dir is not None and args.data_flag is not None and args.data_dir != args.data_flag:
+        raise UsageError("give the data folder once: DATA_DIR or --data DATA_DIR")
+    return args.data_dir if args.data_dir is not None else args.data_flag
+
+
 def run_build(args: argparse.Namespace) -> int:
+    from kvclip.cache_builder import preflight  # torch-free; PIL is not in the light install
+
+    args.data_dir = _data_dir(args)
+    preflight.check_build(args)  # before torch loads: an argument error takes milliseconds
     from kvclip.cache_builder.build import BuildConfig, build_cache
 
-    shots = None if args.shots == "all" else _positive_int(args.shots, "--shots")
+    shots = preflight.parse_shots(args.shots)
     config = BuildConfig(
         out=args.out, data_dir=args.data_dir, manifest=args.manifest, model=args.model, shots=shots,
         views=args.views, captioner=args.captioner, captioner_model=args.captioner_model,
@@ -129,24 +160,15 @@ def run_build(args: argparse.Namespace) -> int:
         return 0
     report = m.build_report
     print(f"published {m.name} {result.version} at {result.path} ({report.mode})")
-    print(f"  model {m.model.id}  classes {m.counts.classes}  items {m.counts.items}"
-          f"  skipped {report.skipped_count}")
-    for skipped in report.skipped:
-        print(f"  skipped {skipped.path}: {skipped.reason}")
-    if report.pool is not None:
-        pool = report.pool
-        print(f"  pool: {pool.usable} usable of {pool.images} images; per class: " +
-              ", ".join(f"{lb} {c.count}" for lb, c in pool.per_class.items()))
-        if pool.empty_classes:
-            print(f"  no pool image for: {', '.join(pool.empty_classes)} (zero-shot text weights only)")
+    print(f"  model {m.model.id}  classes {m.counts.classes}  items {m.counts.items}")
+    for line in report_lines(report.model_dump(mode="json"), m.captioner.model_dump(mode="json")):
+        print(line)
     if report.duplicates is not None:
         print_duplicates(report.duplicates)
-    if m.tuning.loo_top1:
-        on = "pseudo-labels (zero-shot agrees by construction)" if report.mode == "pool" else "the support set"
-        print(f"  leave-one-out top-1 on {on}: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in m.tuning.loo_top1.items()))
     best = m.params.methods.get(m.params.best_method)
-    print(f"  best method {m.params.best_method}: {best.model_dump() if best else {}}")
+    for line in tuning_lines(m.tuning.loo_top1, m.params.best_method, best.model_dump() if best else {},
+                             pool_build=report.mode == "pool"):
+        print(line)
     return 0
 
 
@@ -165,13 +187,17 @@ def print_duplicates(duplicates: DuplicatesReport) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from kvclip.cache_builder import preflight
+
+    args.data = _data_dir(args)
+    preflight.check_eval(args)
     from kvclip.cache_builder.evaluate import evaluate
 
     report = evaluate(args.cache, args.data, args.manifest, model=args.model, device=args.device,
                       batch_size=args.batch_size, limit=args.limit, faiss_k=args.faiss_k,
                       progress=not args.quiet)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps(rounded(report.as_dict()), indent=2))
         return 0
     print(f"cache {report.cache['path']} {report.cache['version']}  model {report.cache['model']}"
           f"  images {report.n}  skipped {len(report.skipped)}")
@@ -206,11 +232,14 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < minimum or len(set(values)) != len(values):
-        sys.exit(f"kvclip: error: {flag} must be distinct comma-separated integers >= {minimum}, not {text!r}")
+        raise UsageError(f"{flag} must be distinct comma-separated integers >= {minimum}, not {text!r}")
     return values
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from kvclip.cache_builder import preflight
+
+    preflight.check_export(args)
     from kvclip.cache_builder.datasets import export_fashion_mnist
 
     count = export_fashion_mnist(args.out, args.split, args.per_class, args.limit, args.seed)
@@ -218,11 +247,12 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str, flag: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        sys.exit(f"kvclip: error: {flag} must be a positive integer or 'all', not {text!r}")
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats to `digits` significant digits, so float32 results read 0.04, not 0.03999999910593033."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
     return value

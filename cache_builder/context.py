@@ -55,6 +55,9 @@ class BuildConfig:
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
     labels: Sequence[str] | None = None  # the label set itself, instead of labels_file
     keep_duplicates: bool = False  # keep exact duplicate support images (cache_builder/duplicates.py)
+    # What the build report names as its source instead of the folder read (an HTTP build's
+    # folder is a temporary work folder, gone once the job ends: it names the upload instead).
+    source_name: str | None = None
 
     @property
     def has_labels(self) -> bool:

@@ -53,7 +53,8 @@ def export_fashion_mnist(
 ) -> int:
     """Write images as out/<label>/<split>_<index>.<fmt>; returns how many were written.
 
-    `per_class` takes that many per class (seeded); `limit` takes the first N overall.
+    `per_class` takes that many per class (seeded); `limit` takes at most N (of that sample, or
+    the first N of the split).
     """
     images, labels = load_fashion_mnist(split)
     if per_class is not None:
@@ -61,7 +62,8 @@ def export_fashion_mnist(
         chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
                                  for c in range(len(FASHION_MNIST_LABELS))])
     else:
-        chosen = np.arange(len(labels))[: limit or len(labels)]
+        chosen = np.arange(len(labels))
+    chosen = chosen[:limit] if limit else chosen  # with per_class too: at most `limit` of the sample
     out = Path(out)
     for index in chosen:
         folder = out / FASHION_MNIST_LABELS[labels[index]]

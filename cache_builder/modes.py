@@ -68,7 +68,8 @@ def labelled_support(ctx: BuildContext) -> SupportSet:
     selection = select_support(candidates, labels, config.shots, config.seed, config.progress, ctx.monitor, images)
     warn_skipped(selection.skipped)
     return SupportSet(labels, prompts, text_weights(ctx, labels, prompts), selection,
-                      str(config.manifest or config.data_dir), len(items), config.shots, images)
+                      config.source_name or str(config.manifest or config.data_dir), len(items), config.shots,
+                      images)
 
 
 def labels_only_support(ctx: BuildContext) -> SupportSet:
@@ -102,7 +103,8 @@ def pool_support(ctx: BuildContext) -> SupportSet:
     images.retain(item.path for item in pool.items)
     selection = Selection(labels, pool.items, features.skipped,
                           {lb: p.assigned for lb, p in zip(labels, pool.picks)})
-    return SupportSet(labels, prompts, weights, selection, str(config.pool_dir), len(paths), config.pool_per_class,
+    return SupportSet(labels, prompts, weights, selection, config.source_name or str(config.pool_dir), len(paths),
+                      config.pool_per_class,
                       images, pool.features, pool)
 
 

@@ -14,8 +14,7 @@ from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError, ImageDecodeError
 from kvclip.images import IMAGE_SUFFIXES, load_image
-from kvclip.prompts import class_text
-from kvclip.textfiles import parse_labels
+from kvclip.textfiles import class_text, parse_labels
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,17 @@ def read_manifest(manifest: str | Path) -> list[SupportItem]:
     if not items:
         raise DataError(f"manifest {manifest} has no rows")
     return items
+
+
+def sidecar_caption(item: SupportItem) -> str | None:
+    """The manifest's caption, else the text next to the image (cat.jpg -> cat.txt); None if neither."""
+    if item.caption is not None and item.caption.strip():
+        return item.caption.strip()
+    try:
+        text = item.path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return text or None
 
 
 def read_labels_file(path: str | Path) -> list[str]:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from kvclip.clients import render
 from kvclip.clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, KvclipClient
-from kvclip.clients.errors import InputError, KvclipClientError
+from kvclip.clients.errors import ApiError, InputError, KvclipClientError
 from kvclip.clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
 from kvclip.clients.models import Job
 from kvclip.clients.operations import DEFAULT_CHUNK
 from kvclip.clients.progress import JobProgress
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SHOTS, DEFAULT_TOP_K,
-                               DEFAULT_VIEWS, REQUEST_METHODS)
+                               DEFAULT_VIEWS, JOB_ID_RE, REQUEST_METHODS)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -75,10 +75,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = jsub.add_parser("list", parents=[common, as_json], help="recent build jobs")
     p.set_defaults(run=_guarded(_jobs_list))
     p = jsub.add_parser("show", parents=[common, as_json], help="one build job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", type=_job_id)
     p.set_defaults(run=_guarded(_jobs_show))
     p = jsub.add_parser("cancel", parents=[common, as_json], help="stop a build job")
-    p.add_argument("job_id")
+    p.add_argument("job_id", type=_job_id)
     p.set_defaults(run=_guarded(_jobs_cancel))
 
 
@@ -110,7 +110,8 @@ def _add_build(csub: argparse._SubParsersAction, *parents: argparse.ArgumentPars
 
 
 def _guarded(handler: Handler) -> Handler:
-    """Client errors become one line on stderr and exit status 1."""
+    """Client errors become one line on stderr: exit status 2 for a local input or argument
+    the command cannot use (InputError), 1 for what the server or the network answered."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
@@ -118,10 +119,21 @@ def _guarded(handler: Handler) -> Handler:
             return handler(args)
         except KvclipClientError as exc:
             message = " ".join(str(exc).split())
+            if isinstance(exc, ApiError) and exc.status == 401:
+                # The server's advice names HTTP headers; on the command line the key comes from here.
+                message = (f"{exc.message.split(':')[0]}: set ${API_KEY_ENV} or pass --api-key-file FILE "
+                           f"(HTTP 401 {exc.code})")
             print(f"kvclip: error: {message}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(exc, InputError) else 1
 
     return run
+
+
+def _job_id(text: str) -> str:
+    """A job id as `kvclip jobs list` shows it, checked here so a typo is not answered by a regex."""
+    if not JOB_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (hexadecimal, as `kvclip jobs list` shows)")
+    return text
 
 
 def _client(args: argparse.Namespace) -> KvclipClient:
@@ -231,7 +243,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
 
 
 def _jobs_cancel(args: argparse.Namespace) -> int:
-    return _print_call(args, lambda c: c.cancel_job(args.job_id), render.job)
+    return _print_call(args, lambda c: c.cancel_job(args.job_id), render.cancelled_job)
 
 
 def main(argv: list[str] | None = None) -> int:

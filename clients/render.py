@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from kvclip.build_summary import report_lines
 from kvclip.clients.models import CacheInfo, Classification, Job
 from kvclip.clients.progress import format_seconds
 
@@ -31,18 +32,24 @@ def to_json(value: Any) -> str:
 
 
 def classification(result: Classification) -> str:
+    """One row per label (its probability under "score"); with explain, one per nearest
+    support item (its cosine affinity under "affinity", a different quantity)."""
     rows: list[list[Any]] = []
     for image in result.results:
         if image.error is not None:
-            rows.append([image.name, "-", f"error: {image.error.code}: {image.error.message}", ""])
+            rows.append([image.name, "-", f"error: {image.error.code}: {image.error.message}", "", ""])
             continue
         for rank, label in enumerate(image.labels, 1):
-            rows.append([image.name if rank == 1 else "", rank, label.label, f"{label.score:.4f}"])
+            rows.append([image.name if rank == 1 else "", rank, label.label, f"{label.score:.4f}", ""])
         for n in image.neighbors or []:
             caption = f' "{n.caption}"' if n.caption else ""
-            rows.append(["", "", f"  ~ {n.label} (item {n.item}, {n.name or '?'}){caption}", f"{n.affinity:.4f}"])
+            rows.append(["", "", f"  ~ {n.label} (item {n.item}, {n.name or '?'}){caption}", "",
+                         f"{n.affinity:.4f}"])
+    explained = any(image.neighbors for image in result.results)
+    headers = ("image", "rank", "label", "score", "affinity") if explained else ("image", "rank", "label", "score")
+    rows = rows if explained else [row[:4] for row in rows]
     head = f"cache {result.cache} {result.version}, method {result.method}, model {result.model}"
-    return head + "\n" + table(("image", "rank", "label", "score"), rows, right=(1, 3))
+    return head + "\n" + table(headers, rows, right=(1, 3, 4))
 
 
 def caches(infos: list[CacheInfo]) -> str:
@@ -88,4 +95,17 @@ def job(item: Job) -> str:
         lines.append(f"version {item.version}" + (" (activated)" if item.activated else " (not activated)"))
     if item.error:
         lines.append(f"error: {item.error}")
+    if item.succeeded and item.report:
+        lines += report_lines(item.report)
     return "\n".join(lines)
+
+
+def cancelled_job(item: Job) -> str:
+    """`kvclip jobs cancel`: say that the cancel was asked for, then where the job is."""
+    if item.finished and not item.cancel_requested:
+        head = f"job {item.id} had already ended ({item.state}); nothing to cancel"
+    elif item.state == "cancelled":
+        head = f"cancelled job {item.id}"
+    else:
+        head = f"cancel requested for job {item.id}; it stops at its next step (`kvclip jobs show {item.id}`)"
+    return head + "\n" + job(item)

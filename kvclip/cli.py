@@ -16,13 +16,20 @@ from kvclip.errors import KvclipError
 from kvclip.extras import require_extra
 from kvclip.vocabulary import VERSION
 
+DESCRIPTION = ("Training-free zero-shot image classification with CLIP and a key-value cache of support "
+               "examples (Tip-Adapter, Tip-X, CapS): build a cache from labelled images (build, eval, "
+               "export-dataset), serve it over HTTP (serve), and use a server (classify, caches, jobs).")
+EPILOG = ("exit status: 0 success; 1 a runtime or server error (the server answered an error, it could "
+          "not be reached, a build job failed, model weights could not be had); 2 a usage error (an "
+          "argument, or a file or folder it names, that cannot work; checked before any model loads).")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from kvclip.cache_builder.cli import add_commands as add_builder_commands
     from kvclip.clients.cli import add_commands as add_client_commands
     from kvclip.service.cli import add_commands as add_server_commands
 
-    parser = argparse.ArgumentParser(prog="kvclip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kvclip", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"kvclip {VERSION}")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KvclipError as exc:
         print(f"kvclip: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except BrokenPipeError:
         # The reader went away (`kvclip caches list | head -1`): stop quietly, as cat or grep do.
         # stdout is pointed at /dev/null so the interpreter's final flush cannot fail again.

@@ -14,7 +14,7 @@ SERVER = "server"
 # this to pyproject.toml's list).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     SERVER: ("torch", "torchvision", "open_clip", "faiss", "numpy", "PIL", "fastapi", "uvicorn",
-             "multipart", "pydantic", "prometheus_client"),
+             "multipart", "pydantic", "prometheus_client", "swagger_ui_bundle"),
 }
 
 

@@ -66,10 +66,14 @@ class Counts(_Part):
 
 
 class CaptionerInfo(_Part):
-    name: str = Field(description="sidecar, coca or none")
-    model: str | None = _optional("coca only, as are generation and seq_len")
+    name: str = Field(description="auto, sidecar, coca or none")
+    model: str | None = _optional("coca, or auto with a captioner model; as are generation and seq_len")
     generation: str | None = _optional()
     seq_len: int | None = _optional()
+    # auto only: how many support items got each kind of caption (caps needs uncaptioned == 0).
+    sidecar: int | None = _optional()
+    generated: int | None = _optional()
+    uncaptioned: int | None = _optional()
 
 
 class MethodParams(_Part):

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -31,41 +30,12 @@ from open_clip import pretrained as oc_pretrained
 from kvclip.preprocess import BoundedPreprocess
 from kvclip.errors import ModelLoadError
 from kvclip.hashing import sha256_file
+# Names and their syntax live in the torch-free kvclip/model_names.py; re-exported here.
+from kvclip.model_names import (CHECKPOINT_SUFFIXES, CONFIG_DIR, TINY_COCA_RANDOM, TINY_RANDOM,  # noqa: F401
+                                ModelSpec, parse_model_spec)
 
 log = logging.getLogger("kvclip.models")
-TINY_RANDOM = "tiny-random"
-TINY_COCA_RANDOM = "tiny-coca-random"
-_TINY_ARCHS = {TINY_RANDOM: "kvclip-tiny", TINY_COCA_RANDOM: "kvclip-tiny-coca"}
 TINY_SEED = 0
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed model name."""
-
-    name: str  # as the user wrote it; stored in cache manifests
-    kind: str  # "tag" | "file" | "hf-hub" | "local-dir" | "tiny-random"
-    arch: str  # open_clip architecture or schema-qualified name
-    source: str | None  # pretrained tag, file path, hub id or folder
-
-
-def parse_model_spec(name: str) -> ModelSpec:
-    name = name.strip()
-    if name in _TINY_ARCHS:
-        return ModelSpec(name, "tiny-random", _TINY_ARCHS[name], None)
-    for schema in ("hf-hub", "local-dir"):
-        if name.startswith(schema + ":"):
-            return ModelSpec(name, schema, name, name[len(schema) + 1 :])
-    arch, sep, source = name.partition(":")
-    if not sep or not source:
-        raise ModelLoadError(
-            f"model {name!r} names no weights. Use ARCH:PRETRAINED (e.g. ViT-B-32:openai), "
-            "ARCH:/path/to/checkpoint, hf-hub:ORG/REPO, or tiny-random for plumbing tests."
-        )
-    looks_like_path = os.sep in source or source.endswith(_CHECKPOINT_SUFFIXES) or Path(source).exists()
-    return ModelSpec(name, "file" if looks_like_path else "tag", arch, source)
 
 
 class Encoder:
@@ -211,7 +181,7 @@ def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | None) -> str | None:
         return spec.source
     if spec.kind == "local-dir":
         folder = Path(spec.source)
-        found = [p for p in sorted(folder.glob("*")) if p.suffix in _CHECKPOINT_SUFFIXES] if folder.is_dir() else []
+        found = [p for p in sorted(folder.glob("*")) if p.suffix in CHECKPOINT_SUFFIXES] if folder.is_dir() else []
         if not found:
             raise ModelLoadError(
                 f"model {spec.name!r}: no open_clip_config.json with weights in {folder}."
@@ -311,7 +281,7 @@ def _quiet_open_clip():
 
 def _register_tiny_configs() -> None:
     if "kvclip-tiny" not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+        open_clip.add_model_config(CONFIG_DIR)
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvclip.errors import DataError
-from kvclip.textfiles import parse_templates
+from kvclip.textfiles import class_text, parse_templates
 
 # The 7-template ImageNet ensemble used by Tip-Adapter.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -21,11 +21,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "art of the {}.",
     "a photo of the small {}.",
 )
-
-
-def class_text(label: str) -> str:
-    """How a label reads inside a prompt: folder-style underscores become spaces."""
-    return label.replace("_", " ").strip()
 
 
 def load_templates(path: str | Path) -> list[str]:

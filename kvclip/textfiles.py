@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 
 
+def class_text(label: str) -> str:
+    """How a label reads inside a prompt: folder-style underscores become spaces."""
+    return label.replace("_", " ").strip()
+
+
 def parse_labels(text: str) -> list[str]:
     """One label per line; blank lines skipped."""
     return [line.strip() for line in text.splitlines() if line.strip()]

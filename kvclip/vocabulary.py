@@ -37,9 +37,11 @@ AUTO_METHOD: Final = "auto"  # the cache's tuned best method
 ZEROSHOT_METHOD: Final = "zeroshot"
 
 # --- captioners -------------------------------------------------------------------------
-Captioner = Literal["sidecar", "coca", "none"]
+# auto: a sidecar caption where there is one, a generated one where a captioner model is
+# given, else none (cache_builder/captioners.py says exactly what; README "Building a cache").
+Captioner = Literal["auto", "sidecar", "coca", "none"]
 CAPTIONERS: tuple[str, ...] = get_args(Captioner)
-DEFAULT_CAPTIONER: Final = "sidecar"
+DEFAULT_CAPTIONER: Final = "auto"
 DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
 
 # --- FAISS index kinds ------------------------------------------------------------------
@@ -51,6 +53,8 @@ DEFAULT_INDEX_KIND: Final = "flat"
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+JOB_ID_PATTERN = r"^[0-9a-f]{1,64}$"
+JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 # --- cache and version names ------------------------------------------------------------
 CACHE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -20,11 +20,12 @@ from kvclip.service.deps import ready_state, require
 from kvclip.service.errors import HttpError, invalid
 from kvclip.service.schemas import BuildOptions, JobInfo, JobList
 from kvclip.service.state import ServerState
+from kvclip.vocabulary import JOB_ID_PATTERN
 
 router = APIRouter(tags=["builds"])
 # The body is read by hand (JSON or multipart), so app.py registers its model for OpenAPI.
 OPENAPI_SCHEMAS: dict[str, dict] = {"BuildOptions": BuildOptions.model_json_schema()}
-JobId = PathParam(pattern=r"^[0-9a-f]{1,64}$", description="job id")
+JobId = PathParam(pattern=JOB_ID_PATTERN, description="job id")
 
 _BODY_DOC = {
     "requestBody": {
@@ -48,11 +49,14 @@ async def start_build(request: Request, name: str = CacheName,
                       state: ServerState = Depends(ready_state)) -> JSONResponse:
     job = state.jobs.new_job(name, {}, state.config.jobs_root)
     try:
-        options, data_root, pool_root = await _read_request(request, state, job.workdir)
+        options, data_root, pool_root, upload = await _read_request(request, state, job.workdir)
         job.options = options.model_dump(exclude_none=True)
+        uploaded = data_root if options.data_dir is None and data_root is not None else pool_root
         job.spec = WorkerSpec(
-            config=build_config(name, options, data_root, pool_root, state.config),
+            config=build_config(name, options, data_root, pool_root, state.config,
+                                source_name=f"uploaded archive {upload}" if upload else None),
             nice=state.config.build_nice, threads=state.config.build_threads,
+            uploads={uploaded: f"archive {upload}"} if upload and uploaded is not None else {},
         )
     except BaseException:
         shutil.rmtree(job.workdir, ignore_errors=True)
@@ -77,7 +81,8 @@ async def cancel_job(job_id: str = JobId, state: ServerState = Depends(ready_sta
 
 
 async def _read_request(request: Request, state: ServerState, workdir):
-    """(options, data folder or None, pool folder or None), uploads unpacked into workdir."""
+    """(options, data folder or None, pool folder or None, the name of the upload the build reads
+    or None), uploads unpacked into workdir."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     uploads: dict[str, UploadFile] = {}
     if content_type == "application/json":
@@ -103,7 +108,8 @@ async def _read_request(request: Request, state: ServerState, workdir):
             data_root = await _unpack(uploads["data"], workdir / "data", state)
         if "pool" in uploads:
             pool_root = await _unpack(uploads["pool"], workdir / "pool", state)
-        return options, data_root, pool_root
+        read = uploads.get("data") or uploads.get("pool")
+        return options, data_root, pool_root, (read.filename or "upload") if read is not None else None
     finally:
         for upload in uploads.values():
             await upload.close()

@@ -8,11 +8,12 @@ from fastapi.openapi.utils import get_openapi
 
 from kvclip import __version__
 from kvclip.models import Encoder
-from kvclip.service import api_builds, api_caches, api_classify, api_health
+from kvclip.service import api_builds, api_caches, api_classify, api_health, api_items
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import install_handlers
 from kvclip.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestContextMiddleware
 from kvclip.service.state import ServerState
+from kvclip.service.web.docs import router as docs_router
 from kvclip.service.web.router import router as web_router
 
 
@@ -34,6 +35,7 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
         description="Training-free zero-shot image classification: CLIP zero-shot logits blended "
         "with a key-value cache of support images and their captions.",
         lifespan=lifespan,
+        docs_url=None,  # served from installed files instead of a CDN (service/web/docs.py)
     )
     app.state.kv = state
     install_handlers(app)
@@ -42,7 +44,9 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     app.include_router(api_classify.router)
     app.include_router(api_caches.router)
     app.include_router(api_builds.router)
+    app.include_router(api_items.router)
     app.include_router(web_router)  # the browser page at /, no API key
+    app.include_router(docs_router)
     # Outermost first at run time: the request context sees every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes, build_limit=config.max_build_bytes)
     if config.max_concurrency:

@@ -42,6 +42,7 @@ def build_config(
     data_root: Path | None,
     pool_root: Path | None,
     config: ServerConfig,
+    source_name: str | None = None,
 ) -> BuildConfig:
     """The builder's configuration, the option lists handed over as values."""
     return BuildConfig(
@@ -62,4 +63,5 @@ def build_config(
         pool_dir=pool_root,
         pool_per_class=options.pool_per_class,
         keep_duplicates=options.keep_duplicates,
+        source_name=source_name,
     )

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvclip.cache_builder.build import BuildConfig
 
@@ -25,6 +26,7 @@ class WorkerSpec:
     config: BuildConfig  # activate False, no monitor (set up in the child); labels and prompts as values
     nice: int
     threads: int
+    uploads: dict[Path, str] = field(default_factory=dict)  # work folder -> upload name, for error wording
 
 
 def run(spec: WorkerSpec, conn, cancel_event) -> None:
@@ -34,6 +36,7 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
     from kvclip.cache_builder.build import build_cache
     from kvclip.cache_builder.progress import BuildCancelled, CallbackMonitor
     from kvclip.errors import KvclipError
+    from kvclip.service.build_messages import for_http
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s build-worker %(name)s: %(message)s")
     if spec.nice:
@@ -47,11 +50,14 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
     config.monitor = CallbackMonitor(on_progress=progress, cancelled=cancel_event.is_set)
     try:
         result = build_cache(config)
-        conn.send(("done", result.version, result.report.model_dump(mode="json")))
+        # The job's report names the captioner too: what `auto` did shows without the manifest.
+        report = {**result.report.model_dump(mode="json"),
+                  "captioner": result.manifest.captioner.model_dump(mode="json")}
+        conn.send(("done", result.version, report))
     except BuildCancelled:
         conn.send(("cancelled",))
     except KvclipError as exc:
-        conn.send(("error", str(exc)))
+        conn.send(("error", for_http(str(exc), spec.uploads)))
     except Exception as exc:  # noqa: BLE001 - reported to the job, traceback to the server log
         traceback.print_exc()
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -25,6 +25,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from kvclip.errors import InvalidModelName
+    from kvclip.model_names import check_model_name
+
+    # Checked before torch, open_clip and fastapi are imported (seconds): a typo fails at once.
+    try:
+        config = server_config.from_namespace(args)
+        check_model_name(config.model)
+    except (ValueError, InvalidModelName) as exc:
+        print(f"kvclip serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not config.caches.is_dir():
+        print(f"kvclip serve: error: --caches {config.caches}: no such folder. Create it (mkdir -p "
+              f"{config.caches}) to start empty and build caches over HTTP, or point it at the folder "
+              "whose subfolders 'kvclip build --out FOLDER/NAME' wrote", file=sys.stderr)
+        return 2
     # Before torch loads: its OpenMP runtime reads these once (kvclip/threads.py says why).
     applied = cpu_thread_defaults() if "torch" not in sys.modules else {}
     import uvicorn
@@ -33,16 +48,6 @@ def serve(args: argparse.Namespace) -> int:
     from kvclip.service import logs
     from kvclip.service.app import create_app
 
-    try:
-        config = server_config.from_namespace(args)
-    except ValueError as exc:
-        print(f"kvclip serve: error: {exc}", file=sys.stderr)
-        return 2
-    if not config.caches.is_dir():  # checked before the model loads: a typo fails in a second
-        print(f"kvclip serve: error: --caches {config.caches}: no such folder. Create it (mkdir -p "
-              f"{config.caches}) to start empty and build caches over HTTP, or point it at the folder "
-              "whose subfolders 'kvclip build --out FOLDER/NAME' wrote", file=sys.stderr)
-        return 2
     logs.configure(config.log_format, config.log_level)
     log.info("configuration %s", json.dumps(config.describe()))
     if applied:

@@ -26,7 +26,8 @@ def _opt(help: str, default=MISSING, **kw):
 @dataclass(frozen=True)
 class ServerConfig:
     caches: Path = _opt("folder whose subfolders are caches (each built by 'kvclip build')")
-    model: str = _opt("model name, e.g. ViT-B-32:openai, ARCH:/path/ckpt, hf-hub:ORG/REPO, tiny-random")
+    model: str = _opt("model name: ARCH:TAG (e.g. ViT-B-32:openai), ARCH:/path/ckpt, hf-hub:ORG/REPO, "
+                      "local-dir:/path, tiny-random")
     device: str | None = _opt("torch device (default: cuda when available, else cpu)", None)
     model_cache_dir: str | None = _opt("where model weights are looked up and downloaded", None)
     host: str = _opt("address to listen on", "127.0.0.1")

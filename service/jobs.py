@@ -281,6 +281,8 @@ class JobManager:
                 try:
                     self._activate(job.cache, version)
                     job.activated = True
+                    with self._lock:
+                        job.progress("activating", 1, 1)  # a succeeded job reads done, not 0/1
                 except Exception as exc:  # noqa: BLE001 - the served version stays
                     self._discard(job, version)
                     self._finish(job, "failed", f"built {version} but could not activate it: {exc}")

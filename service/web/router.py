@@ -15,7 +15,8 @@ from kvclip.service.errors import HttpError
 
 STATIC = Path(__file__).resolve().parent / "static"
 # name -> media type; the only files this router serves.
-FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
+         "favicon.svg": "image/svg+xml"}
 # Only this origin: no inline script or style, no CDN; blob: for thumbnails of chosen files.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -33,6 +34,12 @@ router = APIRouter(include_in_schema=False)
 @router.api_route("/", methods=["GET", "HEAD"])
 async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
+
+
+@router.api_route("/favicon.ico", methods=["GET", "HEAD"])
+async def favicon() -> FileResponse:
+    """Browsers ask for /favicon.ico whatever the page links; an SVG answers it (no 404 in the log)."""
+    return FileResponse(STATIC / "favicon.svg", media_type=FILES["favicon.svg"], headers=HEADERS)
 
 
 @router.api_route("/static/{name}", methods=["GET", "HEAD"])

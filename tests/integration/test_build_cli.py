@@ -68,7 +68,8 @@ def test_build_errors_are_one_clear_line(kvclip, tmp_path):
     write_images(tmp_path / "data" / "cat", 2)
     proc = kvclip("build", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--model", "ViT-B-32:openai",
                   "--captioner", "none", check=False)
-    assert proc.returncode == 2 and "could not load the weights of model 'ViT-B-32:openai'" in proc.stderr
+    # weights that cannot be had are a runtime error (1), not a usage error (2)
+    assert proc.returncode == 1 and "could not load the weights of model 'ViT-B-32:openai'" in proc.stderr
 
 
 def test_failed_build_leaves_previous_version_serving(kvclip, fashion_train, tmp_path):

@@ -105,8 +105,9 @@ def test_jobs_commands(fake_server, capsys):
 
 
 def test_api_key_file_problems(capsys, tmp_path):
+    """A usage problem (exit status 2), not a server error (1)."""
     code, _, err = run_cli(capsys, "caches", "list", "--api-key-file", str(tmp_path / "none"))
-    assert code == 1 and err.startswith("kvclip: error: cannot read API key file")
+    assert code == 2 and err.startswith("kvclip: error: cannot read API key file")
     (tmp_path / "empty").write_text("\n")
     code, _, err = run_cli(capsys, "caches", "list", "--api-key-file", str(tmp_path / "empty"))
-    assert code == 1 and err.strip().endswith("is empty")
+    assert code == 2 and err.strip().endswith("is empty")

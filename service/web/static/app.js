@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 
 let chosen = []; // the File objects to send, in request order
 let thumbnails = []; // object URLs of shown thumbnails, revoked when results are cleared
+let cachesByName = {}; // name -> the cache's summary from GET /v1/caches
 
 // createElement with attributes and text/element children (strings become text nodes).
 function el(tag, attrs = {}, ...children) {
@@ -101,14 +102,39 @@ async function loadCaches() {
       select.replaceChildren(el("option", { value: "" }, "no caches loaded"));
       return;
     }
+    cachesByName = Object.fromEntries(caches.map((c) => [c.name, c]));
     select.replaceChildren(...caches.map((c) => el("option", {
       value: c.name, "data-labels": c.classes, "data-version": c.version,
     }, `${c.name} — ${c.classes} labels, ${c.version} (${c.best_method})`)));
     if (caches.some((c) => c.name === previous)) select.value = previous;
+    showCache();
   } catch (failure) {
     select.replaceChildren(el("option", { value: "" }, "caches unavailable"));
     showError(box, failure);
   }
+}
+
+// The method selector and the model notice follow the chosen cache.
+function showCache() {
+  const cache = cachesByName[$("cache").value];
+  const method = $("method");
+  const previous = method.value;
+  const methods = cache ? ["auto", ...cache.methods] : ["auto"];
+  method.replaceChildren(...methods.map((m) => el("option", { value: m },
+    m === "auto" && cache ? `auto (${cache.best_method})` : m)));
+  if (methods.includes(previous)) method.value = previous;
+  const notice = $("model-notice");
+  if (!cache) {
+    notice.hidden = true;
+    return;
+  }
+  const random = cache.model.startsWith("tiny-") && cache.model.endsWith("-random");
+  notice.textContent = random
+    ? `Model ${cache.model}: random weights, for testing the plumbing only. Its answers are chance, not classifications.`
+    : `Model ${cache.model}.`;
+  notice.classList.toggle("warning", random);
+  notice.dataset.random = String(random);
+  notice.hidden = false;
 }
 
 function choose(files) {
@@ -138,20 +164,42 @@ function labelRows(labels) {
   }));
 }
 
-function neighborTable(neighbors) {
-  if (!neighbors.length) return el("p", { "data-testid": "neighbors" }, "No support examples.");
-  return el("table", { class: "neighbors", "data-testid": "neighbors" },
-    el("caption", {}, "Nearest support examples"),
-    el("thead", {}, el("tr", {}, ...["Label", "Caption", "Affinity", "Support image"].map(
-      (h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, ...neighbors.map((n) => el("tr", { "data-testid": "neighbor", "data-item": n.item },
-      el("td", { "data-testid": "neighbor-label" }, n.label),
-      el("td", {}, n.caption ?? "—"),
-      el("td", {}, Number(n.affinity).toFixed(3)),
-      el("td", {}, n.name ?? "—")))));
+// A support item's thumbnail, fetched with the API key (an <img src> could not send it).
+// A missing image (an uploaded build's files are not kept) leaves the "no image" cell.
+async function loadNeighborThumb(cache, item, cell) {
+  try {
+    const response = await fetch(`/v1/caches/${encodeURIComponent(cache)}/items/${item}/thumbnail?size=96`,
+      { headers: authHeaders() });
+    if (!response.ok) return;
+    const url = URL.createObjectURL(await response.blob());
+    thumbnails.push(url);
+    cell.replaceChildren(el("img", { class: "neighbor-thumb", src: url, alt: `support item ${item}`,
+      "data-testid": "neighbor-thumbnail" }));
+  } catch {
+    // no thumbnail: the cell keeps its text
+  }
 }
 
-function resultCard(result, file) {
+function neighborTable(neighbors, cache) {
+  if (!neighbors.length) return el("p", { "data-testid": "neighbors" }, "No support examples.");
+  // A cache without captions would fill a whole column with dashes: leave the column out.
+  const captioned = neighbors.some((n) => n.caption);
+  const headers = ["Image", "Label", ...(captioned ? ["Caption"] : []), "Affinity"];
+  return el("table", { class: "neighbors", "data-testid": "neighbors" },
+    el("caption", {}, "Nearest support examples"),
+    el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, ...neighbors.map((n) => {
+      const thumb = el("td", { class: "neighbor-image" }, n.name ?? "no image");
+      loadNeighborThumb(cache, n.item, thumb);
+      return el("tr", { "data-testid": "neighbor", "data-item": n.item },
+        thumb,
+        el("td", { "data-testid": "neighbor-label" }, n.label),
+        captioned ? el("td", { "data-testid": "neighbor-caption" }, n.caption ?? "") : null,
+        el("td", {}, Number(n.affinity).toFixed(3)));
+    })));
+}
+
+function resultCard(result, file, cache) {
   const ok = !result.error;
   const card = el("article", {
     class: ok ? "result" : "result failed", "data-testid": "result",
@@ -168,7 +216,7 @@ function resultCard(result, file) {
     el("h3", { "data-testid": "result-name" }, `${result.index + 1}. ${result.name}`));
   if (ok) {
     body.append(labelRows(result.labels));
-    if (Array.isArray(result.neighbors)) body.append(neighborTable(result.neighbors));
+    if (Array.isArray(result.neighbors)) body.append(neighborTable(result.neighbors, cache));
   } else {
     body.append(el("p", { class: "error", "data-testid": "image-error" },
       el("strong", {}, result.error.code), `: ${result.error.message}`));
@@ -206,6 +254,7 @@ async function classify(event) {
   }
   const params = new URLSearchParams({
     cache, top_k: String(topK), explain: String($("explain").checked), partial: "true",
+    method: $("method").value || "auto",
   });
   clearResults();
   const results = $("results");
@@ -214,7 +263,7 @@ async function classify(event) {
   try {
     const answer = await api(`/v1/classify?${params}`, { method: "POST", body: form });
     const ordered = [...answer.results].sort((a, b) => a.index - b.index);
-    results.replaceChildren(...ordered.map((r) => resultCard(r, files[r.index])));
+    results.replaceChildren(...ordered.map((r) => resultCard(r, files[r.index], answer.cache)));
     const failed = ordered.filter((r) => r.error).length;
     results.dataset.state = "done";
     setBusy(false, `${ordered.length - failed} of ${ordered.length} classified with ${answer.cache} `
@@ -254,6 +303,7 @@ function init() {
   });
   keyInput.addEventListener("change", loadCaches);
   $("reload-caches").addEventListener("click", loadCaches);
+  $("cache").addEventListener("change", showCache);
   $("files").addEventListener("change", (e) => choose(e.target.files));
   $("classify-form").addEventListener("submit", classify);
   setUpDropZone();

@@ -1,0 +1,63 @@
+"""Argument errors are found before torch and open_clip are imported (which takes seconds):
+each command below runs in a fresh interpreter that reports, after `kvclip` returned, its
+exit status and whether torch was imported. No timing: the import itself is the check."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_images
+
+PROBE = ("import json, sys\n"
+         "from kvclip.cli import main\n"
+         "code = main(sys.argv[1:])\n"
+         "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules,\n"
+         "                  'open_clip': 'open_clip' in sys.modules}))\n")
+
+
+def kvclip_probe(*argv: str) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("args") / "data"
+    write_images(root / "cat", 2)
+    write_images(root / "dog", 2, seed=1)
+    return root
+
+
+def cases(data: Path) -> list[tuple[list[str], str]]:
+    out = str(data.parent / "caches" / "pets")
+    build = ["build", str(data), "--out", out]
+    return [
+        (["build", str(data.parent / "missing"), "--out", out], "no such folder"),
+        ([*build, "--shots", "0"], "--shots must be a positive integer"),
+        ([*build, "--views", "0"], "--views must be at least 1"),
+        ([*build, "--model", "ViT-B-33:openai"], "unknown open_clip architecture 'ViT-B-33'"),
+        ([*build, "--model", "ViT-B-32"], "names no weights"),
+        ([*build, "--model", "ViT-B-32:/no/such/file.pt"], "no checkpoint file"),
+        ([*build, "--captioner", "sidecar"], "no caption for"),
+        ([*build, "--labels", str(data / "labels.txt")], "--labels"),
+        (["build", "--data", str(data), "--out", str(data.parent / "bad name")], "cache name"),
+        (["eval", "--cache", out], "no such folder"),
+        (["eval", "--cache", str(data), "--limit", "0"], "one of them"),
+        (["export-dataset", "fashion-mnist", "--out", str(data.parent / "x"), "--per-class", "0"],
+         "--per-class must be at least 1"),
+        (["serve", "--caches", str(data), "--model", "nope:openai"], "unknown open_clip architecture"),
+        (["serve", "--caches", str(data.parent / "missing"), "--model", "tiny-random"], "no such folder"),
+    ]
+
+
+def test_argument_errors_exit_2_before_torch_is_imported(data):
+    for argv, message in cases(data):
+        result, stderr = kvclip_probe(*argv)
+        assert result["code"] == 2, (argv, stderr)
+        assert message in stderr, (argv, stderr)
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr, (argv, stderr)
+        assert not result["torch"] and not result["open_clip"], (argv, "imported torch before the error")
