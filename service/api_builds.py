@@ -3,7 +3,6 @@ cancels. The build itself runs in a worker process (service/jobs.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 from fastapi import APIRouter, Depends, Path as PathParam, Request
@@ -18,6 +17,7 @@ from kvclip.service.build_requests import build_config, check_mode, server_folde
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.deps import ready_state, require
 from kvclip.service.errors import HttpError, invalid
+from kvclip.service.parsing import parse_json
 from kvclip.service.schemas import BuildOptions, JobInfo, JobList
 from kvclip.service.state import ServerState
 
@@ -130,11 +130,9 @@ async def _read_form(request: Request) -> tuple[BuildOptions, dict[str, UploadFi
 
 def _parse_options(raw: str | bytes) -> BuildOptions:
     try:
-        return BuildOptions.model_validate(json.loads(raw))
+        return BuildOptions.model_validate(parse_json(raw, "the build options"))
     except ValidationError as exc:
         raise invalid("invalid build options", exc) from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HttpError(400, "bad_json", f"the build options are not valid JSON: {exc}") from exc
 
 
 async def _unpack(upload: UploadFile, dest, state: ServerState):

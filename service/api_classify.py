@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from kvclip.service.admission import until_disconnected
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.deps import ready_state, require
 from kvclip.service.parsing import read_classify_request
@@ -51,8 +52,9 @@ async def classify(request: Request, query: dict = Depends(classify_query),
                    state: ServerState = Depends(ready_state)) -> ClassifyResponse:
     parsed = await read_classify_request(request, query, state.config)
     cache = state.registry.get(parsed.params.cache)
-    pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decode_pool, state.batcher)
-    response = await pipeline.run(cache, parsed)
+    state.batcher.check_room(len(parsed.images))  # admitted (or refused) before any decoding
+    pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decoder, state.batcher)
+    response = await until_disconnected(request, pipeline.run(cache, parsed))
     state.metrics.cache_requests.labels(cache.name, response.method).inc()
     state.metrics.images.labels(cache.name).inc(sum(r.error is None for r in response.results))
     return response

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvclip.errors import DataError
+from kvclip.service.admission import ClientDisconnected
 from kvclip.service.archives import ArchiveError, ArchiveTooLarge
 from kvclip.service.batcher import Overloaded, RequestTooLarge, Stopped
 from kvclip.service.jobs import JobNotFound
@@ -40,6 +41,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     Overloaded: (503, "overloaded"),
     Stopped: (503, "shutting_down"),
     RequestTooLarge: (413, "too_large"),
+    ClientDisconnected: (499, "client_disconnected"),  # nginx's code: the answer reaches nobody
 }
 
 
