@@ -91,6 +91,7 @@ def check_images(images: list[RequestImage], config: ServerConfig, partial: bool
 def decode_base64(text: str) -> bytes:
     """The bytes of a JSON image: plain base64, wrapped in lines (MIME, `base64` without -w0)
     or a data: URL (data:image/png;base64,...). ValueError for anything else."""
+    text = text.strip()
     if text.startswith("data:"):
         header, comma, text = text.partition(",")
         if not comma or not header.endswith(";base64"):
