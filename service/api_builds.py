@@ -3,7 +3,6 @@ cancels. The build itself runs in a worker process (service/jobs.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 from fastapi import APIRouter, Depends, Path as PathParam, Request
@@ -16,8 +15,10 @@ from kvclip.service.api_caches import CacheName
 from kvclip.service.archives import ArchiveError, extract_archive
 from kvclip.service.build_requests import build_config, check_mode, server_folder
 from kvclip.service.build_worker import WorkerSpec
-from kvclip.service.deps import ready_state, require
-from kvclip.service.errors import HttpError, invalid
+from kvclip.service.deps import ready_state, require, sees_server_paths
+from kvclip.service.errors import HttpError, error_responses, invalid
+from kvclip.service.parsing import parse_json
+from kvclip.service.redact import redact_job
 from kvclip.service.schemas import BuildOptions, JobInfo, JobList
 from kvclip.service.state import ServerState
 from kvclip.vocabulary import JOB_ID_PATTERN
@@ -43,8 +44,12 @@ _BODY_DOC = {
 }
 
 
+_AUTH = (401, 403, 503)
+
+
 @router.post("/v1/caches/{name}/builds", status_code=202, response_model=JobInfo, openapi_extra=_BODY_DOC,
-             dependencies=[require("admin")])
+             dependencies=[require("admin")], responses=error_responses(*_AUTH, 400, 408, 413, 415, 422, described={
+                 403: "API key lacks the admin scope, or a server folder outside --build-roots"}))
 async def start_build(request: Request, name: str = CacheName,
                       state: ServerState = Depends(ready_state)) -> JSONResponse:
     job = state.jobs.new_job(name, {}, state.config.jobs_root)
@@ -65,17 +70,25 @@ async def start_build(request: Request, name: str = CacheName,
     return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/v1/jobs", response_model=JobList, dependencies=[require("read")])
-async def list_jobs(state: ServerState = Depends(ready_state)) -> dict:
-    return {"jobs": [job.as_dict() for job in state.jobs.list()]}
+@router.get("/v1/jobs", response_model=JobList, dependencies=[require("read")], responses=error_responses(*_AUTH))
+async def list_jobs(request: Request, state: ServerState = Depends(ready_state)) -> dict:
+    admin = sees_server_paths(request)
+    return {"jobs": [_job_answer(job.as_dict(), admin) for job in state.jobs.list()]}
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[require("read")])
-async def show_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
-    return state.jobs.get(job_id).as_dict()
+@router.get("/v1/jobs/{job_id}", response_model=JobInfo, dependencies=[require("read")],
+            responses=error_responses(*_AUTH, 404, 422))
+async def show_job(request: Request, job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
+    return _job_answer(state.jobs.get(job_id).as_dict(), sees_server_paths(request))
 
 
-@router.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobInfo, dependencies=[require("admin")])
+def _job_answer(job: dict, admin: bool) -> dict:
+    """Server paths (sources, work folders in errors) for admin keys only: service/redact.py."""
+    return job if admin else redact_job(job)
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobInfo, dependencies=[require("admin")],
+               responses=error_responses(*_AUTH, 404, 422))
 async def cancel_job(job_id: str = JobId, state: ServerState = Depends(ready_state)) -> dict:
     return state.jobs.cancel(job_id).as_dict()
 
@@ -136,11 +149,9 @@ async def _read_form(request: Request) -> tuple[BuildOptions, dict[str, UploadFi
 
 def _parse_options(raw: str | bytes) -> BuildOptions:
     try:
-        return BuildOptions.model_validate(json.loads(raw))
+        return BuildOptions.model_validate(parse_json(raw, "the build options"))
     except ValidationError as exc:
         raise invalid("invalid build options", exc) from exc
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise HttpError(400, "bad_json", f"the build options are not valid JSON: {exc}") from exc
 
 
 async def _unpack(upload: UploadFile, dest, state: ServerState):

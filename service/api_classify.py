@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from kvclip.service.admission import until_disconnected
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.deps import ready_state, require
+from kvclip.service.errors import error_responses
 from kvclip.service.parsing import read_classify_request
 from kvclip.service.schemas import ClassifyJson, ClassifyResponse, MethodName
 from kvclip.service.state import ServerState
+from kvclip.vocabulary import DEFAULT_TOP_K, MAX_TOP_K
 
 router = APIRouter(tags=["classify"])
 
@@ -27,16 +30,17 @@ BODY_DOC = {
         },
     }
 }
-ERROR_DOC = {s: {"description": d} for s, d in {
+ERROR_DOC = error_responses(described={
     400: "an image could not be decoded (details name it)", 401: "API key missing or invalid",
-    403: "API key lacks the read scope", 404: "unknown cache", 413: "body, image or image count too large",
+    403: "API key lacks the read scope", 404: "unknown cache", 408: "the body was not received in time",
+    413: "body, image or image count too large",
     415: "body is neither multipart/form-data nor application/json", 422: "invalid parameters",
-    503: "not ready, or the queue is full (see Retry-After)"}.items()}
+    503: "not ready, or the queue or decode backlog is full (see Retry-After)"})
 
 
 def classify_query(
     cache: str | None = Query(None, description="cache name"),
-    top_k: int | None = Query(None, description="labels per image (default 5)"),
+    top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description=f"labels per image (default {DEFAULT_TOP_K})"),
     method: MethodName | None = Query(None, description="auto (tuned), zeroshot, tip, tipx or caps"),
     explain: bool | None = Query(None, description="also return the nearest support items"),
     partial: bool | None = Query(None, description="report unreadable images per image instead of 400"),
@@ -51,8 +55,10 @@ async def classify(request: Request, query: dict = Depends(classify_query),
                    state: ServerState = Depends(ready_state)) -> ClassifyResponse:
     parsed = await read_classify_request(request, query, state.config)
     cache = state.registry.get(parsed.params.cache)
-    pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decode_pool, state.batcher)
-    response = await pipeline.run(cache, parsed)
+    state.batcher.check_room(len(parsed.images))  # admitted (or refused) before any decoding
+    pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decoder, state.batcher,
+                                decode_size=state.encoder.image_size)
+    response = await until_disconnected(request, pipeline.run(cache, parsed))
     state.metrics.cache_requests.labels(cache.name, response.method).inc()
     state.metrics.images.labels(cache.name).inc(sum(r.error is None for r in response.results))
     return response

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvclip.service.deps import get_state
@@ -34,6 +34,9 @@ async def readyz(response: Response, state: ServerState = Depends(get_state)) ->
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    """Prometheus metrics (text exposition format, version 0.0.4)."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from kvclip.service.errors import install_handlers
 from kvclip.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestContextMiddleware
 from kvclip.service.state import ServerState
 from kvclip.service.web.docs import router as docs_router
+from kvclip.service.timeouts import BodyTimeoutMiddleware
 from kvclip.service.web.router import router as web_router
 
 
@@ -49,6 +50,8 @@ def create_app(config: ServerConfig, encoder: Encoder | None = None) -> FastAPI:
     app.include_router(docs_router)
     # Outermost first at run time: the request context sees every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes, build_limit=config.max_build_bytes)
+    if config.body_timeout_s:
+        app.add_middleware(BodyTimeoutMiddleware, timeout_s=config.body_timeout_s)
     if config.max_concurrency:
         app.add_middleware(ConcurrencyLimitMiddleware, limit=config.max_concurrency,
                            retry_after_s=config.retry_after_s)

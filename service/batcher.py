@@ -123,16 +123,8 @@ class Batcher:
         A request larger than max_batch is split; its parts queue together, so the
         request is admitted whole or refused whole.
         """
-        if not self.running:
-            raise Stopped("the batcher is not running")
         size = pixels.shape[0]
-        if size > self.max_queue:  # could never be admitted; config.py keeps max_images <= max_queue
-            raise RequestTooLarge(f"{size} images exceed the encoder queue of {self.max_queue}")
-        if self._queued + size > self.max_queue:
-            if self.metrics:
-                self.metrics.rejected.inc()
-            raise Overloaded(f"server overloaded: {self._queued} images are waiting for the encoder "
-                             f"(limit {self.max_queue}); retry later")
+        self.check_room(size)
         loop = asyncio.get_running_loop()
         jobs = [_Job(part, loop.create_future()) for part in pixels.split(self.max_batch)]
         for job in jobs:
@@ -148,6 +140,19 @@ class Batcher:
             self._withdraw(jobs)
             raise
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def check_room(self, size: int) -> None:
+        """Stopped, RequestTooLarge or Overloaded unless `size` images fit the queue now; the
+        server asks before decoding a request too, so a full queue costs no decoding."""
+        if not self.running:
+            raise Stopped("the batcher is not running")
+        if size > self.max_queue:  # could never be admitted; config.py keeps max_images <= max_queue
+            raise RequestTooLarge(f"{size} images exceed the encoder queue of {self.max_queue}")
+        if self._queued + size > self.max_queue:
+            if self.metrics:
+                self.metrics.rejected.inc()
+            raise Overloaded(f"server overloaded: {self._queued} images are waiting for the encoder "
+                             f"(limit {self.max_queue}); retry later")
 
     async def run_on_device(self, fn: Callable[..., T], *args) -> T:
         """Run fn on the device thread (after the batch in progress)."""

@@ -9,8 +9,8 @@ service/errors.py.
 """
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import Executor
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TypeVar
 
@@ -20,6 +20,7 @@ from PIL import Image
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
+from kvclip.service.admission import BoundedDecoder
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError
 from kvclip.service.parsing import ClassifyRequest, RequestImage
@@ -27,6 +28,7 @@ from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ClassifyParams, ClassifyResponse, ImageResult
 
 T = TypeVar("T")
+log = logging.getLogger("kvclip.service")
 
 
 class ImageEncoding(Protocol):
@@ -45,7 +47,7 @@ class Prepared:
     name: str
     pixels: torch.Tensor | None  # 3 x H x W, or None when the image was not usable
     error: str | None = None
-    code: str = "bad_image"  # or "unsupported_media_type" for a refused part
+    code: str = "bad_image"  # or the code the request parser refused the image with
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ class Scored:
 class ClassifyPipeline:
     config: ServerConfig
     preprocess: Callable[[Image.Image], torch.Tensor]
-    decode_pool: Executor
+    decoder: BoundedDecoder  # the decode pool, with its bound on images in flight
     encoding: ImageEncoding
+    decode_size: int | None = None  # the model's input size: large JPEGs decode at reduced DCT scale
 
     async def run(self, cache: LoadedCache, request: ClassifyRequest) -> ClassifyResponse:
         """Classify the request's images against one cache snapshot."""
@@ -83,12 +86,11 @@ class ClassifyPipeline:
         )
 
     async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
-        """bytes -> image -> tensor, one image per decode-pool task."""
-        loop = asyncio.get_running_loop()
-        max_pixels = self.config.max_pixels
-        return list(await asyncio.gather(*(
-            loop.run_in_executor(self.decode_pool, prepare, image, self.preprocess, max_pixels) for image in images
-        )))
+        """bytes -> image -> tensor, one image per decode-pool task (Overloaded when the
+        decode backlog cannot take them all)."""
+        return await self.decoder.map(
+            functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
+                              min_size=self.decode_size), images)
 
     async def score_images(self, usable: list[Prepared], cache: LoadedCache, options: ScoreOptions) -> dict[int, Scored]:
         """tensor -> feature (batched with other requests) -> logits; by image index."""
@@ -109,26 +111,31 @@ def choose_method(cache: LoadedCache, requested: str) -> str:
     return method
 
 
-def prepare(item: RequestImage, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int) -> Prepared:
-    """Decode and preprocess one image; an unusable image becomes an error, not an exception."""
+def prepare(
+    item: RequestImage,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    max_pixels: int,
+    min_size: int | None = None,
+) -> Prepared:
+    """Decode and preprocess one image; an unusable image becomes its own error, never the
+    request's exception (so partial=true keeps the other images)."""
     if item.refused:
-        return Prepared(item.index, item.name, None, item.refused, "unsupported_media_type")
+        return Prepared(item.index, item.name, None, item.refused, item.code)
     try:
-        image = decode_image(item.data, max_pixels=max_pixels, name=item.name)
+        image = decode_image(item.data, max_pixels=max_pixels, name=item.name, min_size=min_size)
     except Exception as exc:  # ImageDecodeError, and anything a codec throws on hostile bytes
         return Prepared(item.index, item.name, None, str(exc))
-    return Prepared(item.index, item.name, preprocess(image))
+    try:
+        return Prepared(item.index, item.name, preprocess(image))
+    except Exception as exc:  # MemoryError included: this image is too much, the others may not be
+        log.warning("preprocessing image %d (%s) failed", item.index, item.name, exc_info=True)
+        return Prepared(item.index, item.name, None, f"{item.name}: could not be preprocessed ({type(exc).__name__})")
 
 
 def usable_images(prepared: list[Prepared], partial: bool) -> list[Prepared]:
-    """The usable images; without `partial`, any unusable one fails the request (named): 415 for
-    a part declared as a non-image type, 400 for bytes that do not decode."""
+    """The usable images; without `partial`, any that does not decode fails the request with 400
+    naming it (the parser already refused the others: service/parsing.py check_images)."""
     bad = [p for p in prepared if p.pixels is None]
-    refused = [p for p in bad if p.code == "unsupported_media_type"]
-    if refused and not partial:
-        raise HttpError(415, "unsupported_media_type",
-                        f"image {refused[0].index} ({refused[0].name}): {refused[0].error}; send image files",
-                        [{"index": p.index, "name": p.name, "message": p.error} for p in refused])
     if bad and not partial:
         raise HttpError(400, "bad_image",
                         f"{len(bad)} of {len(prepared)} images could not be decoded: {bad[0].error}",

@@ -37,7 +37,12 @@ class ServerConfig:
     max_queue: int = _opt("most images waiting for the encoder; beyond it requests get 503", 512)
     max_queue_wait_s: float = _opt("most seconds a request waits for the encoder before its 503", 30.0)
     decode_workers: int = _opt("threads decoding and preprocessing images", 2)
+    max_decode_backlog: int = _opt("most images being or waiting to be decoded; beyond it requests get 503", 256)
     max_concurrency: int = _opt("most requests in flight before the JSON 503 with Retry-After (0: no limit)", 0)
+    header_timeout_s: float = _opt("most seconds a client may take to send a request's line and headers; "
+                                   "then the connection is closed with 408 (0: no limit)", 10.0)
+    body_timeout_s: float = _opt("most seconds a client may take to send a request's body; then 408 (0: no limit)",
+                                 120.0)
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
     max_image_bytes: int = _opt("largest single image (encoded bytes)", 16 * 2**20)
     max_images: int = _opt("most images in one request", 64)
@@ -65,17 +70,20 @@ class ServerConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
-        for name in ("max_batch", "max_queue", "decode_workers", "max_body_bytes", "max_image_bytes",
+        for name in ("max_batch", "max_queue", "decode_workers", "max_decode_backlog", "max_body_bytes", "max_image_bytes",
                      "max_images", "max_pixels", "faiss_k", "explain_k", "max_build_bytes",
                      "max_archive_files", "max_extracted_bytes", "build_threads", "max_jobs_kept"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_wait_ms < 0 or self.reload_interval_s < 0:
-            raise ValueError("max_wait_ms and reload_interval_s cannot be negative")
+        if self.max_wait_ms < 0 or self.reload_interval_s < 0 or self.header_timeout_s < 0 or self.body_timeout_s < 0:
+            raise ValueError("max_wait_ms, reload_interval_s, header_timeout_s and body_timeout_s cannot be negative")
         if self.max_queue_wait_s <= 0:
             raise ValueError("max_queue_wait_s must be positive")
         if self.max_images > self.max_queue:  # such a request could never be admitted
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue})")
+        if self.max_images > self.max_decode_backlog:
+            raise ValueError(f"max_images ({self.max_images}) cannot exceed max_decode_backlog "
+                             f"({self.max_decode_backlog})")
         if not 0 <= self.build_nice <= 19:
             raise ValueError("build_nice must lie in 0..19")
 

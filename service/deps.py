@@ -17,6 +17,13 @@ def ready_state(request: Request) -> ServerState:
     return state
 
 
+def sees_server_paths(request: Request) -> bool:
+    """Whether the caller may see server paths (build sources, job errors): admin keys only,
+    or everyone on a server without keys (which lets everyone build anyway)."""
+    return "admin" in get_state(request).api_keys.scopes(request.headers.get("authorization"),
+                                                         request.headers.get("x-api-key"))
+
+
 def require(scope: str):
     """Dependency: the request carries an API key with `scope` (when keys are configured);
     Unauthorized or Forbidden otherwise."""

@@ -13,11 +13,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvclip.errors import DataError
+from kvclip.service.admission import ClientDisconnected
 from kvclip.service.archives import ArchiveError, ArchiveTooLarge
 from kvclip.service.batcher import Overloaded, RequestTooLarge, Stopped
 from kvclip.service.jobs import JobNotFound
 from kvclip.service.middleware import BodyTooLarge
 from kvclip.service.registry import CacheNotFound, VersionConflict, VersionNotFound, VersionNotLoadable
+from kvclip.service.schemas import ErrorResponse
 from kvclip.service.security import Forbidden, Unauthorized
 from kvclip.service.state import NotReady
 
@@ -40,6 +42,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     Overloaded: (503, "overloaded"),
     Stopped: (503, "shutting_down"),
     RequestTooLarge: (413, "too_large"),
+    ClientDisconnected: (499, "client_disconnected"),  # nginx's code: the answer reaches nobody
 }
 
 
@@ -76,6 +79,23 @@ def http_error(exc: BaseException, retry_after_s: float) -> HttpError | None:
     headers = ({"Retry-After": str(retry_after_s)} if status == 503
                else {"WWW-Authenticate": "Bearer"} if status == 401 else None)
     return HttpError(status, code, str(exc), headers=headers)
+
+
+# What each status means in the OpenAPI document, unless a route says more.
+_DESCRIPTIONS = {
+    400: "a body or an image that cannot be read", 401: "API key missing or invalid",
+    403: "API key lacks the scope", 404: "unknown cache, version or job", 408: "the request was not received in time",
+    409: "conflict with the server's state", 413: "body or upload too large",
+    415: "unsupported content type", 422: "invalid parameters",
+    503: "not ready, overloaded or shutting down (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict]:
+    """`responses=` for a route: the JSON error body under each status (FastAPI's own 422
+    schema is replaced: the handlers below answer every error with ErrorResponse)."""
+    descriptions = {s: _DESCRIPTIONS[s] for s in statuses} | (described or {})
+    return {s: {"model": ErrorResponse, "description": d} for s, d in sorted(descriptions.items())}
 
 
 def error_response(

@@ -28,7 +28,8 @@ class RequestImage:
     index: int  # position in the request
     name: str  # file name, or "image[i]"
     data: bytes
-    refused: str | None = None  # set when the part was declared as something other than an image
+    refused: str | None = None  # why the image is unusable before decoding (wrong type, bad base64, too large)
+    code: str = "unsupported_media_type"  # the error code of `refused`
 
 
 @dataclass
@@ -42,8 +43,19 @@ async def read_classify_request(request: Request, query: dict, config: ServerCon
     image count and sizes; HttpError for a body that breaks any of that."""
     images, body_params = await _read_body(request, config)
     parsed = ClassifyRequest(images, merge_params(query, body_params))
-    check_limits(parsed.images, config)
+    check_images(parsed.images, config, parsed.params.partial)
     return parsed
+
+
+def parse_json(raw: str | bytes, what: str) -> object:
+    """json.loads for request bodies: HttpError 400 for text that is not JSON, not UTF-8, or
+    nested too deeply for the parser (RecursionError, from about 1000 levels: a 2 KB body)."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise HttpError(400, "bad_json", f"{what}: JSON nested too deeply to parse") from exc
+    except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8 text
+        raise HttpError(400, "bad_json", f"{what}: not valid JSON: {exc}") from exc
 
 
 def merge_params(query: dict, body: dict) -> ClassifyParams:
@@ -54,17 +66,37 @@ def merge_params(query: dict, body: dict) -> ClassifyParams:
         raise invalid("invalid parameters", exc) from exc
 
 
-def check_limits(images: list[RequestImage], config: ServerConfig) -> None:
+def check_images(images: list[RequestImage], config: ServerConfig, partial: bool) -> None:
+    """The image count, and each image's size and form. Without `partial` an unusable image fails
+    the request before any decoding (413 too large, 415 not an image, 400 bad base64); with it,
+    each is reported in its own result."""
     if not images:
         raise HttpError(422, "no_images", "the request carries no images")
     if len(images) > config.max_images:
         raise HttpError(413, "too_many_images",
                         f"{len(images)} images in one request; the limit is {config.max_images}")
     limit = config.max_image_bytes
-    big = [i for i in images if len(i.data) > limit]
-    if big:
-        raise HttpError(413, "image_too_large", f"image {big[0].index} ({big[0].name}) exceeds {limit} bytes",
-                        [{"index": i.index, "name": i.name, "message": f"more than {limit} bytes"} for i in big])
+    for image in images:
+        if len(image.data) > limit:
+            image.data, image.refused, image.code = b"", f"more than {limit} bytes", "image_too_large"
+    if partial:
+        return
+    for code, status in (("image_too_large", 413), ("unsupported_media_type", 415), ("bad_image", 400)):
+        bad = [i for i in images if i.refused and i.code == code]
+        if bad:
+            raise HttpError(status, code, f"image {bad[0].index} ({bad[0].name}): {bad[0].refused}",
+                            [{"index": i.index, "name": i.name, "message": i.refused} for i in bad])
+
+
+def decode_base64(text: str) -> bytes:
+    """The bytes of a JSON image: plain base64, wrapped in lines (MIME, `base64` without -w0)
+    or a data: URL (data:image/png;base64,...). ValueError for anything else."""
+    text = text.strip()
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("a data: URL must be base64 (data:image/png;base64,...)")
+    return base64.b64decode("".join(text.split()), validate=True)
 
 
 async def _read_body(request: Request, config: ServerConfig) -> tuple[list[RequestImage], dict]:
@@ -95,7 +127,7 @@ async def _read_multipart(request: Request, config: ServerConfig) -> tuple[list[
                 name = value.filename or f"image[{index}]"
                 ctype = (value.content_type or "application/octet-stream").lower()
                 if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-                    # 415 unless partial=true, which may come later in the form: decided after decoding
+                    # 415 unless partial=true, which may come later in the form: decided by check_images
                     images.append(RequestImage(index, name, b"", refused=f"content type {ctype!r} is not an image"))
                     continue
                 data = await value.read(config.max_image_bytes + 1)
@@ -109,19 +141,15 @@ async def _read_multipart(request: Request, config: ServerConfig) -> tuple[list[
 
 async def _read_json(request: Request) -> tuple[list[RequestImage], dict]:
     try:
-        body = ClassifyJson.model_validate(json.loads(await request.body()))
+        body = ClassifyJson.model_validate(parse_json(await request.body(), "the body"))
     except ValidationError as exc:
         raise invalid("invalid JSON body", exc) from exc
-    except ValueError as exc:  # JSONDecodeError, and bytes that are not UTF-8 text
-        raise HttpError(400, "bad_json", f"the body is not valid JSON: {exc}") from exc
     images = []
     for index, image in enumerate(body.images):
         name = image.name or f"image[{index}]"
         try:
-            data = base64.b64decode(image.data, validate=True)
+            images.append(RequestImage(index, name, decode_base64(image.data)))
         except (binascii.Error, ValueError) as exc:
-            raise HttpError(400, "bad_image", f"image {index} ({name}): data is not valid base64",
-                            [{"index": index, "name": name, "message": "invalid base64"}]) from exc
-        images.append(RequestImage(index, name, data))
+            images.append(RequestImage(index, name, b"", refused=f"data is not valid base64 ({exc})", code="bad_image"))
     params = body.model_dump(exclude={"images"}, exclude_none=True)
     return images, params

@@ -50,6 +50,18 @@ class ClassifyJson(BaseModel):
     partial: bool | None = None
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable, e.g. unknown_cache, bad_image, overloaded")
+    message: str
+    details: list[dict] | None = Field(None, description="the images or fields at fault")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (service/errors.py)."""
+
+    error: ErrorDetail
+
+
 class LabelScore(BaseModel):
     label: str
     score: float = Field(description="softmax probability over the cache's labels")

@@ -71,8 +71,14 @@ class ApiKeys:
 
     def check(self, authorization: str | None, x_api_key: str | None, scope: str) -> None:
         """Raise Unauthorized without a valid key, Forbidden without the scope."""
+        if scope not in self.scopes(authorization, x_api_key):
+            raise Forbidden(f"the API key lacks the '{scope}' scope")
+
+    def scopes(self, authorization: str | None, x_api_key: str | None) -> frozenset[str]:
+        """The scopes of the request's key (every scope when no keys are configured);
+        Unauthorized without a valid key."""
         if not self.enabled:
-            return
+            return frozenset(SCOPES)
         key = x_api_key
         if authorization:
             kind, _, value = authorization.partition(" ")
@@ -83,8 +89,7 @@ class ApiKeys:
         scopes = self._scopes(key)
         if scopes is None:
             raise Unauthorized("the API key is not valid")
-        if scope not in scopes:
-            raise Forbidden(f"the API key lacks the '{scope}' scope")
+        return scopes
 
     def _scopes(self, key: str) -> frozenset[str] | None:
         digest = _digest(key)

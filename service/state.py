@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvclip.models import Encoder, load_encoder
+from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
 from kvclip.service.config import ServerConfig
 from kvclip.service.jobs import JobManager
@@ -37,6 +38,7 @@ class ServerState:
     batcher: Batcher | None = None
     jobs: JobManager | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    decoder: BoundedDecoder | None = None  # decode_pool with the --max-decode-backlog bound
     ready: bool = False
     load_error: str | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -47,6 +49,7 @@ class ServerState:
 
     async def start(self) -> None:
         self.decode_pool = ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="kvclip-decode")
+        self.decoder = BoundedDecoder(self.decode_pool, self.config.max_decode_backlog)
         self._tasks.append(asyncio.create_task(self._load(), name="kvclip-load"))
 
     async def stop(self) -> None:

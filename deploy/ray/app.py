@@ -45,6 +45,7 @@ from kvclip.models import load_encoder
 from kvclip.service.api_caches import CacheName, summary
 from kvclip.service.api_classify import BODY_DOC, ERROR_DOC, OPENAPI_SCHEMAS, classify_query
 from kvclip.service.app import add_openapi_schemas
+from kvclip.service.admission import BoundedDecoder
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
 from kvclip.service.deps import require
@@ -191,7 +192,9 @@ class KvclipClassifier:
         self.encoder = load_encoder(config.model, config.device, config.model_cache_dir)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvclip-device")
-        self._decode = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="kvclip-decode")
+        self._decoder = BoundedDecoder(ThreadPoolExecutor(max_workers=config.decode_workers,
+                                                          thread_name_prefix="kvclip-decode"),
+                                       config.max_decode_backlog)
         self._encode_batch.set_max_batch_size(config.max_batch)
         self._encode_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
 
@@ -210,7 +213,8 @@ class KvclipClassifier:
         try:
             cache = await self._snapshot(request.params.cache)
             encoding = ReplicaEncoding(self._encode_batch, self._device, self.config.max_batch)
-            pipeline = ClassifyPipeline(self.config, self.encoder.preprocess, self._decode, encoding)
+            pipeline = ClassifyPipeline(self.config, self.encoder.preprocess, self._decoder, encoding,
+                                        decode_size=self.encoder.image_size)
             response = await pipeline.run(cache, request)
         except Exception as exc:  # noqa: BLE001 - the table's errors are answers; others re-raised
             return self._error(exc)

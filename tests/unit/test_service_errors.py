@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvclip.errors import DataError, KvclipError, ModelLoadError
+from kvclip.service.admission import ClientDisconnected
 from kvclip.service.archives import ArchiveError, ArchiveTooLarge
 from kvclip.service.batcher import Overloaded, RequestTooLarge, Stopped
 from kvclip.service.errors import ERROR_TABLE, HttpError, http_error
@@ -35,6 +36,7 @@ CASES = [
     (Overloaded("server overloaded; retry later"), 503, "overloaded"),
     (Stopped("shutting down"), 503, "shutting_down"),
     (RequestTooLarge("9 images exceed the encoder queue of 8"), 413, "too_large"),
+    (ClientDisconnected("the client closed the connection"), 499, "client_disconnected"),
 ]
 
 

@@ -1,0 +1,99 @@
+"""Admission around decoding: a bounded decode backlog, and no work for clients that left.
+
+Decoding runs on a small thread pool. Without a bound, a burst of large requests queues
+unbounded work on it (and memory: every image's bytes); with one, a request whose images do
+not fit is refused at once (Overloaded: 503 with Retry-After) before any of them is decoded.
+A client that hangs up cancels its request: images not yet started are never decoded.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor, Future
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from kvclip.service.batcher import Overloaded, Stopped
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BoundedDecoder:
+    """Runs one task per image on `pool`, with at most `limit` images being or waiting to be
+    decoded across all requests; a request is admitted whole or refused whole."""
+
+    def __init__(self, pool: Executor, limit: int) -> None:
+        self.pool = pool
+        self.limit = limit
+        self._pending = 0
+        self._lock = threading.Lock()  # released from pool threads (future callbacks)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        with self._lock:
+            if self._pending + len(items) > self.limit:
+                raise Overloaded(f"server overloaded: {self._pending} images are being decoded or waiting "
+                                 f"for it (limit {self.limit}); retry later")
+            self._pending += len(items)
+        futures: list[Future] = []
+        try:
+            for item in items:
+                future = self.pool.submit(fn, item)
+                future.add_done_callback(self._release)  # also when cancelled before it ran
+                futures.append(future)
+        except RuntimeError as exc:  # the pool shut down: the server is stopping
+            self._release_many(len(items) - len(futures))
+            _cancel(futures)
+            raise Stopped("the server is shutting down") from exc
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except BaseException:
+            _cancel(futures)  # the client left, or the request failed: drop what has not started
+            raise
+
+    def _release(self, _future: Future) -> None:
+        self._release_many(1)
+
+    def _release_many(self, count: int) -> None:
+        with self._lock:
+            self._pending -= count
+
+
+def _cancel(futures: list[Future]) -> None:
+    for future in futures:
+        future.cancel()
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its answer (service/errors.py: 499, which nobody reads but the log)."""
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (ClientDisconnected then).
+
+    Call once the body has been read: from then on the only message the server sends the app
+    is http.disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected("the client closed the connection before the answer")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

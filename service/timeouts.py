@@ -1,0 +1,118 @@
+"""Slow clients: a bound on the time to send a request's headers and its body.
+
+Without one, a client sending a byte every half second holds its connection (and, once the
+headers are in, a --max-concurrency slot) for as long as it likes. uvicorn bounds only idle
+keep-alive connections (timeout_keep_alive), so:
+
+- `header_timeout_protocol(s)` is uvicorn's h11 protocol with a timer from the first byte of a
+  request (or from the connection's start) to the end of its headers; when it fires the
+  connection gets a 408 and is closed. Pass it as `uvicorn.Config(http=...)`.
+- `BodyTimeoutMiddleware` bounds the time from the app's first read of the body to its last
+  chunk; past it the request is answered 408 and the connection closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from kvclip.service.middleware import send_json
+
+_TIMEOUT_BODY = {"code": "request_timeout", "message": "the request was not received in time ({what}, {limit:g} s)"}
+
+
+def _timeout_payload(what: str, limit: float) -> dict:
+    return {"error": {k: v.format(what=what, limit=limit) for k, v in _TIMEOUT_BODY.items()}}
+
+
+def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
+    """An H11Protocol subclass closing connections whose request line and headers take longer
+    than `timeout_s` (0: uvicorn's own protocol, no limit)."""
+    if not timeout_s:
+        return H11Protocol
+    body = json.dumps(_timeout_payload("request headers, --header-timeout-s", timeout_s)).encode()
+    response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # waiting for a request's headers
+                if self._header_timer is None:
+                    self._arm()
+            before = self.cycle
+            super().data_received(data)
+            if self.cycle is not before:  # the headers are in: a new request/response cycle began
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(timeout_s, self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _timed_out(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                # Written raw: h11 lets a server answer only a request it has parsed.
+                self.transport.write(response)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+class BodyTimeoutMiddleware:
+    """408 (and Connection: close) when the body takes over `timeout_s` from the app's first read."""
+
+    def __init__(self, app, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        body_done = False
+        started = False
+
+        async def timed_receive():
+            nonlocal deadline, body_done
+            if body_done:  # afterwards only http.disconnect comes, whenever it comes
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise BodyTimeout() from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracking_send)
+        except BodyTimeout:
+            if not started:
+                await send_json(send, 408, _timeout_payload("request body, --body-timeout-s", self.timeout_s),
+                                headers=[(b"connection", b"close")])
