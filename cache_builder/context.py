@@ -54,6 +54,7 @@ class BuildConfig:
     pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
     labels: Sequence[str] | None = None  # the label set itself, instead of labels_file
+    target_precision: float | None = None  # leave-one-out precision the default min_score is chosen for
 
     @property
     def has_labels(self) -> bool:
@@ -66,6 +67,8 @@ def build_mode(config: BuildConfig) -> str:
         raise DataError("give labels or a labels file, not both")
     if config.data_dir is not None and config.manifest is not None:
         raise DataError("give a data folder or --manifest, not both")
+    if config.target_precision is not None and not 0.0 < config.target_precision <= 1.0:
+        raise DataError(f"--target-precision must be in (0, 1], not {config.target_precision}")
     if config.data_dir is not None or config.manifest is not None:
         if config.pool_dir is not None:
             raise DataError("--pool pseudo-labels unlabelled images for a --labels file; "

@@ -92,6 +92,21 @@ class CacheArtifact:
         tuned = self.manifest.params.methods.get(method)
         return tuned.blend_params() if tuned else BlendParams()
 
+    def score_temperature(self, method: str) -> float:
+        """The calibration temperature of `method`'s served scores (1 for older manifests)."""
+        calibration = self.manifest.calibration
+        return 1.0 if calibration is None else calibration.temperature(method)
+
+    def score_transform(self, method: str) -> str:
+        """What the temperature divides for `method`: "logit" or "log-gap" (kvclip/calibration.py)."""
+        calibration = self.manifest.calibration
+        return "logit" if calibration is None else calibration.transform(method)
+
+    def default_min_score(self, method: str) -> float | None:
+        """The build's abstention threshold for `method` (None: the build set no target precision)."""
+        calibration = self.manifest.calibration
+        return None if calibration is None else calibration.min_score.get(method)
+
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         return CacheTensors.build(
             torch.from_numpy(self.text_weights),
