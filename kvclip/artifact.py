@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from kvclip import index as key_index
 from kvclip.blend import BlendParams, CacheTensors, check_method
+from kvclip.calibration import probabilities
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
 from kvclip.manifest import SCHEMA_VERSION, Manifest
@@ -101,6 +102,11 @@ class CacheArtifact:
         """What the temperature divides for `method`: "logit" or "log-gap" (kvclip/calibration.py)."""
         calibration = self.manifest.calibration
         return "logit" if calibration is None else calibration.transform(method)
+
+    def calibrated(self, logits: torch.Tensor, method: str) -> torch.Tensor:
+        """The served scores of `method`'s raw logits: kvclip.calibration.probabilities with the
+        build's temperature and transform."""
+        return probabilities(logits, self.score_temperature(method), self.score_transform(method))
 
     def default_min_score(self, method: str) -> float | None:
         """The build's abstention threshold for `method` (None: the build set no target precision)."""

@@ -185,3 +185,12 @@ def fit_calibration(loo_logits: dict[str, torch.Tensor], truth: torch.Tensor,
     return {"protocol": CALIBRATION_PROTOCOL, "temperatures": temperatures, "transforms": transforms,
             "target_precision": target_precision,
             "min_score": min_score, "loo": loo}
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve of a score separating `positive` from `negative` samples: the
+    chance that a random positive scores above a random negative (ties count one half)."""
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    diff = positive.double().view(-1, 1) - negative.double().view(1, -1)
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
-from kvclip.calibration import probabilities
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
 from kvclip.service.config import ServerConfig
@@ -162,8 +161,7 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
         logits = blend(features, tensors, params, options.method)
     # Calibrated (docs/methods.md, "Calibration"); the transform is increasing, so the top-k by
     # logit is the top-k by score.
-    probs = probabilities(logits, cache.artifact.score_temperature(options.method),
-                          cache.artifact.score_transform(options.method))
+    probs = cache.artifact.calibrated(logits, options.method)
     k = min(options.top_k, logits.shape[1])
     top_logits, top_i = logits.topk(k, dim=-1)
     top_p = probs.gather(1, top_i)

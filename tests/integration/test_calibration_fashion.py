@@ -48,7 +48,7 @@ def test_logits(calibrated_cache, fashion_test, tiny_encoder):
 def test_served_scores_are_calibrated_on_unseen_test_images(test_logits):
     cache, method, logits, truth = test_logits
     assert method != "zeroshot" and len(truth) == 1000
-    served = probabilities(logits, cache.score_temperature(method), cache.score_transform(method))
+    served = cache.calibrated(logits, method)
     raw = probabilities(logits)
     # Before: softmax of the raw logits, ~0.98 mean top score at ~0.57 accuracy.
     assert ece(raw, truth) > 0.35 and nll(logits, truth) > 20

@@ -112,3 +112,11 @@ def test_manifests_from_before_calibration_serve_t_1_and_no_threshold(name, tmp_
         assert loaded.score_temperature(method) == 1.0 and loaded.score_transform(method) == "logit"
         assert loaded.default_min_score(method) is None
     assert "calibration" not in loaded.manifest.to_json()  # re-written as it was
+
+
+def test_auroc_counts_ordered_pairs():
+    from kvclip.calibration import auroc
+
+    assert auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2])) == 1.0
+    assert auroc(torch.tensor([0.1]), torch.tensor([0.9])) == 0.0
+    assert auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.5, 0.1])) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
