@@ -61,4 +61,5 @@ def build_config(
         progress=False,
         pool_dir=pool_root,
         pool_per_class=options.pool_per_class,
+        target_precision=options.target_precision,
     )

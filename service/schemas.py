@@ -152,6 +152,8 @@ class BuildOptions(BaseModel):
     pool_per_class: int = Field(DEFAULT_POOL_PER_CLASS, ge=1, le=MAX_POOL_PER_CLASS,
                                 description="pool images kept per class")
     activate: bool = Field(True, description="make the new version current when the build succeeds")
+    target_precision: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "choose each method's default min_score for this leave-one-out precision (default: no threshold)"))
 
     @field_validator("labels")
     @classmethod
