@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheT
 from kvclip.index import build_index, search_candidates
 from kvclip.manifest import (
     BuildReport,
+    Calibration,
     CaptionerInfo,
     Counts,
     DuplicatesReport,
@@ -46,6 +47,10 @@ __all__ = ["DEFAULT_MODEL", "MODES", "POOL_TIP_PARAMS", "BuildConfig", "BuildRes
 # under method=auto, since its pseudo-labels cannot tune (docs/methods.md).
 POOL_TIP_PARAMS = BlendParams(alpha=1.0, beta=5.5)
 log = logging.getLogger("kvclip.build")
+NO_CALIBRATION = "none: the cache has no support items, so scores are softmax(logit) (T = 1)"
+# Zero-shot agrees with a pool's pseudo-labels by construction, so a temperature fitted on them
+# would claim certainty that no real label has confirmed.
+POOL_CALIBRATION = "none: a pool build has pseudo-labels only, which cannot calibrate; T = 1, no threshold"
 
 
 @dataclass
@@ -134,6 +139,7 @@ def make_manifest(
         tuning=fitted.tuning,
         faiss=fitted.faiss,
         build_report=build_report(ctx, support, features, duplicates),
+        calibration=fitted.calibration,
     )
 
 
@@ -196,6 +202,7 @@ class Fitted:
     faiss: FaissReport
     image_index: object | None = None
     caption_index: object | None = None
+    calibration: Calibration = field(default_factory=lambda: Calibration(protocol=NO_CALIBRATION))
 
     @classmethod
     def zeroshot(cls) -> "Fitted":
@@ -228,7 +235,7 @@ def fit_cache(
     fixed = {"fixed": {"tip": POOL_TIP_PARAMS}, "fixed_best": "tip"} if pool_build else {}
     with ctx.timed("tune"):
         tuning = tune(cache, features.query_features, label_ids, grid, seed=config.seed, monitor=ctx.monitor,
-                      **fixed)
+                      target_precision=config.target_precision, **fixed)
 
     ctx.step("indexing", 1 if caption_keys is None else 2)
     image_index = build_index(features.image_keys.numpy(), config.index_kind)
@@ -246,9 +253,11 @@ def fit_cache(
         report["protocol"] = ("balanced leave-one-out on the pool's zero-shot pseudo-labels (as for labelled "
                               "builds); zero-shot agrees with them by construction, so auto serves tip with "
                               f"fixed parameters {POOL_TIP_PARAMS.as_dict()}")
+    calibration = Calibration(protocol=POOL_CALIBRATION) if pool_build \
+        else Calibration.model_validate(tuning.calibration)
     return Fitted(TunedParams.model_validate(tuning.manifest_params()), TuningReport.model_validate(report),
                   FaissReport.model_validate({"index": config.index_kind, **faiss_report}),
-                  image_index, caption_index)
+                  image_index, caption_index, calibration)
 
 
 def build_report(

@@ -60,6 +60,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="keep exact duplicate support images (same bytes or features; dropped by default, "
                             "one copy per label kept); near duplicates are always kept and reported")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    build.add_argument("--target-precision", type=float,
+                       help="choose each method's default min_score (abstain below it) for this leave-one-out "
+                            "precision, e.g. 0.9 (default: no threshold)")
     build.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE,
                        help="images per encoder batch (x views crops)")
     build.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -86,6 +89,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help=f"test images per encoder batch (default {DEFAULT_EVAL_BATCH_SIZE})")
     ev.add_argument("--limit", type=int, help="evaluate the first N images only")
     ev.add_argument("--faiss-k", type=int, help="also evaluate the FAISS top-k path with this k")
+    ev.add_argument("--min-score", type=float,
+                    help="report coverage and accuracy at this threshold (default: the cache's own)")
     ev.add_argument("--json", action="store_true", help="print the report as JSON (accuracies to 6 digits)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(run=run_eval, extra=SERVER)
@@ -152,6 +157,7 @@ def run_build(args: argparse.Namespace) -> int:
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
         keep_duplicates=args.keep_duplicates,
+        target_precision=args.target_precision,
     )
     result = build_cache(config)
     m = result.manifest
@@ -195,16 +201,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
     report = evaluate(args.cache, args.data, args.manifest, model=args.model, device=args.device,
                       batch_size=args.batch_size, limit=args.limit, faiss_k=args.faiss_k,
-                      progress=not args.quiet)
+                      progress=not args.quiet, min_score=args.min_score)
     if args.json:
         print(json.dumps(rounded(report.as_dict()), indent=2))
         return 0
     print(f"cache {report.cache['path']} {report.cache['version']}  model {report.cache['model']}"
           f"  images {report.n}  skipped {len(report.skipped)}")
-    print(f"{'method':<10} {'top1':>7} {'top5':>7}  params")
+    print(f"{'method':<10} {'top1':>7} {'top5':>7} {'ece':>7} {'nll':>7} {'brier':>7} {'aurc':>7}"
+          f" {'min_score':>9} {'coverage':>8} {'acc@min':>7}  params")
     tuned = {m: p.model_dump() for m, p in report.params.methods.items()}
     for method, acc in report.methods.items():
-        print(f"{method:<10} {acc['top1']:>7.4f} {acc['top5']:>7.4f}  {tuned.get(method, '')}")
+        at = acc["accuracy"]
+        threshold = "-" if acc["min_score"] is None else f"{acc['min_score']:.4f}"
+        print(f"{method:<10} {acc['top1']:>7.4f} {acc['top5']:>7.4f} {acc['ece']:>7.4f} {acc['nll']:>7.4f}"
+              f" {acc['brier']:>7.4f} {acc['aurc']:>7.4f} {threshold:>9} {acc['coverage']:>8.4f}"
+              f" {'-' if at is None else format(at, '.4f'):>7}  {tuned.get(method, '')}")
     print(f"tuned best method: {report.params.best_method}")
     if report.faiss:
         for method, acc in report.faiss["methods"].items():

@@ -58,6 +58,7 @@ class BuildConfig:
     # What the build report names as its source instead of the folder read (an HTTP build's
     # folder is a temporary work folder, gone once the job ends: it names the upload instead).
     source_name: str | None = None
+    target_precision: float | None = None  # leave-one-out precision the default min_score is chosen for
 
     @property
     def has_labels(self) -> bool:
@@ -70,6 +71,8 @@ def build_mode(config: BuildConfig) -> str:
         raise DataError("give labels or a labels file, not both")
     if config.data_dir is not None and config.manifest is not None:
         raise DataError("give a data folder or --manifest, not both")
+    if config.target_precision is not None and not 0.0 < config.target_precision <= 1.0:
+        raise DataError(f"--target-precision must be in (0, 1], not {config.target_precision}")
     if config.data_dir is not None or config.manifest is not None:
         if config.pool_dir is not None:
             raise DataError("--pool pseudo-labels unlabelled images for a --labels file; "

@@ -1,4 +1,4 @@
-"""Accuracy of every method of a cache on a labelled test set (never used for tuning)."""
+"""Accuracy and calibration of every method of a cache on a labelled test set (never used for tuning)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +10,7 @@ from kvclip.cache_builder.features import encode_image_files
 from kvclip.cache_builder.sources import discover_folder, read_manifest
 from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import blend, blend_candidates
+from kvclip.calibration import calibration_report
 from kvclip.errors import DataError
 from kvclip.index import search_candidates
 from kvclip.manifest import TunedParams
@@ -44,7 +45,11 @@ def evaluate(
     limit: int | None = None,
     faiss_k: int | None = None,
     progress: bool = True,
+    min_score: float | None = None,
 ) -> EvalReport:
+    """Per method: top-1/top-5 and, for the served (calibrated) scores, ECE, NLL, Brier, the area
+    under the risk–coverage curve, and coverage and accuracy at `min_score` (default: the
+    cache's own threshold for the method, none when the build set no target precision)."""
     artifact = load_cache(cache_dir)
     if (data_dir is None) == (manifest is None):
         raise DataError("give either a test data folder or --manifest, not both or neither")
@@ -64,7 +69,9 @@ def evaluate(
     methods, faiss = {}, ({"k": faiss_k, "methods": {}} if faiss_k else None)
     for method in artifact.methods:
         logits = blend(features, cache, artifact.params(method), method)
-        methods[method] = _topk_accuracy(logits, truth)
+        threshold = artifact.default_min_score(method) if min_score is None else min_score
+        methods[method] = _topk_accuracy(logits, truth) | calibration_report(
+            logits, truth, artifact.score_temperature(method), artifact.score_transform(method), threshold)
         if faiss is not None and method != "zeroshot":
             approx = _faiss_logits(artifact, cache, features, method, faiss_k)
             faiss["methods"][method] = {

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.calibration import fit_calibration
 from kvclip.vocabulary import NEAR_DUPLICATE_COSINE
 from kvclip.blend import (
     CACHE_METHODS,
@@ -96,6 +97,7 @@ class TuningResult:
     n_queries: int
     grid: Grid = field(default_factory=Grid)
     duplicates: int = 0  # support items excluded from some query's sums as exact or near duplicates of it
+    calibration: dict = field(default_factory=dict)  # kvclip.calibration.fit_calibration of the served logits
 
     def manifest_params(self) -> dict:
         return {
@@ -124,6 +126,7 @@ def tune(
     monitor: BuildMonitor | None = None,
     fixed: dict[str, BlendParams] | None = None,
     fixed_best: str | None = None,
+    target_precision: float | None = None,
 ) -> TuningResult:
     """Grid-search each cache method's parameters by balanced leave-one-out top-1 accuracy.
 
@@ -132,6 +135,8 @@ def tune(
     `fixed` replaces the search's choice for some methods and `fixed_best` the best method
     (a pool build, whose pseudo-labels cannot choose them); leave-one-out accuracy is then
     reported for the parameters that will be served.
+    Each method's score temperature (and, with `target_precision`, its abstention threshold) is
+    fitted on the same leave-one-out logits of the chosen parameters (kvclip/calibration.py).
     """
     monitor = monitor or BuildMonitor()
     device = cache.device
@@ -160,11 +165,12 @@ def tune(
     monitor.advance(1)
 
     chosen = search.nested_best() | (fixed or {})
-    loo = {"zeroshot": _accuracy(search.zeroshot, truth)}
-    for method, params in chosen.items():
-        loo[method] = _accuracy(blend(queries, cache, params, method, exclude), truth)
+    logits = {"zeroshot": search.zeroshot} | {
+        method: blend(queries, cache, params, method, exclude) for method, params in chosen.items()}
+    loo = {method: _accuracy(values, truth) for method, values in logits.items()}
     best_method = fixed_best or simplest_within_one_se(loo, len(ids))
-    return TuningResult(best_method, chosen, loo, len(ids), grid, int(duplicates.any(dim=0).sum()))
+    return TuningResult(best_method, chosen, loo, len(ids), grid, int(duplicates.any(dim=0).sum()),
+                        fit_calibration(logits, truth, target_precision))
 
 
 def simplest_within_one_se(loo_top1: dict[str, float], n_queries: int) -> str:

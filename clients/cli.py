@@ -47,6 +47,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=REQUEST_METHODS)
     p.add_argument("--explain", action="store_true", help="also show the nearest support items")
     p.add_argument("--partial", action="store_true", help="report unreadable images instead of failing")
+    p.add_argument("--min-score", type=float, help="abstain below this top score (default: the cache's)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                    help=f"images per request, at most the server's --max-images (default {DEFAULT_CHUNK})")
     p.set_defaults(run=_guarded(_classify))
@@ -160,7 +161,7 @@ def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], T],
 def _classify(args: argparse.Namespace) -> int:
     return _print_call(args, lambda c: c.classify(args.images, args.cache, top_k=args.top_k, method=args.method,
                                                   explain=args.explain, partial=args.partial,
-                                                  chunk_size=args.chunk_size),
+                                                  chunk_size=args.chunk_size, min_score=args.min_score),
                        render.classification)
 
 

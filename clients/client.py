@@ -75,14 +75,16 @@ class KvclipClient(_Settings):
     # --- classification -------------------------------------------------------------------
     def classify(self, images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
                  method: str | None = None, explain: bool = False, partial: bool = False,
-                 chunk_size: int = ops.DEFAULT_CHUNK) -> Classification:
+                 chunk_size: int = ops.DEFAULT_CHUNK, min_score: float | None = None) -> Classification:
         """Classify one image or a list (paths, bytes, PIL images, numpy arrays, binary files).
 
         Results are in request order. `method`: auto (default), zeroshot, tip, tipx, caps.
         `partial=True` marks unreadable images in their result instead of failing with 400.
         A longer list than `chunk_size` (the server's --max-images) goes in several requests.
+        A result whose top score is below `min_score` (default: the cache's own threshold, if it
+        has one) has `abstained=True`, its labels still given.
         """
-        return self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size))
+        return self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size, min_score))
 
     # --- caches -----------------------------------------------------------------------------
     def caches(self) -> list[CacheInfo]:
@@ -205,9 +207,10 @@ class AsyncKvclipClient(_Settings):
 
     async def classify(self, images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
                        method: str | None = None, explain: bool = False, partial: bool = False,
-                       chunk_size: int = ops.DEFAULT_CHUNK) -> Classification:
+                       chunk_size: int = ops.DEFAULT_CHUNK, min_score: float | None = None) -> Classification:
         """See KvclipClient.classify."""
-        return await self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size))
+        return await self._run(ops.classify(images, cache, top_k, method, explain, partial, chunk_size,
+                                            min_score))
 
     async def caches(self) -> list[CacheInfo]:
         return await self._run(ops.caches())

@@ -13,8 +13,8 @@ from kvclip.vocabulary import TERMINAL_JOB_STATES
 @dataclass(frozen=True)
 class LabelScore:
     label: str
-    score: float  # softmax probability over the cache's labels
-    logit: float
+    score: float  # calibrated probability over the cache's labels
+    logit: float  # the method's raw blended logit
 
     @classmethod
     def from_json(cls, data: dict) -> LabelScore:
@@ -52,6 +52,7 @@ class ImageResult:
     labels: list[LabelScore] = field(default_factory=list)  # best first
     neighbors: list[Neighbor] | None = None
     error: ImageError | None = None
+    abstained: bool = False  # top score below min_score: "none of these" (labels still given)
 
     @property
     def top(self) -> LabelScore | None:
@@ -71,6 +72,7 @@ class ImageResult:
             labels=[LabelScore.from_json(x) for x in data.get("labels") or []],
             neighbors=None if neighbors is None else [Neighbor.from_json(x) for x in neighbors],
             error=None if error is None else ImageError(code=error["code"], message=error["message"]),
+            abstained=bool(data.get("abstained", False)),
         )
 
 

@@ -37,7 +37,7 @@ DEFAULT_CHUNK = 64
 
 def classify(images: ImageInput | Sequence[ImageInput], cache: str, top_k: int | None = None,
              method: str | None = None, explain: bool = False, partial: bool = False,
-             chunk_size: int = DEFAULT_CHUNK) -> Operation[Classification]:
+             chunk_size: int = DEFAULT_CHUNK, min_score: float | None = None) -> Operation[Classification]:
     """Up to `chunk_size` images per request, reading one chunk's files at a time. All chunks
     must be answered by one cache version: after a swap mid-way the whole list is sent again
     (once), so the results never mix versions."""
@@ -47,7 +47,8 @@ def classify(images: ImageInput | Sequence[ImageInput], cache: str, top_k: int |
     if chunk_size < 1:
         raise InputError(f"chunk_size must be at least 1, not {chunk_size}")
     params = {"cache": cache, "top_k": top_k, "method": method,
-              "explain": "true" if explain else None, "partial": "true" if partial else None}
+              "explain": "true" if explain else None, "partial": "true" if partial else None,
+              "min_score": min_score}
     for _attempt in range(2):
         answers: list[Classification] = []
         for start in range(0, len(items), chunk_size):

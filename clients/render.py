@@ -39,8 +39,11 @@ def classification(result: Classification) -> str:
         if image.error is not None:
             rows.append([image.name, "-", f"error: {image.error.code}: {image.error.message}", "", ""])
             continue
+        if image.abstained:
+            rows.append([image.name, "-", "none of these (top score below min_score)", "", ""])
         for rank, label in enumerate(image.labels, 1):
-            rows.append([image.name if rank == 1 else "", rank, label.label, f"{label.score:.4f}", ""])
+            rows.append([image.name if rank == 1 and not image.abstained else "", rank, label.label,
+                         f"{label.score:.4f}", ""])
         for n in image.neighbors or []:
             caption = f' "{n.caption}"' if n.caption else ""
             rows.append(["", "", f"  ~ {n.label} (item {n.item}, {n.name or '?'}){caption}", "",

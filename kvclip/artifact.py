@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from kvclip import index as key_index
 from kvclip.blend import BlendParams, CacheTensors, check_method
+from kvclip.calibration import probabilities
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
 from kvclip.manifest import SCHEMA_VERSION, Manifest
@@ -92,6 +93,26 @@ class CacheArtifact:
         check_method(method)
         tuned = self.manifest.params.methods.get(method)
         return tuned.blend_params() if tuned else BlendParams()
+
+    def score_temperature(self, method: str) -> float:
+        """The calibration temperature of `method`'s served scores (1 for older manifests)."""
+        calibration = self.manifest.calibration
+        return 1.0 if calibration is None else calibration.temperature(method)
+
+    def score_transform(self, method: str) -> str:
+        """What the temperature divides for `method`: "logit" or "log-gap" (kvclip/calibration.py)."""
+        calibration = self.manifest.calibration
+        return "logit" if calibration is None else calibration.transform(method)
+
+    def calibrated(self, logits: torch.Tensor, method: str) -> torch.Tensor:
+        """The served scores of `method`'s raw logits: kvclip.calibration.probabilities with the
+        build's temperature and transform."""
+        return probabilities(logits, self.score_temperature(method), self.score_transform(method))
+
+    def default_min_score(self, method: str) -> float | None:
+        """The build's abstention threshold for `method` (None: the build set no target precision)."""
+        calibration = self.manifest.calibration
+        return None if calibration is None else calibration.min_score.get(method)
 
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones

@@ -22,6 +22,7 @@ from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams
 
 SCHEMA_VERSION = 1
 BuildMode = Literal["labelled", "labels-only", "pool"]
+ScoreTransform = Literal["logit", "log-gap"]  # kvclip.calibration.TRANSFORMS
 
 
 def _absent_when_none(value: object) -> bool:
@@ -96,6 +97,28 @@ class MethodParams(_Part):
 class TunedParams(_Part):
     best_method: str = Field("zeroshot", description="what method=auto serves")
     methods: dict[str, MethodParams] = Field(default_factory=dict, description="tuned parameters per method")
+
+
+class Calibration(_Part):
+    """Served-score calibration (kvclip/calibration.py), fitted on the balanced leave-one-out logits."""
+
+    protocol: str = ""
+    temperatures: dict[str, float] = Field(default_factory=dict, description=(
+        "per method: the T of its served scores; a method not listed has T = 1"))
+    transforms: dict[str, ScoreTransform] = Field(default_factory=dict, description=(
+        "per method: 'logit' (score = softmax(logit / T), the default) or 'log-gap' "
+        "(score = softmax(-log(1 + max(logit) - logit) / T))"))
+    target_precision: float | None = Field(None, description="--target-precision of the build, if any")
+    min_score: dict[str, float] = Field(default_factory=dict, description=(
+        "per method: the default threshold below which a result abstains (from target_precision)"))
+    loo: dict[str, dict[str, float | None]] = Field(default_factory=dict, description=(
+        "per method: leave-one-out NLL and ECE before (T = 1) and after, coverage and accuracy at min_score"))
+
+    def temperature(self, method: str) -> float:
+        return self.temperatures.get(method, 1.0)
+
+    def transform(self, method: str) -> ScoreTransform:
+        return self.transforms.get(method, "logit")
 
 
 class GridReport(_Part):
@@ -210,6 +233,7 @@ class Manifest(_Part):
     tuning: TuningReport
     faiss: FaissReport
     build_report: BuildReport
+    calibration: Calibration | None = _optional("absent in manifests from before calibration: T = 1, no threshold")
     version: str | None = None
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file of the version")
 

@@ -44,9 +44,11 @@ def classify_query(
     method: MethodName | None = Query(None, description="auto (tuned), zeroshot, tip, tipx or caps"),
     explain: bool | None = Query(None, description="also return the nearest support items"),
     partial: bool | None = Query(None, description="report unreadable images per image instead of 400"),
+    min_score: float | None = Query(None, description="abstain below this top score (default: the cache's)"),
 ) -> dict:
     """The query-string parameters (None: not given; the body may set them instead)."""
-    return {"cache": cache, "top_k": top_k, "method": method, "explain": explain, "partial": partial}
+    return {"cache": cache, "top_k": top_k, "method": method, "explain": explain, "partial": partial,
+            "min_score": min_score}
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=BODY_DOC, responses=ERROR_DOC,

@@ -64,4 +64,5 @@ def build_config(
         pool_per_class=options.pool_per_class,
         keep_duplicates=options.keep_duplicates,
         source_name=source_name,
+        target_precision=options.target_precision,
     )

@@ -57,12 +57,14 @@ class ScoreOptions:
     explain_k: int  # 0: no neighbours
     dense_max_keys: int
     faiss_k: int
+    min_score: float | None = None  # abstain when the top calibrated score is below it
 
 
 @dataclass
 class Scored:
-    labels: list[tuple[str, float, float]]  # (label, probability, logit), best first
+    labels: list[tuple[str, float, float]]  # (label, calibrated probability, raw logit), best first
     neighbors: list[dict] | None
+    abstained: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ class ClassifyPipeline:
         method = choose_method(cache, params.method)
         prepared = await self.decode_images(request.images)
         usable = usable_images(prepared, params.partial)
-        scored = await self.score_images(usable, cache, score_options(self.config, method, params))
+        options = score_options(self.config, method, params, cache.artifact.default_min_score(method))
+        scored = await self.score_images(usable, cache, options)
         return ClassifyResponse(
             cache=cache.name, version=cache.version, method=method, model=cache.model_id,
             results=[to_result(p, scored.get(p.index)) for p in prepared],
@@ -143,9 +146,12 @@ def usable_images(prepared: list[Prepared], partial: bool) -> list[Prepared]:
     return [p for p in prepared if p.pixels is not None]
 
 
-def score_options(config: ServerConfig, method: str, params: ClassifyParams) -> ScoreOptions:
+def score_options(config: ServerConfig, method: str, params: ClassifyParams,
+                  default_min_score: float | None = None) -> ScoreOptions:
+    """The request's options; without a min_score the cache's default for the method (if any)."""
+    min_score = default_min_score if params.min_score is None else params.min_score
     return ScoreOptions(method=method, top_k=params.top_k, explain_k=config.explain_k if params.explain else 0,
-                        dense_max_keys=config.dense_max_keys, faiss_k=config.faiss_k)
+                        dense_max_keys=config.dense_max_keys, faiss_k=config.faiss_k, min_score=min_score)
 
 
 def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> list[Scored]:
@@ -160,7 +166,9 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
         logits = blend_candidates(features, tensors, params, options.method, ids)
     else:
         logits = blend(features, tensors, params, options.method)
-    probs = logits.softmax(dim=-1)
+    # Calibrated (docs/methods.md, "Calibration"); the transform is increasing, so the top-k by
+    # logit is the top-k by score.
+    probs = cache.artifact.calibrated(logits, options.method)
     k = min(options.top_k, logits.shape[1])
     top_logits, top_i = logits.topk(k, dim=-1)
     top_p = probs.gather(1, top_i)
@@ -168,9 +176,11 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
     labels = cache.labels
     # One device-to-host copy per tensor, not one per image.
     rows = zip(top_i.tolist(), top_p.tolist(), top_logits.tolist())
+    floor = options.min_score
     return [
         Scored(labels=[(labels[i], p, lg) for i, p, lg in zip(ids, ps, lgs)],
-               neighbors=None if neighbors is None else neighbors[row])
+               neighbors=None if neighbors is None else neighbors[row],
+               abstained=floor is not None and bool(ps) and ps[0] < floor)
         for row, (ids, ps, lgs) in enumerate(rows)
     ]
 
@@ -182,7 +192,7 @@ def to_result(p: Prepared, scored: Scored | None) -> ImageResult:
     return ImageResult(
         index=p.index, name=p.name,
         labels=[{"label": lb, "score": s, "logit": lg} for lb, s, lg in scored.labels],
-        neighbors=scored.neighbors,
+        neighbors=scored.neighbors, abstained=scored.abstained,
     )
 
 

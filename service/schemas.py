@@ -28,6 +28,9 @@ class ClassifyParams(BaseModel):
     partial: bool = Field(
         False, description="classify the readable images and report unreadable ones per image, instead of failing the request with 400"
     )
+    min_score: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "abstain ('none of these') when the top score is below it; default: the cache's threshold "
+        "for the method (set at build by --target-precision), else never"))
 
 
 class Base64Image(BaseModel):
@@ -48,6 +51,7 @@ class ClassifyJson(BaseModel):
     method: MethodName | None = None
     explain: bool | None = None
     partial: bool | None = None
+    min_score: float | None = None
 
 
 class ErrorDetail(BaseModel):
@@ -64,8 +68,8 @@ class ErrorResponse(BaseModel):
 
 class LabelScore(BaseModel):
     label: str
-    score: float = Field(description="softmax probability over the cache's labels")
-    logit: float
+    score: float = Field(description="calibrated probability over the cache's labels (the temperature fitted at build)")
+    logit: float = Field(description="the raw blended logit of the method")
 
 
 class Neighbor(BaseModel):
@@ -87,6 +91,8 @@ class ImageResult(BaseModel):
     labels: list[LabelScore] = Field(default_factory=list)
     neighbors: list[Neighbor] | None = None
     error: ImageError | None = None
+    abstained: bool = Field(False, description=(
+        "the top score is below min_score: none of the labels is likely; the labels are still given"))
 
 
 class ClassifyResponse(BaseModel):
@@ -161,6 +167,8 @@ class BuildOptions(BaseModel):
     keep_duplicates: bool = Field(False, description=(
         "keep exact duplicate support images (same bytes or features); by default they are dropped, "
         "one copy per label kept, and listed in the build report's duplicates"))
+    target_precision: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "choose each method's default min_score for this leave-one-out precision (default: no threshold)"))
 
     @field_validator("labels")
     @classmethod

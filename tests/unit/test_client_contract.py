@@ -121,6 +121,6 @@ def test_the_contract_check_catches_a_renamed_retyped_or_optional_server_field()
                                      name=(str | None, ...), similarity=(float, ...))
     result = pydantic.create_model("ImageResult", index=(int, ...), name=(str, ...),
                                    labels=(list[server.LabelScore], []), neighbors=(list[neighbor] | None, None),
-                                   error=(server.ImageError | None, None))
+                                   error=(server.ImageError | None, None), abstained=(bool, False))
     assert contract_problems(client.ImageResult, result) == [
         "ImageResult.neighbors[].affinity: the server's Neighbor has no such field"]

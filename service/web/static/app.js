@@ -215,6 +215,10 @@ function resultCard(result, file, cache) {
   const body = el("div", { class: "result-body" },
     el("h3", { "data-testid": "result-name" }, `${result.index + 1}. ${result.name}`));
   if (ok) {
+    if (result.abstained) {
+      body.append(el("p", { class: "abstained", "data-testid": "abstained" },
+        "None of these: the top score is below the cache's threshold."));
+    }
     body.append(labelRows(result.labels));
     if (Array.isArray(result.neighbors)) body.append(neighborTable(result.neighbors, cache));
   } else {

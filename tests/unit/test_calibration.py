@@ -1,0 +1,122 @@
+"""kvclip/calibration.py: the temperature fit, the score transforms, the metrics, the
+precision threshold; and manifests from before calibration serving T = 1 with no threshold."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kvclip import artifact as store
+from kvclip.calibration import (
+    brier,
+    ece,
+    fit_calibration,
+    fit_score_map,
+    fit_temperature,
+    nll,
+    probabilities,
+    risk_coverage_auc,
+    selective,
+    threshold_for_precision,
+)
+from tests.manifests import V1_CACHES
+
+
+def sampled(n: int, classes: int, true_t: float, scale: float = 1.0, seed: int = 0):
+    """Logits whose labels are drawn from softmax(logits / true_t): calibrated at true_t."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, classes, generator=g, dtype=torch.float64) * scale
+    truth = torch.multinomial(probabilities(logits, true_t), 1, generator=g).flatten()
+    return logits, truth
+
+
+@pytest.mark.parametrize("true_t", [0.5, 3.0, 200.0])
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at(true_t):
+    logits, truth = sampled(20000, 10, true_t, scale=true_t * 2)
+    fitted = fit_temperature(logits, truth)
+    assert fitted == pytest.approx(true_t, rel=0.06)
+    assert nll(logits, truth, fitted) <= min(nll(logits, truth, fitted * f) for f in (0.8, 1.25))
+
+
+def test_fitted_temperature_beats_raw_softmax_and_keeps_the_argmax():
+    logits, truth = sampled(5000, 10, 50.0, scale=100.0)
+    t = fit_temperature(logits, truth)
+    assert nll(logits, truth, t) < 0.5 * nll(logits, truth)
+    raw, calibrated = probabilities(logits), probabilities(logits, t)
+    assert torch.equal(raw.argmax(1), calibrated.argmax(1))
+    assert ece(calibrated, truth) < 0.03 < 0.2 < ece(raw, truth)
+
+
+def test_log_gap_scores_keep_the_order_and_win_when_gap_size_varies_by_decades():
+    # The gap's scale varies 100x per query but says nothing more about being right: plain
+    # temperature scaling cannot serve both ends; the log-gap map can.
+    g = torch.Generator().manual_seed(1)
+    base, truth = sampled(8000, 10, 1.0, scale=1.0, seed=1)
+    spread = 10 ** (torch.rand(8000, 1, generator=g, dtype=torch.float64) * 2)
+    logits = base * spread * 10
+    transform, t = fit_score_map(logits, truth)
+    assert transform == "log-gap"
+    probs = probabilities(logits, t, transform)
+    assert torch.equal(probs.argsort(1), logits.argsort(1))
+    plain = fit_temperature(logits, truth)
+    assert ece(probs, truth) < ece(probabilities(logits, plain), truth)
+    assert fit_score_map(*sampled(8000, 10, 4.0, scale=8.0))[0] == "logit"  # plain logits: plain scaling
+
+
+def test_ece_brier_and_risk_coverage_on_hand_made_cases():
+    truth = torch.tensor([0, 0, 1, 1])
+    sure_right = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert ece(sure_right, truth) == 0.0 and brier(sure_right, truth) == 0.0
+    assert risk_coverage_auc(sure_right, truth) == 0.0
+    sure_wrong = sure_right.flip(1)
+    assert ece(sure_wrong, truth) == 1.0 and brier(sure_wrong, truth) == 2.0
+    # 0.75 confident and right 3 times in 4: calibrated
+    three_of_four = torch.tensor([[0.75, 0.25]] * 4)
+    assert ece(three_of_four, torch.tensor([0, 0, 0, 1])) == pytest.approx(0.0)
+    # ranking: the wrong answer least confident gives a lower area than most confident
+    truth = torch.tensor([0, 0, 0, 0])
+    good = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]])
+    bad = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.01, 0.99]])
+    assert risk_coverage_auc(good, truth) < risk_coverage_auc(bad, truth)
+
+
+def test_threshold_for_precision_answers_the_most_queries_that_reach_the_target():
+    truth = torch.zeros(6, dtype=torch.long)
+    top = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    right = torch.tensor([True, True, False, True, False, False])
+    probs = torch.stack([torch.where(right, top, 1 - top), torch.where(right, 1 - top, top)], 1)
+    # precision by threshold: 0.95 -> 1, 0.9 -> 1, 0.8 -> 2/3, 0.7 -> 3/4, 0.6 -> 3/5
+    assert threshold_for_precision(probs, truth, 0.75) == pytest.approx(0.7)
+    assert threshold_for_precision(probs, truth, 1.0) == pytest.approx(0.9)
+    at = selective(probs, truth, 0.7)
+    assert at["coverage"] == pytest.approx(4 / 6) and at["accuracy"] == pytest.approx(0.75)
+    assert threshold_for_precision(torch.tensor([[0.4, 0.6]]), torch.tensor([0]), 0.9) == 1.0  # none reach it
+
+
+def test_fit_calibration_per_method_with_and_without_a_target():
+    logits, truth = sampled(2000, 10, 20.0, scale=40.0)
+    fitted = fit_calibration({"zeroshot": logits, "tip": logits * 3}, truth)
+    assert fitted["temperatures"]["tip"] == pytest.approx(3 * fitted["temperatures"]["zeroshot"], rel=1e-3)
+    assert fitted["min_score"] == {} and fitted["target_precision"] is None
+    assert fitted["loo"]["tip"]["nll"] < fitted["loo"]["tip"]["nll_raw"]
+    targeted = fit_calibration({"tip": logits}, truth, target_precision=0.6)
+    assert targeted["loo"]["tip"]["accuracy"] >= 0.6 and 0 < targeted["loo"]["tip"]["coverage"] < 1
+
+
+@pytest.mark.parametrize("name", ["pets", "pooled", "zs"])
+def test_manifests_from_before_calibration_serve_t_1_and_no_threshold(name, tmp_path):
+    loaded = store.load_cache(shutil.copytree(V1_CACHES / name, tmp_path / name))
+    assert loaded.manifest.calibration is None
+    for method in loaded.methods:
+        assert loaded.score_temperature(method) == 1.0 and loaded.score_transform(method) == "logit"
+        assert loaded.default_min_score(method) is None
+    assert "calibration" not in loaded.manifest.to_json()  # re-written as it was
+
+
+def test_auroc_counts_ordered_pairs():
+    from kvclip.calibration import auroc
+
+    assert auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2])) == 1.0
+    assert auroc(torch.tensor([0.1]), torch.tensor([0.9])) == 0.0
+    assert auroc(torch.tensor([0.5, 0.9]), torch.tensor([0.5, 0.1])) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
