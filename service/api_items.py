@@ -16,7 +16,7 @@ from kvclip.errors import ImageDecodeError
 from kvclip.images import load_image
 from kvclip.service.api_caches import CacheName
 from kvclip.service.deps import ready_state, require
-from kvclip.service.errors import HttpError
+from kvclip.service.errors import HttpError, error_responses
 from kvclip.service.state import ServerState
 
 router = APIRouter(prefix="/v1/caches", tags=["caches"])
@@ -37,7 +37,9 @@ def thumbnail_png(path: Path, size: int) -> bytes:
 
 
 @router.get("/{name}/items/{item}/thumbnail", dependencies=[require("read")], response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the support image, at most size px"}})
+            responses={200: {"content": {"image/png": {}}, "description": "the support image, at most size px"},
+                       **error_responses(401, 403, 404, 422, 503, described={
+                           404: "unknown cache or item, or the item's image is no longer on the server"})})
 async def item_thumbnail(name: str = CacheName, item: int = PathParam(ge=0, description="support item index"),
                          size: int = Query(128, ge=16, le=MAX_THUMBNAIL, description="longest side in px"),
                          state: ServerState = Depends(ready_state)) -> Response:

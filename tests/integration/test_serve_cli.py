@@ -4,6 +4,8 @@ The command as a real process (uvicorn, sockets, SIGTERM): tests/e2e/test_servic
 """
 from __future__ import annotations
 
+from kvclip.service.middleware import ConcurrencyLimitMiddleware
+
 import pytest
 
 import kvclip.models
@@ -38,5 +40,9 @@ def test_a_loadable_model_reaches_uvicorn_with_the_configured_server(monkeypatch
     code, err, served = run_serve(monkeypatch, capsys, "--caches", str(tmp_path), "--model", "tiny-random",
                                   "--device", "cpu", "--port", "8123", env={"KVCLIP_MAX_CONCURRENCY": "7"})
     assert code == 0, err
-    assert served.port == 8123 and served.limit_concurrency == 7
+    assert served.port == 8123
+    # --max-concurrency is the app's JSON-503 middleware, not uvicorn's text-503 limit
+    assert served.limit_concurrency is None
+    limits = [m.kwargs["limit"] for m in served.app.user_middleware if m.cls is ConcurrencyLimitMiddleware]
+    assert limits == [7]
     assert served.timeout_graceful_shutdown > 0
