@@ -42,6 +42,7 @@ def build_config(
     data_root: Path | None,
     pool_root: Path | None,
     config: ServerConfig,
+    owner: str | None = None,
 ) -> BuildConfig:
     """The builder's configuration, the option lists handed over as values."""
     return BuildConfig(
@@ -58,6 +59,7 @@ def build_config(
         device=config.device,
         model_cache_dir=config.model_cache_dir,
         activate=False,  # the server activates it when the job succeeds (service/jobs.py)
+        owner=owner,  # and settles it then; the job records decide about it after a crash
         progress=False,
         pool_dir=pool_root,
         pool_per_class=options.pool_per_class,

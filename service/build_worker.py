@@ -16,6 +16,7 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 from kvclip.cache_builder.build import BuildConfig
 
@@ -27,8 +28,24 @@ class WorkerSpec:
     threads: int
 
 
+def _die_with_parent() -> Callable[[], bool]:
+    """A worker must not outlive a server killed with -9: it would publish into a cache whose
+    records already say the job failed. Linux kills it with the parent (PR_SET_PDEATHSIG);
+    elsewhere the returned check, polled with the cancel event, stops it at the next step."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return lambda: os.getppid() != parent
+
+
 def run(spec: WorkerSpec, conn, cancel_event) -> None:
     """Process entry point (spawned)."""
+    orphaned = _die_with_parent()
     import torch
 
     from kvclip.cache_builder.build import build_cache
@@ -44,7 +61,7 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
         conn.send(("progress", step, done, total))
 
     config = spec.config
-    config.monitor = CallbackMonitor(on_progress=progress, cancelled=cancel_event.is_set)
+    config.monitor = CallbackMonitor(on_progress=progress, cancelled=lambda: cancel_event.is_set() or orphaned())
     try:
         result = build_cache(config)
         conn.send(("done", result.version, result.report.model_dump(mode="json")))
