@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from kvclip.service.api_caches import CacheName
 from kvclip.service.archives import ArchiveError, extract_archive
-from kvclip.service.build_requests import build_config, check_mode, server_folder
+from kvclip.service.build_requests import build_config, check_class_folders, check_mode, server_folder
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.deps import ready_state, require
 from kvclip.service.errors import HttpError, invalid
@@ -103,6 +103,8 @@ async def _read_request(request: Request, state: ServerState, job_id: str, workd
             data_root = await _unpack(uploads["data"], workdir / "data", state, job_id)
         if "pool" in uploads:
             pool_root = await _unpack(uploads["pool"], workdir / "pool", state, job_id)
+        if data_root is not None:
+            await asyncio.to_thread(check_class_folders, data_root)
         return options, data_root, pool_root
     finally:
         for upload in uploads.values():
