@@ -220,9 +220,9 @@ def recover(cache_dir: str | Path, orphaned: Callable[[str], bool] = lambda owne
             if _is_locked(marker):
                 continue  # its publisher is still at work
             owner, version = _read_owner(marker), marker.name[len(_PENDING):]
-            if owner is not None and not orphaned(owner):
-                continue
             folder = cache_dir / VERSIONS_DIR / version
+            if owner is not None and not orphaned(owner) and folder.is_dir():
+                continue
             if VERSION_RE.match(version) and current_version(cache_dir) != version and folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(version)

@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import pytest
 
 from kvclip import artifact as store
 from kvclip.service.jobs import INTERRUPTED
@@ -110,8 +109,16 @@ KILL_POINTS = {
     "loading the model": lambda job: job["state"] == "running" and job["step"] == "starting",
     "building": lambda job: job["state"] == "running" and job["step"] not in (None, "starting"),
     "late": lambda job: job["step"] in ("tuning", "indexing", "publishing", "activating")
-    or job["state"] != "running" and job["state"] != "queued",
+    or job["state"] not in ("queued", "running"),
 }
+
+
+def job_when(url: str, job_id: str, reached):
+    """A condition: the job's JSON once `reached(job)` holds, else None."""
+    def check():
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        return job if reached(job) else None
+    return check
 
 
 def test_kill_9_of_the_server_mid_job_three_times(served_caches, fashion_train, tmp_path):
@@ -130,8 +137,7 @@ def test_kill_9_of_the_server_mid_job_three_times(served_caches, fashion_train, 
                                   files={"data": ("data.zip", upload, "application/zip")}, timeout=60)
             assert response.status_code == 202, response.text
             job_id = response.json()["id"]
-            job = wait_for(lambda: (lambda j: j if reached(j) else None)(
-                httpx.get(f"{srv.url}/v1/jobs/{job_id}", timeout=30).json()), f"the job {name}", srv.proc)
+            job = wait_for(job_when(srv.url, job_id, reached), f"the job {name}", srv.proc)
             srv.proc.kill()  # kill -9, the worker with it
             srv.proc.wait(30)
             server.__exit__(None, None, None)

@@ -12,7 +12,7 @@ def test_staging_named_after_a_live_pid_but_unlocked_is_removed(tmp_path):
     cache_dir = tmp_path / "demo"
     store.publish(cache_dir, make_artifact(0))
     # PID 1 is always alive (in a container it is often the builder itself): the name says nothing
-    dead = cache_dir / f".staging-1-deadbeef"
+    dead = cache_dir / ".staging-1-deadbeef"
     dead.mkdir()
     (dead / "image_keys.npy").write_bytes(b"half written")
     store.publish(cache_dir, make_artifact(1))
@@ -59,3 +59,11 @@ def test_a_current_version_is_kept_even_if_its_marker_was_left(tmp_path):
     version = store.publish(cache_dir, make_artifact(0), owner="job1")  # activated, not settled
     assert store.recover(cache_dir, orphaned=lambda owner: True) == []
     assert store.current_version(cache_dir) == version and store.pending_versions(cache_dir) == {}
+
+
+def test_a_marker_whose_version_is_gone_is_dropped(tmp_path):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact(0))
+    version = store.publish(cache_dir, make_artifact(1), activate=False, owner="job1")
+    store.delete_version(cache_dir, version)  # e.g. DELETE /versions before the job settled it
+    assert store.recover(cache_dir) == [] and store.pending_versions(cache_dir) == {}
