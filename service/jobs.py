@@ -151,8 +151,12 @@ class JobManager:
                     interrupted.append(job)
             self._forget_old()
         for path in (self.jobs_root.iterdir() if self.jobs_root.is_dir() else ()):
-            if path.name != RECORDS_DIR:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.name == RECORDS_DIR:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return interrupted
 
     def abandoned(self, job_id: str) -> bool:
@@ -321,10 +325,10 @@ class JobManager:
     def _discard(self, job: BuildJob, version: str) -> None:
         try:
             self._delete_version(job.cache, version)
-        except Exception:  # logged; an inactive version is harmless
+        except Exception:  # logged; an inactive version is harmless, and its marker stays pending
             log.exception("could not delete %s %s of job %s", job.cache, version, job.id)
-            return  # its pending marker stays: the next start removes it
-        self._settle_quietly(job.cache, version)
+        else:
+            self._settle_quietly(job.cache, version)
         job.version = None
 
     def _settle_quietly(self, cache: str, version: str) -> None:
