@@ -111,7 +111,7 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     )
     ctx.monitor.check()  # the last chance to stop: publishing is atomic and is never interrupted
     ctx.monitor.step("publishing", 1)
-    version = store.publish(config.out, artifact, activate=config.activate)
+    version = store.publish(config.out, artifact, activate=config.activate, owner=config.owner)
     ctx.monitor.advance(1)
     return BuildResult(version, artifact.path, artifact.manifest)
 

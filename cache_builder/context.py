@@ -49,6 +49,8 @@ class BuildConfig:
     faiss_k: int = DEFAULT_FAISS_K
     model_cache_dir: str | None = None
     activate: bool = True
+    owner: str | None = None  # a server job id: the version stays pending until the server settles it
+    confine_links: bool = False  # skip (and report) links leading out of data_dir / pool_dir: server builds
     progress: bool = True  # tqdm bars
     pool_dir: Path | None = None  # unlabelled images (searched recursively), with labels_file
     pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class

@@ -59,13 +59,16 @@ def labelled_support(ctx: BuildContext) -> SupportSet:
     """Sample up to `shots` readable images per class; the reading step checks each one decodes."""
     config = ctx.config
     prompts = read_prompts(config)
-    items = read_manifest(config.manifest) if config.manifest else discover_folder(config.data_dir)
+    links: list[Skipped] = []  # links out of the folder (server builds)
+    within = config.data_dir if config.confine_links else None
+    items = read_manifest(config.manifest) if config.manifest else discover_folder(config.data_dir, within, links)
     labels = order_labels(items, read_labels(config) if config.has_labels else None)
     known = set(labels)
     candidates = [it for it in items if it.label in known]
     ctx.monitor.step("reading", planned_support(candidates, labels, config.shots))
     images = DecodedImages()
     selection = select_support(candidates, labels, config.shots, config.seed, config.progress, ctx.monitor, images)
+    selection.skipped[:0] = links
     warn_skipped(selection.skipped)
     return SupportSet(labels, prompts, text_weights(ctx, labels, prompts), selection,
                       config.source_name or str(config.manifest or config.data_dir), len(items), config.shots,
@@ -87,7 +90,8 @@ def pool_support(ctx: BuildContext) -> SupportSet:
     config = ctx.config
     prompts = read_prompts(config)
     labels = read_labels(config)
-    paths = discover_images(config.pool_dir)
+    links: list[Skipped] = []
+    paths = discover_images(config.pool_dir, config.pool_dir if config.confine_links else None, links)
     ctx.monitor.step("reading", 0)
     encoder = ctx.encoder  # loaded before the step starts, as for the text step
     ctx.step("pseudo-labelling", len(paths))
@@ -95,13 +99,13 @@ def pool_support(ctx: BuildContext) -> SupportSet:
     with ctx.timed("pseudo_label"):
         features = encode_pool(encoder, paths, config.batch_size * config.views, config.progress, ctx.monitor,
                                images)
-    warn_skipped(features.skipped)
+    warn_skipped(links + features.skipped)
     weights = text_weights(ctx, labels, prompts)  # they pick the pool's support items (cache_builder/pool.py)
     pool = pseudo_label(features, weights, labels, config.pool_per_class)
     for label in pool.empty_classes:
         log.warning("no pool image was pseudo-labelled %r: the class keeps its zero-shot text weights", label)
     images.retain(item.path for item in pool.items)
-    selection = Selection(labels, pool.items, features.skipped,
+    selection = Selection(labels, pool.items, links + features.skipped,
                           {lb: p.assigned for lb, p in zip(labels, pool.picks)})
     return SupportSet(labels, prompts, weights, selection, config.source_name or str(config.pool_dir), len(paths),
                       config.pool_per_class,

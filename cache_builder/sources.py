@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,31 +45,53 @@ class Selection:
         return counts
 
 
-def discover_folder(data_dir: str | Path) -> list[SupportItem]:
-    """DATA_DIR/<label>/<image>: one sub-folder per class; other files are ignored."""
+_LINK_OUT = "a symbolic link to outside {root}: not followed"
+
+
+def _leaves(path: Path, within: Path | None, skipped: list[Skipped] | None) -> bool:
+    """Whether `path` leads outside `within` (a link out of it); recorded in `skipped` if so."""
+    if within is None or path.resolve().is_relative_to(within):
+        return False
+    if skipped is not None:
+        skipped.append(Skipped(str(path), _LINK_OUT.format(root=within)))
+    return True
+
+
+def discover_folder(data_dir: str | Path, within: Path | None = None,
+                    skipped: list[Skipped] | None = None) -> list[SupportItem]:
+    """DATA_DIR/<label>/<image>: one sub-folder per class; other files are ignored.
+
+    With `within` (a folder a server may read), entries whose links lead outside it are
+    skipped and listed in `skipped`."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
+    within = None if within is None else Path(within).resolve()
     items = [
         SupportItem(path, class_dir.name)
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not _leaves(class_dir, within, skipped)
         for path in sorted(class_dir.iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not _leaves(path, within, skipped)
     ]
     if not items:
         raise DataError(f"data folder {root} holds no images in <label>/<file> sub-folders")
     return items
 
 
-def discover_images(folder: str | Path) -> list[Path]:
-    """Every image file under `folder`, searched recursively (hidden files and folders skipped)."""
+def discover_images(folder: str | Path, within: Path | None = None,
+                    skipped: list[Skipped] | None = None) -> list[Path]:
+    """Every image file under `folder`, searched recursively (hidden files and folders skipped);
+    `within` as for discover_folder."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
+    within = None if within is None else Path(within).resolve()
     paths = sorted(
         path for path in root.rglob("*")
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and not _leaves(path, within, skipped)
     )
     if not paths:
         raise DataError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -133,10 +156,23 @@ def check_labels(labels: Sequence[str]) -> None:
             raise DataError("empty label")
         if "\n" in label or "\r" in label:
             raise DataError(f"label {label!r} spans several lines")
+        bad = next((ch for ch in label if _unprintable(ch)), None)
+        if bad is not None:
+            raise DataError(f"label {label!r} holds the control character U+{ord(bad):04X} "
+                            f"({unicodedata.name(bad, 'a control character')}); labels must be printable text")
         key = class_text(label).casefold()
         if key in seen:
             raise DataError(f"duplicate labels: {seen[key]!r} and {label!r} name the same class")
         seen[key] = label
+
+
+# Characters that reorder or hide text (bidi overrides and isolates, marks): a label holding one
+# reads differently from what it is.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unprintable(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS
 
 
 def order_labels(items: Iterable[SupportItem], labels: Sequence[str] | None = None) -> list[str]:

@@ -10,7 +10,8 @@ On disk, one folder per cache:
         text_weights.npy   D x C      image_keys.npy    N x D     caption_keys.npy  N x D
         label_ids.npy      N          query_features.npy N x D (support images, plain view)
         image_keys.faiss   caption_keys.faiss              items.jsonl (path, label, caption)
-      .staging-PID-*/      a version being written; never read
+      .staging-PID-*/      a version being written; never read (its .writing file is locked while it is)
+      .pending-v0002       a version renamed into versions/ whose build has not finished yet
 
 A zero-shot cache (built from labels only) has N = 0: its key arrays are 0 x D, items.jsonl
 is empty, there are no .faiss files, and it serves the zero-shot method only.
@@ -18,6 +19,13 @@ is empty, there are no .faiss files, and it serves the zero-shot method only.
 Publishing writes a whole version into a staging folder, fsyncs it, renames it into
 versions/ and only then points CURRENT at it. A crash at any moment leaves either the old
 CURRENT or the new one, each naming a complete folder.
+
+A version is renamed into versions/ before CURRENT points at it, so a crash in between would
+leave a version no build finished. A `.pending-VERSION` marker, written before the rename and
+removed once the build is done with it, tells such orphans apart: `recover` removes versions
+whose marker is not locked by a live publisher. A server build (`owner` = its job id) keeps the
+marker until the server has activated the version (`settle_version`), so the server's job
+records decide about those (kvclip/service/jobs.py).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,6 +57,8 @@ VERSIONS_DIR = "versions"
 MANIFEST_FILE = "manifest.json"
 ITEMS_FILE = "items.jsonl"
 _ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids", "query_features")
+_WRITING = ".writing"  # inside a staging folder, locked by its writer
+_PENDING = ".pending-"
 _INDEXES = {"image_index": "image_keys.faiss", "caption_index": "caption_keys.faiss"}
 
 
@@ -172,30 +182,85 @@ def set_current(cache_dir: str | Path, version: str) -> None:
     _fsync_dir(cache_dir)
 
 
-def publish(cache_dir: str | Path, artifact: CacheArtifact, activate: bool = True) -> str:
-    """Write `artifact` as the next version of the cache; returns the version name."""
+def publish(cache_dir: str | Path, artifact: CacheArtifact, activate: bool = True,
+            owner: str | None = None) -> str:
+    """Write `artifact` as the next version of the cache; returns the version name.
+
+    With an `owner` (a server job id) the version stays pending after publish: the owner
+    activates or deletes it and then calls `settle_version`."""
     cache_dir = Path(cache_dir)
     (cache_dir / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(cache_dir)
+    recover(cache_dir)
     staging = cache_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        _write_files(staging, artifact)
-        with _locked(cache_dir):
-            version = _next_version(cache_dir)
-            files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
-            manifest = artifact.manifest.model_copy(update={"version": version, "files": files})
-            _write_json(staging / MANIFEST_FILE, manifest.to_json())
-            _fsync_dir(staging)
-            os.rename(staging, cache_dir / VERSIONS_DIR / version)
-            _fsync_dir(cache_dir / VERSIONS_DIR)
-            if activate:
-                set_current(cache_dir, version)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as held:
+        with _locked(cache_dir):  # recover() looks under the same lock: never sees an unlocked new folder
+            staging.mkdir()
+            held.enter_context(_held_lock(staging / _WRITING))
+        try:
+            _write_files(staging, artifact)
+            with _locked(cache_dir):
+                version = _next_version(cache_dir)
+                files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.name != _WRITING}
+                manifest = artifact.manifest.model_copy(update={"version": version, "files": files})
+                _write_json(staging / MANIFEST_FILE, manifest.to_json())
+                marker = _pending(cache_dir, version)
+                held.enter_context(_held_lock(marker, {"owner": owner, "pid": os.getpid()}))
+                (staging / _WRITING).unlink()
+                _fsync_dir(staging)
+                os.rename(staging, cache_dir / VERSIONS_DIR / version)
+                _fsync_dir(cache_dir / VERSIONS_DIR)
+                if activate:
+                    set_current(cache_dir, version)
+                if owner is None:
+                    marker.unlink()
+                    _fsync_dir(cache_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     artifact.manifest, artifact.version, artifact.path = manifest, version, cache_dir / VERSIONS_DIR / version
     return version
+
+
+def settle_version(cache_dir: str | Path, version: str) -> None:
+    """The owner of a pending version is done with it (activated, kept or deleted it)."""
+    _pending(Path(cache_dir), version).unlink(missing_ok=True)
+
+
+def pending_versions(cache_dir: str | Path) -> dict[str, str | None]:
+    """Versions whose build has not settled them: version -> owner (None: a `kvclip build`)."""
+    found = {}
+    for marker in Path(cache_dir).glob(f"{_PENDING}*"):
+        found[marker.name[len(_PENDING):]] = _read_owner(marker)
+    return found
+
+
+def recover(cache_dir: str | Path, orphaned: Callable[[str], bool] = lambda owner: False) -> list[str]:
+    """Remove what dead builders left: staging folders nobody writes, trash of deletions, and
+    pending versions whose publisher died (no owner) or whose owner `orphaned(owner)` says
+    will never finish them. Returns the versions removed."""
+    cache_dir = Path(cache_dir)
+    removed: list[str] = []
+    if not cache_dir.is_dir():
+        return removed
+    with _locked(cache_dir):
+        for path in cache_dir.glob(".staging-*"):
+            if path.is_dir() and not _is_locked(path / _WRITING):
+                shutil.rmtree(path, ignore_errors=True)
+        for path in cache_dir.glob(".deleted-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for marker in cache_dir.glob(f"{_PENDING}*"):
+            if _is_locked(marker):
+                continue  # its publisher is still at work
+            owner, version = _read_owner(marker), marker.name[len(_PENDING):]
+            folder = cache_dir / VERSIONS_DIR / version
+            if owner is not None and not orphaned(owner) and folder.is_dir():
+                continue
+            if VERSION_RE.match(version) and current_version(cache_dir) != version and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(version)
+            marker.unlink(missing_ok=True)
+        _fsync_dir(cache_dir)
+    return removed
 
 
 SERVING_ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids")
@@ -333,16 +398,43 @@ def _next_version(cache_dir: Path) -> str:
     return version_name(max(numbers, default=0) + 1)
 
 
-def _remove_dead_staging(cache_dir: Path) -> None:
-    """Staging folders of builders that died (their pid is gone) are garbage."""
-    for path in cache_dir.glob(".staging-*"):
+def _pending(cache_dir: Path, version: str) -> Path:
+    return cache_dir / f"{_PENDING}{version}"
+
+
+def _read_owner(marker: Path) -> str | None:
+    try:
+        owner = json.loads(marker.read_text() or "{}").get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+@contextlib.contextmanager
+def _held_lock(path: Path, content: dict | None = None):
+    """Create `path` and hold an exclusive lock on it: a lock the kernel drops when the process dies."""
+    with open(path, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if content is not None:
+            fh.truncate(0)
+            fh.write(json.dumps(content))
+            _flush(fh)
+        yield
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether a live process holds `path`'s lock (a missing file is not locked)."""
+    try:
+        fh = open(path, "r")
+    except FileNotFoundError:
+        return False
+    with fh:
         try:
-            pid = int(path.name.split("-")[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from kvclip.service.api_caches import CacheName
 from kvclip.service.archives import ArchiveError, extract_archive
-from kvclip.service.build_requests import build_config, check_mode, server_folder
+from kvclip.service.build_requests import build_config, check_class_folders, check_mode, server_folder
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.deps import ready_state, require, sees_server_paths
 from kvclip.service.errors import HttpError, error_responses, invalid
@@ -54,17 +54,17 @@ async def start_build(request: Request, name: str = CacheName,
                       state: ServerState = Depends(ready_state)) -> JSONResponse:
     job = state.jobs.new_job(name, {}, state.config.jobs_root)
     try:
-        options, data_root, pool_root, upload = await _read_request(request, state, job.workdir)
+        options, data_root, pool_root, upload = await _read_request(request, state, job.id, job.workdir)
         job.options = options.model_dump(exclude_none=True)
         uploaded = data_root if options.data_dir is None and data_root is not None else pool_root
         job.spec = WorkerSpec(
-            config=build_config(name, options, data_root, pool_root, state.config,
+            config=build_config(name, options, data_root, pool_root, state.config, owner=job.id,
                                 source_name=f"uploaded archive {upload}" if upload else None),
             nice=state.config.build_nice, threads=state.config.build_threads,
             uploads={uploaded: f"archive {upload}"} if upload and uploaded is not None else {},
         )
     except BaseException:
-        shutil.rmtree(job.workdir, ignore_errors=True)
+        state.jobs.discard_workdir(job)
         raise
     state.jobs.submit(job)
     return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -93,7 +93,7 @@ async def cancel_job(job_id: str = JobId, state: ServerState = Depends(ready_sta
     return state.jobs.cancel(job_id).as_dict()
 
 
-async def _read_request(request: Request, state: ServerState, workdir):
+async def _read_request(request: Request, state: ServerState, job_id: str, workdir):
     """(options, data folder or None, pool folder or None, the name of the upload the build reads
     or None), uploads unpacked into workdir."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -118,9 +118,11 @@ async def _read_request(request: Request, state: ServerState, workdir):
         if options.pool_dir:
             pool_root = server_folder(options.pool_dir, state.config, "pool_dir")
         if "data" in uploads:
-            data_root = await _unpack(uploads["data"], workdir / "data", state)
+            data_root = await _unpack(uploads["data"], workdir / "data", state, job_id)
         if "pool" in uploads:
-            pool_root = await _unpack(uploads["pool"], workdir / "pool", state)
+            pool_root = await _unpack(uploads["pool"], workdir / "pool", state, job_id)
+        if data_root is not None:
+            await asyncio.to_thread(check_class_folders, data_root)
         read = uploads.get("data") or uploads.get("pool")
         return options, data_root, pool_root, (read.filename or "upload") if read is not None else None
     finally:
@@ -154,17 +156,23 @@ def _parse_options(raw: str | bytes) -> BuildOptions:
         raise invalid("invalid build options", exc) from exc
 
 
-async def _unpack(upload: UploadFile, dest, state: ServerState):
-    config = state.config
+async def _unpack(upload: UploadFile, dest, state: ServerState, job_id: str):
+    config, budget = state.config, state.jobs.budget
     archive = dest.parent / f"{dest.name}.upload"
+
+    def charge(n: int) -> None:
+        if budget is not None:
+            budget.charge(job_id, n, dest)
 
     def work():
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if budget is not None:  # the archive's own copy, then what it unpacks to, must fit
+            budget.check_disk(dest.parent, upload.size or 0)
         with open(archive, "wb") as out:
             upload.file.seek(0)
             shutil.copyfileobj(upload.file, out, 1 << 20)
         try:
-            return extract_archive(archive, dest, config.max_archive_files, config.max_extracted_bytes)
+            return extract_archive(archive, dest, config.max_archive_files, config.max_extracted_bytes, charge)
         finally:
             archive.unlink(missing_ok=True)
 

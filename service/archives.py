@@ -6,6 +6,7 @@ import errno
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from kvclip.errors import DataError
 
@@ -20,14 +21,19 @@ class ArchiveTooLarge(ArchiveError):
     """The archive holds too many files or unpacks to too many bytes (answered 413)."""
 
 
-def extract_archive(src: Path, dest: Path, max_files: int, max_bytes: int) -> Path:
+Charge = Callable[[int], None]  # told each chunk's size as it is written; raises to stop
+
+
+def extract_archive(src: Path, dest: Path, max_files: int, max_bytes: int, charge: Charge | None = None) -> Path:
     """Unpack `src` into `dest`; returns the data root (a lone top-level folder is unwrapped,
-    so an archive of `pets/cat/...` reads like one of `cat/...`)."""
+    so an archive of `pets/cat/...` reads like one of `cat/...`). `charge` sees every chunk
+    written (a budget shared with other uploads, free disk space)."""
     dest.mkdir(parents=True, exist_ok=True)
+    budget = _Budget(max_files, max_bytes, charge)
     if zipfile.is_zipfile(src):
-        _extract_zip(src, dest, max_files, max_bytes)
+        _extract_zip(src, dest, budget)
     elif _is_tar(src):
-        _extract_tar(src, dest, max_files, max_bytes)
+        _extract_tar(src, dest, budget)
     else:
         raise ArchiveError("the upload is neither a zip nor a tar archive (.zip, .tar, .tar.gz, .tgz)")
     return _data_root(dest)
@@ -52,9 +58,9 @@ def _safe_relative(name: str) -> PurePosixPath | None:
 
 
 class _Budget:
-    def __init__(self, max_files: int, max_bytes: int) -> None:
+    def __init__(self, max_files: int, max_bytes: int, charge: Charge | None = None) -> None:
         self.files, self.bytes = 0, 0
-        self.max_files, self.max_bytes = max_files, max_bytes
+        self.max_files, self.max_bytes, self.charge = max_files, max_bytes, charge
 
     def add_file(self) -> None:
         self.files += 1
@@ -65,6 +71,8 @@ class _Budget:
         self.bytes += n
         if self.bytes > self.max_bytes:
             raise ArchiveTooLarge(f"the archive unpacks to more than {self.max_bytes} bytes")
+        if self.charge is not None:
+            self.charge(n)
 
 
 def _copy_limited(src, target: Path, budget: _Budget, name: str) -> None:
@@ -82,8 +90,7 @@ def _copy_limited(src, target: Path, budget: _Budget, name: str) -> None:
         raise ArchiveError(f"archive member {name!r} cannot be unpacked: {exc.strerror or exc}") from exc
 
 
-def _extract_zip(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
-    budget = _Budget(max_files, max_bytes)
+def _extract_zip(src: Path, dest: Path, budget: _Budget) -> None:
     try:
         with zipfile.ZipFile(src) as archive:
             for info in archive.infolist():
@@ -103,8 +110,7 @@ def _extract_zip(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
         raise ArchiveError(f"the zip archive is unreadable: {exc}") from exc
 
 
-def _extract_tar(src: Path, dest: Path, max_files: int, max_bytes: int) -> None:
-    budget = _Budget(max_files, max_bytes)
+def _extract_tar(src: Path, dest: Path, budget: _Budget) -> None:
     try:
         with tarfile.open(src) as archive:
             for member in archive:

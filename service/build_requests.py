@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvclip.cache_builder.build import BuildConfig
+from kvclip.cache_builder.sources import check_labels
+from kvclip.errors import DataError
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError
 from kvclip.service.schemas import BuildOptions
@@ -36,6 +38,16 @@ def server_folder(path: str, config: ServerConfig, what: str) -> Path:
     return resolved
 
 
+def check_class_folders(data_root: Path) -> None:
+    """The class folders' names are labels: the builder's label rules apply before the job is
+    queued, so a bad name (a newline, a control character) is a 422, not a failed job."""
+    names = [p.name for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    try:
+        check_labels(names)
+    except DataError as exc:
+        raise DataError(f"class folder names: {exc}") from exc
+
+
 def build_config(
     name: str,
     options: BuildOptions,
@@ -43,6 +55,7 @@ def build_config(
     pool_root: Path | None,
     config: ServerConfig,
     source_name: str | None = None,
+    owner: str | None = None,
 ) -> BuildConfig:
     """The builder's configuration, the option lists handed over as values."""
     return BuildConfig(
@@ -59,6 +72,8 @@ def build_config(
         device=config.device,
         model_cache_dir=config.model_cache_dir,
         activate=False,  # the server activates it when the job succeeds (service/jobs.py)
+        owner=owner,  # and settles it then; the job records decide about it after a crash
+        confine_links=True,  # a link inside a build root must not read files outside it
         progress=False,
         pool_dir=pool_root,
         pool_per_class=options.pool_per_class,

@@ -17,6 +17,7 @@ import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kvclip.cache_builder.build import BuildConfig
 
@@ -29,8 +30,24 @@ class WorkerSpec:
     uploads: dict[Path, str] = field(default_factory=dict)  # work folder -> upload name, for error wording
 
 
+def _die_with_parent() -> Callable[[], bool]:
+    """A worker must not outlive a server killed with -9: it would publish into a cache whose
+    records already say the job failed. Linux kills it with the parent (PR_SET_PDEATHSIG);
+    elsewhere the returned check, polled with the cancel event, stops it at the next step."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return lambda: os.getppid() != parent
+
+
 def run(spec: WorkerSpec, conn, cancel_event) -> None:
     """Process entry point (spawned)."""
+    orphaned = _die_with_parent()
     import torch
 
     from kvclip.cache_builder.build import build_cache
@@ -47,7 +64,7 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
         conn.send(("progress", step, done, total))
 
     config = spec.config
-    config.monitor = CallbackMonitor(on_progress=progress, cancelled=cancel_event.is_set)
+    config.monitor = CallbackMonitor(on_progress=progress, cancelled=lambda: cancel_event.is_set() or orphaned())
     try:
         result = build_cache(config)
         # The job's report names the captioner too: what `auto` did shows without the manifest.

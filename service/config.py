@@ -57,7 +57,11 @@ class ServerConfig:
     build_roots: str | None = _opt("server folders builds may read, ':'-separated (default: none)", None)
     max_build_bytes: int = _opt("largest build upload (archive of images)", 2 * 2**30)
     max_archive_files: int = _opt("most files in a build archive", 200_000)
-    max_extracted_bytes: int = _opt("most bytes a build archive may unpack to (zip bombs)", 8 * 2**30)
+    max_extracted_bytes: int = _opt("most bytes a build archive may unpack to (zip bombs)", 2 * 2**30)
+    max_unpacked_total_bytes: int = _opt("most bytes the uploads of all queued and running builds may "
+                                         "unpack to together", 4 * 2**30)
+    min_free_disk_bytes: int = _opt("free disk space an unpacking upload leaves in the job area; "
+                                    "below it the upload gets 413", 2**30)
     build_nice: int = _opt("niceness of build worker processes (0-19; higher yields more CPU)", 15)
     build_threads: int = _opt("torch threads of a build worker process", 1)
     max_jobs_kept: int = _opt("finished build jobs remembered for GET /v1/jobs", 100)
@@ -72,7 +76,8 @@ class ServerConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
         for name in ("max_batch", "max_queue", "decode_workers", "max_decode_backlog", "max_body_bytes", "max_image_bytes",
                      "max_images", "max_pixels", "faiss_k", "explain_k", "max_build_bytes",
-                     "max_archive_files", "max_extracted_bytes", "build_threads", "max_jobs_kept"):
+                     "max_archive_files", "max_extracted_bytes", "max_unpacked_total_bytes", "build_threads",
+                     "max_jobs_kept"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.reload_interval_s < 0 or self.header_timeout_s < 0 or self.body_timeout_s < 0:
@@ -84,6 +89,8 @@ class ServerConfig:
         if self.max_images > self.max_decode_backlog:
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_decode_backlog "
                              f"({self.max_decode_backlog})")
+        if self.min_free_disk_bytes < 0:
+            raise ValueError("min_free_disk_bytes cannot be negative")
         if not 0 <= self.build_nice <= 19:
             raise ValueError("build_nice must lie in 0..19")
 

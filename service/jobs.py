@@ -10,6 +10,11 @@ for version numbers, and one build already uses the CPU the server leaves spare.
 Where the worker runs is the manager's `runner`: ProcessRunner (the default) spawns it;
 ThreadRunner runs the same worker function on a thread over the same pipe and cancel event,
 for tests and embedding, without the process's isolation.
+
+Job records are saved on every change of state (service/job_records.py). At start,
+`restore` reads them back: a job that was queued or running is marked failed ("interrupted
+by a server restart"), the whole work area is emptied, and `abandoned` tells
+kvclip.artifact.recover which pending versions no job will ever finish.
 """
 from __future__ import annotations
 
@@ -20,17 +25,22 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from kvclip.service.build_worker import WorkerSpec, run as run_worker
+from kvclip.service.job_records import RECORDS_DIR, JobRecords
 from kvclip.service.metrics import Metrics
+from kvclip.service.unpack_budget import UnpackBudget
 from kvclip.vocabulary import TERMINAL_JOB_STATES as TERMINAL
 
 log = logging.getLogger("kvclip.jobs")
 _CANCEL_GRACE_S = 10.0  # a cancelled worker that does not stop by itself is terminated
+_LOADING_STEP = "starting"  # the worker imports torch and loads the model: nothing to lose yet
+INTERRUPTED = "interrupted by a server restart"
+_NOT_SAVED = ("workdir", "spec")
 
 
 def _iso(ts: float | None) -> str | None:
@@ -80,6 +90,15 @@ class BuildJob:
             "activated": self.activated, "error": self.error, "report": self.report,
             "options": self.options,
         }
+
+    def record(self) -> dict:
+        """What is saved on disk: every field but the work folder and the worker spec."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_SAVED}
+
+    @classmethod
+    def from_record(cls, record: dict, jobs_root: Path) -> "BuildJob":
+        known = {f.name for f in fields(cls)} - set(_NOT_SAVED)
+        return cls(workdir=Path(jobs_root) / record["id"], **{k: v for k, v in record.items() if k in known})
 
 
 class JobNotFound(LookupError):
@@ -139,9 +158,16 @@ class JobManager:
         metrics: Metrics | None = None,
         max_kept: int = 100,
         runner: ProcessRunner | ThreadRunner | None = None,
+        jobs_root: Path | None = None,
+        settle: Callable[[str, str], None] = lambda cache, version: None,
+        budget: UnpackBudget | None = None,
     ) -> None:
         self._activate = activate
         self._delete_version = delete_version
+        self._settle = settle  # the job is done with the version it published (kvclip.artifact.settle_version)
+        self.jobs_root = jobs_root
+        self._records = JobRecords(jobs_root) if jobs_root is not None else None
+        self.budget = budget
         self.metrics = metrics
         self.max_kept = max_kept
         self._jobs: dict[str, BuildJob] = {}
@@ -157,9 +183,45 @@ class JobManager:
         job_id = uuid.uuid4().hex[:12]
         return BuildJob(id=job_id, cache=cache, options=options, workdir=Path(jobs_root) / job_id)
 
+    def restore(self) -> list[BuildJob]:
+        """Read the saved records back (before `start`); jobs that were queued or running when
+        the server stopped are failed now. Empties the work area. Returns the interrupted jobs."""
+        if self._records is None:
+            return []
+        interrupted = []
+        with self._lock:
+            for record in self._records.load():
+                job = BuildJob.from_record(record, self.jobs_root)
+                self._jobs[job.id] = job
+                if job.state not in TERMINAL:
+                    job.state, job.finished, job.error = "failed", time.time(), INTERRUPTED
+                    self._save(job)
+                    interrupted.append(job)
+            self._forget_old()
+        for path in (self.jobs_root.iterdir() if self.jobs_root.is_dir() else ()):
+            if path.name == RECORDS_DIR:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return interrupted
+
+    def abandoned(self, job_id: str) -> bool:
+        """Whether the version a job published will never be activated or kept by it."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.state in ("failed", "cancelled")
+
+    def discard_workdir(self, job: BuildJob) -> None:
+        """Remove the job's unpacked uploads and free their share of the unpack budget."""
+        shutil.rmtree(job.workdir, ignore_errors=True)
+        if self.budget is not None:
+            self.budget.release(job.id)
+
     def submit(self, job: BuildJob) -> BuildJob:
         with self._lock:
             self._jobs[job.id] = job
+            self._save(job)
             self._forget_old()
         self._count("queued")
         self._queue.put(job)
@@ -180,9 +242,12 @@ class JobManager:
             if job.state in TERMINAL:
                 return job
             job.cancel_requested = True
-            if job.state == "queued":
+            queued = job.state == "queued"
+            if queued:
                 self._finish(job, "cancelled", "cancelled before it started")
             event = self._cancel_events.get(job.id)
+        if queued:
+            self.discard_workdir(job)
         if event is not None:
             event.set()
         return job
@@ -216,7 +281,7 @@ class JobManager:
                     if job.state not in TERMINAL:
                         self._finish(job, "failed", f"{type(exc).__name__}: {exc}")
             finally:
-                shutil.rmtree(job.workdir, ignore_errors=True)
+                self.discard_workdir(job)
 
     def _run_job(self, job: BuildJob) -> None:
         runner = self.runner
@@ -225,7 +290,8 @@ class JobManager:
             if job.state != "queued":
                 return
             job.state, job.started = "running", time.time()
-            job.progress("starting", 0, 0)  # the worker process imports torch and loads the model
+            job.progress(_LOADING_STEP, 0, 0)  # the worker process imports torch and loads the model
+            self._save(job)
             self._cancel_events[job.id] = cancel
             if job.cancel_requested:
                 cancel.set()
@@ -235,7 +301,7 @@ class JobManager:
         outcome = self._follow(job, process, parent, cancel)
         process.join(5)
         parent.close()
-        shutil.rmtree(job.workdir, ignore_errors=True)  # before the job reads as ended: no leftovers once it has
+        self.discard_workdir(job)  # before the job reads as ended: no leftovers once it has
         with self._lock:
             self._cancel_events.pop(job.id, None)
         self._conclude(job, outcome, process.exitcode)
@@ -245,6 +311,10 @@ class JobManager:
         """Read the worker's messages until it reports an outcome or dies."""
         cancel_deadline = None
         while True:
+            if cancel.is_set() and job.step == _LOADING_STEP and process.is_alive():
+                # Still loading the model, the worker checks no cancel yet: nothing to lose
+                process.terminate()
+                return ("cancelled",)
             if cancel.is_set() and cancel_deadline is None:
                 cancel_deadline = time.monotonic() + _CANCEL_GRACE_S
             if cancel_deadline is not None and time.monotonic() > cancel_deadline and process.is_alive():
@@ -270,7 +340,9 @@ class JobManager:
         kind = outcome[0]
         if kind == "done":
             version, report = outcome[1], outcome[2]
-            job.version, job.report = version, report
+            with self._lock:
+                job.version, job.report = version, report
+                self._save(job)
             if job.cancel_requested:
                 self._discard(job, version)
                 self._finish(job, "cancelled", "cancelled; the version it published was removed")
@@ -288,6 +360,7 @@ class JobManager:
                     self._finish(job, "failed", f"built {version} but could not activate it: {exc}")
                     return
             self._finish(job, "succeeded")
+            self._settle_quietly(job.cache, version)
         elif kind == "cancelled":
             self._finish(job, "cancelled", "cancelled")
         elif kind == "error":
@@ -299,13 +372,22 @@ class JobManager:
     def _discard(self, job: BuildJob, version: str) -> None:
         try:
             self._delete_version(job.cache, version)
-        except Exception:  # logged; an inactive version is harmless
+        except Exception:  # logged; an inactive version is harmless, and its marker stays pending
             log.exception("could not delete %s %s of job %s", job.cache, version, job.id)
+        else:
+            self._settle_quietly(job.cache, version)
         job.version = None
+
+    def _settle_quietly(self, cache: str, version: str) -> None:
+        try:
+            self._settle(cache, version)
+        except OSError:
+            log.exception("could not settle %s %s", cache, version)
 
     def _finish(self, job: BuildJob, state: str, error: str | None = None) -> None:
         job.state, job.finished = state, time.time()
         job.error = None if state == "succeeded" else error
+        self._save(job)
         self._count(state)
         log.info("build job %s for cache %s %s%s", job.id, job.cache, state, f": {error}" if error else "")
 
@@ -313,6 +395,16 @@ class JobManager:
         finished = [j for j in self._jobs.values() if j.state in TERMINAL]
         for job in sorted(finished, key=lambda j: j.created)[: max(len(finished) - self.max_kept, 0)]:
             del self._jobs[job.id]
+            if self._records is not None:
+                self._records.remove(job.id)
+
+    def _save(self, job: BuildJob) -> None:
+        if self._records is None:
+            return
+        try:
+            self._records.save(job.record())
+        except OSError:  # a full disk must not stop the job; GET /v1/jobs still answers from memory
+            log.exception("could not save the record of build job %s", job.id)
 
     def _count(self, state: str) -> None:
         if self.metrics:

@@ -11,6 +11,9 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvclip import artifact as store
 
 from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
@@ -20,6 +23,7 @@ from kvclip.service.jobs import JobManager
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheRegistry
 from kvclip.service.security import ENV_VAR, ApiKeys
+from kvclip.service.unpack_budget import UnpackBudget
 
 log = logging.getLogger("kvclip.service")
 
@@ -84,6 +88,13 @@ class ServerState:
             })
             self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
                                           dense_max_keys=self.config.dense_max_keys)
+            self.jobs = JobManager(
+                self.registry.activate, self.registry.delete_version, self.metrics, self.config.max_jobs_kept,
+                jobs_root=self.config.jobs_root,
+                settle=lambda cache, version: store.settle_version(self.registry.cache_dir(cache), version),
+                budget=UnpackBudget(self.config.max_unpacked_total_bytes, self.config.min_free_disk_bytes),
+            )
+            await asyncio.to_thread(self._recover_builds)
             report = await asyncio.to_thread(self.registry.reload)
             log.info("caches loaded: %s", report.as_dict())
             self.batcher = Batcher(
@@ -92,8 +103,6 @@ class ServerState:
                 on_failure=self._batcher_failed,
             )
             await self.batcher.start()
-            self.jobs = JobManager(self.registry.activate, self.registry.delete_version, self.metrics,
-                                   self.config.max_jobs_kept)
             self.jobs.start()
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -104,6 +113,19 @@ class ServerState:
         log.info("ready: model %s on %s", self.encoder.model_id, self.encoder.device)
         if self.config.reload_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._poll(), name="kvclip-reload"))
+
+    def _recover_builds(self) -> None:
+        """Saved job records back, interrupted jobs failed, their work folders and the versions
+        no build will finish removed (kvclip.artifact.recover)."""
+        interrupted = self.jobs.restore()
+        if interrupted:
+            log.warning("build jobs interrupted by the restart: %s", ", ".join(j.id for j in interrupted))
+        root = Path(self.config.caches)
+        for cache_dir in sorted(root.iterdir()) if root.is_dir() else ():
+            if cache_dir.is_dir() and not cache_dir.name.startswith("."):
+                removed = store.recover(cache_dir, self.jobs.abandoned)
+                if removed:
+                    log.warning("removed versions of %s no build finished: %s", cache_dir.name, ", ".join(removed))
 
     async def _poll(self) -> None:
         """Pick up versions other processes published (e.g. replicas sharing a volume)."""

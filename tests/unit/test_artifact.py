@@ -129,10 +129,12 @@ def test_hard_crash_while_publishing_keeps_previous_version_current(tmp_path, po
     else:
         assert store.list_versions(cache_dir) == ["v0001", "v0002"]  # complete but not current
         assert json.loads((cache_dir / "versions/v0002/manifest.json").read_text())["seed"] == 1
-    # the next build publishes normally and cleans the dead builder's staging folder
+    # the next build cleans the dead builder's staging folder and its never-activated version
     version = store.publish(cache_dir, make_artifact(2))
-    assert store.load_cache(cache_dir).version == version
-    assert not list(cache_dir.glob(".staging-*"))
+    assert store.load_cache(cache_dir).version == version == "v0002"
+    assert store.load_cache(cache_dir).manifest.seed == 2
+    assert store.list_versions(cache_dir) == ["v0001", "v0002"]
+    assert not list(cache_dir.glob(".staging-*")) and not store.pending_versions(cache_dir)
 
 
 # The typed manifest (kvclip/manifest.py) ----------------------------------------------------
