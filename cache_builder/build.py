@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvclip.cache_builder.caption_cache import CACHE_DIR_NAME, CachedCaptioner, CaptionCache
 from kvclip.cache_builder.captioners import Captioner, NoCaptioner, make_captioner
 from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, BuildContext, build_mode
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
@@ -70,8 +71,7 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     """The tail every mode shares: encode the support set, tune, index, publish."""
     config, items = ctx.config, support.selection.items
     # A zero-shot cache (labels only) has no captioner to run; recording "none" says so.
-    captioner = make_captioner(config.captioner, config.captioner_model, ctx.encoder.device) if items \
-        else NoCaptioner()
+    captioner = build_captioner(ctx) if items else NoCaptioner()
     label_id = {label: i for i, label in enumerate(support.labels)}
     label_ids = torch.tensor([label_id[it.label] for it in items], dtype=torch.long)
     features, caption_keys = encode_items(ctx, support, captioner)
@@ -93,6 +93,16 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     version = store.publish(config.out, artifact, activate=config.activate)
     ctx.monitor.advance(1)
     return BuildResult(version, artifact.path, artifact.manifest)
+
+
+def build_captioner(ctx: BuildContext) -> Captioner:
+    """The build's captioner; one that generates captions keeps them in the caption cache."""
+    config = ctx.config
+    captioner = make_captioner(config.captioner, config.captioner_model, ctx.encoder.device,
+                               prompt=config.caption_prompt, concurrency=config.caption_concurrency)
+    if not captioner.needs_images:  # captions from files: nothing to keep
+        return captioner
+    return CachedCaptioner(captioner, CaptionCache(config.caption_cache or Path(config.out) / CACHE_DIR_NAME))
 
 
 def make_manifest(

@@ -9,7 +9,8 @@ from pathlib import Path
 from kvclip.extras import SERVER
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
-                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS)
+                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS,
+                               captioner_spec)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +29,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help=f"support images per class, or 'all' (default {DEFAULT_SHOTS})")
     build.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                        help=f"random augmented views averaged per image key (default {DEFAULT_VIEWS})")
-    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, choices=CAPTIONERS)
-    build.add_argument("--captioner-model", help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL})")
+    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, type=captioner_spec, metavar="CAPTIONER",
+                       help=f"{', '.join(CAPTIONERS)}, hf:MODEL (a transformers image-to-text model: folder or "
+                            "hub id) or openai:URL (an OpenAI-compatible vision chat endpoint)")
+    build.add_argument("--captioner-model",
+                       help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL}); model name for "
+                            "--captioner openai:URL (default $KVCLIP_CAPTION_MODEL)")
+    build.add_argument("--caption-prompt", help="--captioner openai:URL: the instruction sent with each image")
+    build.add_argument("--caption-concurrency", type=int, default=4,
+                       help="--captioner openai:URL: requests in flight (default 4)")
+    build.add_argument("--caption-cache", type=Path,
+                       help="folder of the caption cache (default OUT/.caption-cache): a rebuild does not "
+                            "caption the same image with the same captioner again")
     build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
     build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
     build.add_argument("--labels", type=Path,
@@ -86,6 +97,8 @@ def run_build(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, device=args.device, index_kind=args.index,
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
+        caption_cache=args.caption_cache, caption_prompt=args.caption_prompt,
+        caption_concurrency=args.caption_concurrency,
     )
     result = build_cache(config)
     m = result.manifest

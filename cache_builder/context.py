@@ -54,6 +54,9 @@ class BuildConfig:
     pool_per_class: int = DEFAULT_POOL_PER_CLASS  # pseudo-labelled images kept per class
     monitor: BuildMonitor | None = None  # progress and cancellation (cache_builder/progress.py)
     labels: Sequence[str] | None = None  # the label set itself, instead of labels_file
+    caption_cache: Path | None = None  # generated captions kept here (default: OUT/.caption-cache)
+    caption_prompt: str | None = None  # openai: the instruction sent with each image
+    caption_concurrency: int = 4  # openai: requests in flight
 
     @property
     def has_labels(self) -> bool:

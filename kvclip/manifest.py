@@ -66,10 +66,13 @@ class Counts(_Part):
 
 
 class CaptionerInfo(_Part):
-    name: str = Field(description="sidecar, coca or none")
-    model: str | None = _optional("coca only, as are generation and seq_len")
-    generation: str | None = _optional()
+    name: str = Field(description="sidecar, coca, none, hf or openai")
+    model: str | None = _optional("coca, hf and openai")
+    generation: str | None = _optional("coca only, as is seq_len")
     seq_len: int | None = _optional()
+    endpoint: str | None = _optional("openai only, as is prompt")
+    prompt: str | None = _optional()
+    max_new_tokens: int | None = _optional("hf only")
 
 
 class MethodParams(_Part):
