@@ -13,8 +13,11 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from PIL import Image
 
+from kvclip.cache_builder.captioners import Captioner, make_captioner
+from kvclip.cache_builder.context import BuildConfig
 from kvclip.cache_builder.sources import SupportItem
 from kvclip.hashing import sha256_file
 
@@ -82,3 +85,12 @@ class CachedCaptioner:
 
     def describe(self) -> dict:
         return self.inner.describe()
+
+
+def build_captioner(config: BuildConfig, device: torch.device) -> Captioner:
+    """A build's captioner; one that generates captions keeps them in the caption cache."""
+    captioner = make_captioner(config.captioner, config.captioner_model, device,
+                               prompt=config.caption_prompt, concurrency=config.caption_concurrency)
+    if not captioner.needs_images:  # captions from files: nothing to keep
+        return captioner
+    return CachedCaptioner(captioner, CaptionCache(config.caption_cache or Path(config.out) / CACHE_DIR_NAME))

@@ -9,8 +9,8 @@ from pathlib import Path
 from kvclip.extras import SERVER
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
-                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS,
-                               captioner_spec)
+                               DEFAULT_GUIDANCE, DEFAULT_POOL_PER_CLASS, DEFAULT_SD_MODEL, DEFAULT_SD_STEPS,
+                               DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS, SUPPORT_KINDS, captioner_spec)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +52,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--pool-per-class", type=int, default=DEFAULT_POOL_PER_CLASS,
                        help="with --pool: most confident pseudo-labelled images kept per class "
                             f"(default {DEFAULT_POOL_PER_CLASS})")
+    build.add_argument("--synthesize", type=int, default=0, metavar="K",
+                       help="render K Stable Diffusion images per class as support items: prompts 'A photo of "
+                            "{class}. {caption}' from captions of the class's real images (CapS), or from its "
+                            "--descriptions for a --labels-only build (SuS-SD)")
+    build.add_argument("--sd-model", default=DEFAULT_SD_MODEL,
+                       help=f"diffusers Stable Diffusion folder or hub id (default {DEFAULT_SD_MODEL})")
+    build.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                       help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    build.add_argument("--steps", type=int, default=DEFAULT_SD_STEPS,
+                       help=f"denoising steps per image (default {DEFAULT_SD_STEPS})")
+    build.add_argument("--support", choices=SUPPORT_KINDS, default="both",
+                       help="with --synthesize: real, synthetic or both images as support items (default both)")
+    build.add_argument("--synthesis-dir", type=Path,
+                       help="rendered images are kept here (default OUT/.synthetic): a restarted build does not "
+                            "render them again")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--batch-size", type=int, default=DEFAULT_BUILD_BATCH_SIZE,
                        help="images per encoder batch (x views crops)")
@@ -98,7 +113,8 @@ def run_build(args: argparse.Namespace) -> int:
         faiss_k=args.faiss_k, model_cache_dir=args.model_cache_dir, activate=not args.no_activate,
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
         caption_cache=args.caption_cache, caption_prompt=args.caption_prompt,
-        caption_concurrency=args.caption_concurrency,
+        caption_concurrency=args.caption_concurrency, synthesize=args.synthesize, sd_model=args.sd_model,
+        guidance=args.guidance, sd_steps=args.steps, support=args.support, synthesis_dir=args.synthesis_dir,
     )
     result = build_cache(config)
     m = result.manifest
@@ -111,6 +127,13 @@ def run_build(args: argparse.Namespace) -> int:
           f"  skipped {report.skipped_count}")
     for skipped in report.skipped:
         print(f"  skipped {skipped.path}: {skipped.reason}")
+    if report.synthesis is not None:
+        synth = report.synthesis
+        print(f"  synthetic: {synth.rendered} rendered, {synth.reused} reused, {synth.retried} retried, "
+              f"{len(synth.failed)} failed; per class (real/synthetic): " +
+              ", ".join(f"{lb} {c['real']}/{c['synthetic']}" for lb, c in (report.origin_per_class or {}).items()))
+        for failed in synth.failed:
+            print(f"  no image for {failed.label!r} ({failed.prompt}): {failed.reason}")
     if report.pool is not None:
         pool = report.pool
         print(f"  pool: {pool.usable} usable of {pool.images} images; per class: " +

@@ -53,6 +53,13 @@ def captioner_spec(text: str) -> str:
 
 DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
 
+# --- synthetic support images (Stable Diffusion; cache_builder/synthesize.py) -------------
+SupportKind = Literal["real", "synthetic", "both"]
+SUPPORT_KINDS: tuple[str, ...] = get_args(SupportKind)
+DEFAULT_SD_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_GUIDANCE = 9.5  # CapS-Adapter's scripts
+DEFAULT_SD_STEPS = 85
+
 # --- FAISS index kinds ------------------------------------------------------------------
 IndexKind = Literal["flat", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
