@@ -1,7 +1,7 @@
 """Captions already made, keyed by (image content hash, captioner key), so a rebuild does not
 caption again.
 
-One sqlite file (standard library, safe across threads with one lock and across processes
+Also the answer cache of `kvclip describe` (key: the question). One sqlite file (standard library, safe across threads with one lock and across processes
 through sqlite's own locking). The captioner key is the captioner's describe() as canonical
 JSON: another model, prompt or endpoint is another key.
 """
@@ -11,15 +11,17 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-from PIL import Image
-
-from kvclip.cache_builder.captioners import Captioner, make_captioner
-from kvclip.cache_builder.context import BuildConfig
-from kvclip.cache_builder.sources import SupportItem
 from kvclip.hashing import sha256_file
+
+if TYPE_CHECKING:  # standard library only at run time: `kvclip describe` uses the cache without torch
+    import torch
+    from PIL import Image
+
+    from kvclip.cache_builder.captioners import Captioner
+    from kvclip.cache_builder.context import BuildConfig
+    from kvclip.cache_builder.sources import SupportItem
 
 CACHE_FILE = "captions.sqlite"
 CACHE_DIR_NAME = ".caption-cache"  # under the cache folder when no --caption-cache is given
@@ -89,6 +91,8 @@ class CachedCaptioner:
 
 def build_captioner(config: BuildConfig, device: torch.device) -> Captioner:
     """A build's captioner; one that generates captions keeps them in the caption cache."""
+    from kvclip.cache_builder.captioners import make_captioner
+
     captioner = make_captioner(config.captioner, config.captioner_model, device,
                                prompt=config.caption_prompt, concurrency=config.caption_concurrency)
     if not captioner.needs_images:  # captions from files: nothing to keep

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvclip.extras import SERVER
+from kvclip.extras import CAPS, SERVER
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
                                DEFAULT_GUIDANCE, DEFAULT_POOL_PER_CLASS, DEFAULT_SD_MODEL, DEFAULT_SD_STEPS,
@@ -91,6 +91,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(run=run_eval, extra=SERVER)
 
+    de = sub.add_parser("describe", help="CuPL-style class descriptions from an OpenAI-compatible chat endpoint",
+                        description="Asks the endpoint's model CuPL's questions about each label and writes the "
+                                    "answers as JSON {label: [sentences]}, the format of kvclip build "
+                                    "--descriptions. Answers are cached: a repeated run asks only new questions.")
+    de.add_argument("--labels", type=Path, required=True, help="labels file, one per line")
+    de.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
+    de.add_argument("--model", help="model name (default $KVCLIP_CAPTION_MODEL)")
+    de.add_argument("--out", type=Path, required=True, help="descriptions JSON file to write")
+    de.add_argument("--per-question", type=int, default=2, help="answers sampled per question (default 2)")
+    de.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    de.add_argument("--cache", type=Path, help="answer cache folder (default: next to --out, .describe-cache)")
+    de.set_defaults(run=run_describe, extra=CAPS)
+
     ex = sub.add_parser("export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>")
     ex.add_argument("dataset", choices=("fashion-mnist",))
     ex.add_argument("--out", type=Path, required=True)
@@ -168,6 +181,28 @@ def run_eval(args: argparse.Namespace) -> int:
     if report.faiss:
         for method, acc in report.faiss["methods"].items():
             print(f"faiss k={report.faiss['k']} {method:<6} top1 {acc['top1']:.4f} agreement {acc['top1_agreement']:.4f}")
+    return 0
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    import os
+
+    from kvclip.cache_builder.caption_cache import CaptionCache
+    from kvclip.cache_builder.describe import DescribeConfig, describe_classes, write_descriptions
+    from kvclip.cache_builder.openai_captioner import MODEL_ENV
+    from kvclip.cache_builder.sources import check_labels, read_labels_file
+
+    model = args.model or os.environ.get(MODEL_ENV)
+    if not model:
+        sys.exit(f"kvclip: error: kvclip describe needs --model or {MODEL_ENV}")
+    labels = read_labels_file(args.labels)
+    check_labels(labels)
+    config = DescribeConfig(endpoint=args.endpoint, model=model, per_question=args.per_question,
+                            concurrency=args.concurrency)
+    cache = CaptionCache(args.cache or args.out.parent / ".describe-cache")
+    descriptions = describe_classes(labels, config, cache)
+    write_descriptions(descriptions, args.out)
+    print(f"wrote {sum(map(len, descriptions.values()))} descriptions of {len(labels)} classes to {args.out}")
     return 0
 
 

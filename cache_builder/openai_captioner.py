@@ -6,12 +6,14 @@ import base64
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from PIL import Image
-
-from kvclip.cache_builder.sources import SupportItem
 from kvclip.errors import DataError
+
+if TYPE_CHECKING:  # `kvclip describe` imports this module without torch or Pillow
+    from PIL import Image
+
+    from kvclip.cache_builder.sources import SupportItem
 
 DEFAULT_CAPTION_PROMPT = ("Describe this image in one factual sentence: the main subject, what it is doing, "
                           "and the setting. No opinions, no preamble.")

@@ -53,7 +53,7 @@ class SynthesisReport:
     failed: list[dict] = field(default_factory=list)  # {label, prompt, reason}: no usable image
 
 
-def class_prompts(label: str, k: int, captions: Sequence[str] = (), descriptions: Sequence[str] = ()) -> list[str]:
+def synthesis_prompts(label: str, k: int, captions: Sequence[str] = (), descriptions: Sequence[str] = ()) -> list[str]:
     """K prompts for one class: CapS with captions of its real images, else SuS-SD style."""
     name = class_text(label)
     extras = [c.strip() for c in captions if c and c.strip()] or [d.strip() for d in descriptions if d.strip()]

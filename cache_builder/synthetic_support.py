@@ -14,7 +14,7 @@ from kvclip.cache_builder.context import BuildContext
 from kvclip.cache_builder.modes import SupportSet
 from kvclip.cache_builder.sources import Selection, SupportItem
 from kvclip.cache_builder.synthesize import (WORK_DIR_NAME, Renderer, SynthesisConfig,
-                                             captions_by_class, class_prompts, synthesize)
+                                             captions_by_class, synthesis_prompts, synthesize)
 from kvclip.errors import DataError
 from kvclip.images import load_image
 from kvclip.vocabulary import SUPPORT_KINDS
@@ -41,7 +41,7 @@ def with_synthetic(ctx: BuildContext, support: SupportSet) -> SupportSet:
     real = support.selection.items
     captions = captions_by_class(real, real_captions(ctx, real)) if real else {}
     descriptions = support.prompts.descriptions or {}
-    prompts = {label: class_prompts(label, config.synthesize, captions.get(label, ()), descriptions.get(label, ()))
+    prompts = {label: synthesis_prompts(label, config.synthesize, captions.get(label, ()), descriptions.get(label, ()))
                for label in support.labels}
     synth = synthesis_config(ctx)
     ctx.step("synthesizing", config.synthesize * len(support.labels))

@@ -6,21 +6,21 @@ import pytest
 from PIL import Image
 
 from kvclip.cache_builder.sources import SupportItem
-from kvclip.cache_builder.synthesize import (SynthesisConfig, SyntheticCaptions, class_prompts, image_seed,
+from kvclip.cache_builder.synthesize import (SynthesisConfig, SyntheticCaptions, synthesis_prompts, image_seed,
                                              synthesize)
 
 
 def test_caps_prompts_cycle_the_class_captions():
-    prompts = class_prompts("golden_retriever", 3, ["a dog on a sofa", "two dogs in snow."])
+    prompts = synthesis_prompts("golden_retriever", 3, ["a dog on a sofa", "two dogs in snow."])
     assert prompts == ["A photo of golden retriever. A dog on a sofa.",
                        "A photo of golden retriever. Two dogs in snow.",
                        "A photo of golden retriever. A dog on a sofa."]
 
 
 def test_sus_prompts_use_descriptions_else_the_class_name():
-    assert class_prompts("cat", 2, [], ["a small furry pet"]) == ["A photo of cat. A small furry pet."] * 2
-    assert class_prompts("cat", 2) == ["A photo of a cat."] * 2
-    assert class_prompts("cat", 1, ["a cat"], ["ignored"]) == ["A photo of cat. A cat."]  # captions first
+    assert synthesis_prompts("cat", 2, [], ["a small furry pet"]) == ["A photo of cat. A small furry pet."] * 2
+    assert synthesis_prompts("cat", 2) == ["A photo of a cat."] * 2
+    assert synthesis_prompts("cat", 1, ["a cat"], ["ignored"]) == ["A photo of cat. A cat."]  # captions first
 
 
 class StubRenderer:
