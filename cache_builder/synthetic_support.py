@@ -39,7 +39,8 @@ def with_synthetic(ctx: BuildContext, support: SupportSet) -> SupportSet:
     if config.support == "real":
         raise DataError("--support real uses no rendered images: drop --synthesize, or use synthetic or both")
     real = support.selection.items
-    captions = captions_by_class(real, real_captions(ctx, real)) if real else {}
+    with ctx.timed("caption_for_prompts"):
+        captions = captions_by_class(real, real_captions(ctx, real)) if real else {}
     descriptions = support.prompts.descriptions or {}
     prompts = {label: synthesis_prompts(label, config.synthesize, captions.get(label, ()), descriptions.get(label, ()))
                for label in support.labels}

@@ -2,7 +2,6 @@
 `kvclip build --descriptions` reads."""
 from __future__ import annotations
 
-
 from kvclip.cache_builder.caption_cache import CaptionCache
 from kvclip.cache_builder.describe import CUPL_QUESTIONS, DescribeConfig, describe_classes
 from kvclip.cli import main
