@@ -31,8 +31,14 @@ def openai_client(url: str, api_key: str | None, timeout: float, retries: int):
 
 
 def chat_text(client, model: str, content: list | str, max_tokens: int, temperature: float = 0.0) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                           max_tokens=max_tokens, temperature=temperature)
+    """One chat completion's text; a failure left after the client's retries is a DataError."""
+    from openai import OpenAIError
+
+    try:
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                               max_tokens=max_tokens, temperature=temperature)
+    except OpenAIError as exc:
+        raise DataError(f"chat endpoint {client.base_url} (model {model!r}): {exc}") from exc
     return (reply.choices[0].message.content or "").strip()
 
 

@@ -96,7 +96,7 @@ class Renderer:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
             self.pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load Stable Diffusion model {model!r}: {exc}") from exc
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)

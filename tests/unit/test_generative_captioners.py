@@ -95,6 +95,15 @@ def test_openai_captioner_runs_requests_concurrently(tmp_path):
     assert chat.requests[0]["messages"][0]["content"][0]["text"] == "Say what it is."
 
 
+def test_openai_failure_after_retries_is_a_data_error(tmp_path):
+    chat = FakeChat(reply=lambda body: "never", fail_first=100)
+    items, images = _items(tmp_path, 1)
+    with serving(chat) as url:
+        with pytest.raises(DataError, match="chat endpoint .*try again"):
+            OpenAICaptioner(url, model="m", retries=1, timeout=30).caption(items, images)
+    assert chat.failures == 2  # the first request and one retry
+
+
 def test_openai_captioner_needs_a_model_name(monkeypatch):
     monkeypatch.delenv("KVCLIP_CAPTION_MODEL", raising=False)
     with pytest.raises(DataError, match="KVCLIP_CAPTION_MODEL"):
