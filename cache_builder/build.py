@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvclip.cache_builder.captioners import Captioner, NoCaptioner, make_captioner
+from kvclip.cache_builder.caption_cache import build_captioner
+from kvclip.cache_builder.captioners import Captioner, NoCaptioner
 from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, BuildContext, build_mode
 from kvclip.cache_builder.duplicates import Duplicates, duplicates_report, find_duplicates
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
 from kvclip.cache_builder.modes import MODE_SUPPORT, SupportSet
 from kvclip.cache_builder.progress import BuildMonitor
-from kvclip.cache_builder.sources import SupportItem
+from kvclip.cache_builder.synthesize import SyntheticCaptions
+from kvclip.cache_builder.sources import Selection, SupportItem
+from kvclip.cache_builder.synthetic_support import synthesis_config, with_synthetic
 from kvclip.cache_builder.tune import Grid, query_ids, tune
 from kvclip import artifact as store
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
@@ -34,9 +37,11 @@ from kvclip.manifest import (
     Counts,
     DuplicatesReport,
     FaissReport,
+    GeneratorInfo,
     Manifest,
     ModelInfo,
     PoolReport,
+    SynthesisReport,
     TunedParams,
     TuningReport,
 )
@@ -73,7 +78,7 @@ def build_cache(config: BuildConfig, encoder: Encoder | None = None) -> BuildRes
     name = store.validate_cache_name(Path(config.out).name)
     ctx = BuildContext(config, name, build_mode(config), config.monitor or BuildMonitor(), encoder)
     ctx.monitor.check()
-    support = MODE_SUPPORT[ctx.mode](ctx)
+    support = with_synthetic(ctx, MODE_SUPPORT[ctx.mode](ctx))
     return publish_support(ctx, support)
 
 
@@ -81,8 +86,7 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     """The tail every mode shares: encode the support set, tune, index, publish."""
     config, items = ctx.config, support.selection.items
     # A zero-shot cache (labels only) has no captioner to run; recording "none" says so.
-    captioner = make_captioner(config.captioner, config.captioner_model, ctx.encoder.device) if items \
-        else NoCaptioner()
+    captioner = SyntheticCaptions(build_captioner(config, ctx.encoder.device)) if items else NoCaptioner()
     features, caption_keys = encode_items(ctx, support, captioner)
     duplicates = None
     if items:
@@ -104,7 +108,7 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
         label_ids=label_ids.numpy().astype(np.int64),
         query_features=features.query_features.numpy().astype(np.float32),
         caption_keys=None if caption_keys is None else caption_keys.numpy().astype(np.float32),
-        items=[{"path": str(it.path), "label": it.label, "caption": cap} for it, cap in zip(items, features.captions)],
+        items=[item_row(it, cap) for it, cap in zip(items, features.captions)],
         manifest=make_manifest(ctx, support, captioner, features, fitted, duplicates),
         image_index=fitted.image_index,
         caption_index=fitted.caption_index,
@@ -114,6 +118,14 @@ def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
     version = store.publish(config.out, artifact, activate=config.activate, owner=config.owner)
     ctx.monitor.advance(1)
     return BuildResult(version, artifact.path, artifact.manifest)
+
+
+def item_row(item: SupportItem, caption: str | None) -> dict:
+    """items.jsonl: each support item with its provenance (a synthetic one's prompt)."""
+    row = {"path": str(item.path), "label": item.label, "caption": caption, "origin": item.origin}
+    if item.origin == "synthetic":
+        row["prompt"] = item.caption
+    return row
 
 
 def make_manifest(
@@ -131,6 +143,8 @@ def make_manifest(
         counts=Counts(classes=len(support.labels), items=len(items), dim=int(support.text_weights.shape[0]),
                       per_class=support.selection.per_class(), skipped=len(support.selection.skipped)),
         captioner=CaptionerInfo.model_validate(captioner.describe()),
+        generator=None if support.synthesis is None else GeneratorInfo.model_validate(
+            {**synthesis_config(ctx).describe(), "support": config.support}),
         shots=support.shots,
         views=config.views,
         seed=config.seed,
@@ -279,9 +293,18 @@ def build_report(
                    "total": round(time.perf_counter() - ctx.started, 3)},
         throughput={"encoded_views_per_s": n * config.views / encode_s if encode_s else None,
                     "batch_images": config.batch_size, "batch_crops": config.batch_size * config.views},
+        origin_per_class=origin_per_class(selection),
         **({} if support.pool is None else {"pool": PoolReport.model_validate(support.pool.report())}),
         duplicates=duplicates,
+        **({} if support.synthesis is None else {"synthesis": SynthesisReport.model_validate(vars(support.synthesis))}),
     )
+
+
+def origin_per_class(selection: Selection) -> dict[str, dict[str, int]]:
+    counts = {label: {"real": 0, "synthetic": 0} for label in selection.labels}
+    for item in selection.items:
+        counts[item.label][item.origin] += 1
+    return counts
 
 
 def topk_agreement(

@@ -8,6 +8,10 @@
            an image without one is an error
   coca     open_clip CoCa generation from the image
   none     no captions: image keys only (plain Tip-Adapter / Tip-X)
+  hf:MODEL     a Hugging Face image-to-text model (cache_builder/hf_captioner.py)
+  openai:URL   an OpenAI-compatible vision chat endpoint (cache_builder/openai_captioner.py)
+
+Generative captioners are wrapped in a caption cache (cache_builder/caption_cache.py).
 """
 from __future__ import annotations
 
@@ -140,7 +144,17 @@ def _clean(text: str) -> str:
     return " ".join(text.split()).rstrip(" .") or "an image"
 
 
-def make_captioner(name: str, model: str | None = None, device: torch.device | None = None) -> Captioner:
+def make_captioner(name: str, model: str | None = None, device: torch.device | None = None,
+                   prompt: str | None = None, concurrency: int = 4) -> Captioner:
+    kind, _, target = name.partition(":")
+    if kind == "hf" and target:
+        from kvclip.cache_builder.hf_captioner import HFCaptioner
+
+        return HFCaptioner(target, device)
+    if kind == "openai" and target:
+        from kvclip.cache_builder.openai_captioner import DEFAULT_CAPTION_PROMPT, OpenAICaptioner
+
+        return OpenAICaptioner(target, model, prompt=prompt or DEFAULT_CAPTION_PROMPT, concurrency=concurrency)
     if name == "auto":
         return AutoCaptioner(CocaCaptioner(model, device) if model else None)
     if name == "none":
@@ -149,4 +163,5 @@ def make_captioner(name: str, model: str | None = None, device: torch.device | N
         return SidecarCaptioner()
     if name == "coca":
         return CocaCaptioner(model or DEFAULT_COCA_MODEL, device)
-    raise DataError(f"unknown captioner {name!r}; expected one of {', '.join(CAPTIONERS)}")
+    raise DataError(f"unknown captioner {name!r}; expected one of {', '.join(CAPTIONERS)}, "
+                    "hf:MODEL or openai:URL")

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvclip.build_summary import report_lines, tuning_lines
 from kvclip.errors import UsageError
-from kvclip.extras import SERVER
+from kvclip.extras import CAPS, SERVER
 from kvclip.model_names import MODEL_SYNTAX
 from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
                                DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
-                               DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS,
-                               BENCH_SEEDS, BENCH_SHOTS)
+                               DEFAULT_GUIDANCE, DEFAULT_POOL_PER_CLASS, DEFAULT_SD_MODEL, DEFAULT_SD_STEPS,
+                               DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS, SUPPORT_KINDS,
+                               BENCH_SEEDS, BENCH_SHOTS, captioner_spec)
 
 if TYPE_CHECKING:  # the manifest imports torch; `kvclip --help` must not
     from kvclip.manifest import DuplicatesReport
@@ -37,14 +38,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help=f"support images per class, or 'all' (default {DEFAULT_SHOTS})")
     build.add_argument("--views", type=int, default=DEFAULT_VIEWS,
                        help=f"random augmented views averaged per image key (default {DEFAULT_VIEWS})")
-    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, choices=CAPTIONERS,
+    build.add_argument("--captioner", default=DEFAULT_CAPTIONER, type=captioner_spec, metavar="CAPTIONER",
                        help="captions for CapS: auto (default) uses an image's caption file (cat.jpg -> cat.txt) "
                             "or manifest caption where there is one and, with --captioner-model, generates the "
-                            "rest; sidecar requires one for every image; coca generates all; none builds "
-                            "image keys only. caps is served only when every image has a caption")
+                            "rest; sidecar requires one for every image; coca generates all; hf:MODEL (a "
+                            "transformers image-to-text model: folder or hub id) or openai:URL (an "
+                            "OpenAI-compatible vision chat endpoint) caption every image; none builds image keys "
+                            "only. caps is served only when every image has a caption")
     build.add_argument("--captioner-model",
                        help=f"CoCa model for --captioner coca (default {DEFAULT_COCA_MODEL}); with auto, "
-                            "generates the captions caption files do not give")
+                            "generates the captions caption files do not give; model name for "
+                            "--captioner openai:URL (default $KVCLIP_CAPTION_MODEL)")
+    build.add_argument("--caption-prompt", help="--captioner openai:URL: the instruction sent with each image")
+    build.add_argument("--caption-concurrency", type=int, default=4,
+                       help="--captioner openai:URL: requests in flight (default 4)")
+    build.add_argument("--caption-cache", type=Path,
+                       help="folder of the caption cache (default OUT/.caption-cache): a rebuild does not "
+                            "caption the same image with the same captioner again")
     build.add_argument("--templates", type=Path, help="prompt templates: JSON list or one per line, each with {}")
     build.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]} averaged into the class weights")
     build.add_argument("--labels", type=Path,
@@ -59,6 +69,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--keep-duplicates", action="store_true",
                        help="keep exact duplicate support images (same bytes or features; dropped by default, "
                             "one copy per label kept); near duplicates are always kept and reported")
+    build.add_argument("--synthesize", type=int, default=0, metavar="K",
+                       help="render K Stable Diffusion images per class as support items: prompts 'A photo of "
+                            "{class}. {caption}' from captions of the class's real images (CapS), or from its "
+                            "--descriptions for a --labels-only build (SuS-SD)")
+    build.add_argument("--sd-model", default=DEFAULT_SD_MODEL,
+                       help=f"diffusers Stable Diffusion folder or hub id (default {DEFAULT_SD_MODEL})")
+    build.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                       help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
+    build.add_argument("--steps", type=int, default=DEFAULT_SD_STEPS,
+                       help=f"denoising steps per image (default {DEFAULT_SD_STEPS})")
+    build.add_argument("--support", choices=SUPPORT_KINDS, default="both",
+                       help="with --synthesize: real, synthetic or both images as support items (default both)")
+    build.add_argument("--synthesis-dir", type=Path,
+                       help="rendered images are kept here (default OUT/.synthetic): a restarted build does not "
+                            "render them again")
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--target-precision", type=float,
                        help="choose each method's default min_score (abstain below it) for this leave-one-out "
@@ -121,6 +146,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(run=run_bench, extra=SERVER)
 
+    de = sub.add_parser("describe", help="CuPL-style class descriptions from an OpenAI-compatible chat endpoint",
+                        description="Asks the endpoint's model CuPL's questions about each label and writes the "
+                                    "answers as JSON {label: [sentences]}, the format of kvclip build "
+                                    "--descriptions. Answers are cached: a repeated run asks only new questions.")
+    de.add_argument("--labels", type=Path, required=True, help="labels file, one per line")
+    de.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
+    de.add_argument("--model", help="model name (default $KVCLIP_CAPTION_MODEL)")
+    de.add_argument("--out", type=Path, required=True, help="descriptions JSON file to write")
+    de.add_argument("--per-question", type=int, default=2, help="answers sampled per question (default 2)")
+    de.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    de.add_argument("--cache", type=Path, help="answer cache folder (default: next to --out, .describe-cache)")
+    de.set_defaults(run=run_describe, extra=CAPS)
+
     ex = sub.add_parser(
         "export-dataset", help="write an installed real dataset as DATA_DIR/<label>/<file>",
         description="Write Fashion-MNIST (Debian's dataset-fashion-mnist package) as PNG files in "
@@ -158,6 +196,9 @@ def run_build(args: argparse.Namespace) -> int:
         progress=not args.quiet, pool_dir=args.pool, pool_per_class=args.pool_per_class,
         keep_duplicates=args.keep_duplicates,
         target_precision=args.target_precision,
+        caption_cache=args.caption_cache, caption_prompt=args.caption_prompt,
+        caption_concurrency=args.caption_concurrency, synthesize=args.synthesize, sd_model=args.sd_model,
+        guidance=args.guidance, sd_steps=args.steps, support=args.support, synthesis_dir=args.synthesis_dir,
     )
     result = build_cache(config)
     m = result.manifest
@@ -171,6 +212,13 @@ def run_build(args: argparse.Namespace) -> int:
         print(line)
     if report.duplicates is not None:
         print_duplicates(report.duplicates)
+    if report.synthesis is not None:
+        synth = report.synthesis
+        print(f"  synthetic: {synth.rendered} rendered, {synth.reused} reused, {synth.retried} retried, "
+              f"{len(synth.failed)} failed; per class (real/synthetic): " +
+              ", ".join(f"{lb} {c['real']}/{c['synthetic']}" for lb, c in (report.origin_per_class or {}).items()))
+        for failed in synth.failed:
+            print(f"  no image for {failed.label!r} ({failed.prompt}): {failed.reason}")
     best = m.params.methods.get(m.params.best_method)
     for line in tuning_lines(m.tuning.loo_top1, m.params.best_method, best.model_dump() if best else {},
                              pool_build=report.mode == "pool"):
@@ -245,6 +293,28 @@ def _int_list(text: str, flag: str, minimum: int) -> list[int]:
     if not values or min(values) < minimum or len(set(values)) != len(values):
         raise UsageError(f"{flag} must be distinct comma-separated integers >= {minimum}, not {text!r}")
     return values
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    import os
+
+    from kvclip.cache_builder.caption_cache import CaptionCache
+    from kvclip.cache_builder.describe import DescribeConfig, describe_classes, write_descriptions
+    from kvclip.cache_builder.openai_captioner import MODEL_ENV
+    from kvclip.cache_builder.sources import check_labels, read_labels_file
+
+    model = args.model or os.environ.get(MODEL_ENV)
+    if not model:
+        raise UsageError(f"kvclip describe needs --model or {MODEL_ENV}")
+    labels = read_labels_file(args.labels)
+    check_labels(labels)
+    config = DescribeConfig(endpoint=args.endpoint, model=model, per_question=args.per_question,
+                            concurrency=args.concurrency)
+    cache = CaptionCache(args.cache or args.out.parent / ".describe-cache")
+    descriptions = describe_classes(labels, config, cache)
+    write_descriptions(descriptions, args.out)
+    print(f"wrote {sum(map(len, descriptions.values()))} descriptions of {len(labels)} classes to {args.out}")
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

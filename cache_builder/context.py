@@ -15,9 +15,12 @@ from kvclip.vocabulary import (
     DEFAULT_BUILD_BATCH_SIZE,
     DEFAULT_CAPTIONER,
     DEFAULT_FAISS_K,
+    DEFAULT_GUIDANCE,
     DEFAULT_INDEX_KIND,
     DEFAULT_MODEL,
     DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SD_MODEL,
+    DEFAULT_SD_STEPS,
     DEFAULT_SEED,
     DEFAULT_SHOTS,
     DEFAULT_VIEWS,
@@ -61,6 +64,16 @@ class BuildConfig:
     # folder is a temporary work folder, gone once the job ends: it names the upload instead).
     source_name: str | None = None
     target_precision: float | None = None  # leave-one-out precision the default min_score is chosen for
+    caption_cache: Path | None = None  # generated captions kept here (default: OUT/.caption-cache)
+    caption_prompt: str | None = None  # openai: the instruction sent with each image
+    caption_concurrency: int = 4  # openai: requests in flight
+    synthesize: int = 0  # Stable Diffusion images rendered per class (cache_builder/synthesize.py)
+    sd_model: str = DEFAULT_SD_MODEL
+    guidance: float = DEFAULT_GUIDANCE
+    sd_steps: int = DEFAULT_SD_STEPS
+    support: str = "both"  # with synthesize: real, synthetic or both images as support items
+    synthesis_dir: Path | None = None  # rendered images kept here (default: OUT/.synthetic)
+    synthesis_batch_size: int = 4
 
     @property
     def has_labels(self) -> bool:

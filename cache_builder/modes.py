@@ -19,6 +19,7 @@ import torch
 from kvclip.cache_builder.context import BuildConfig, BuildContext
 from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.pool import PoolSelection, encode_pool, pseudo_label
+from kvclip.cache_builder.synthesize import SynthesisReport
 from kvclip.cache_builder.sources import (
     Selection,
     Skipped,
@@ -53,6 +54,7 @@ class SupportSet:
     images: DecodedImages = field(default_factory=DecodedImages)  # support images decoded already
     query_features: torch.Tensor | None = None  # plain-view features encoded already (pool)
     pool: PoolSelection | None = None
+    synthesis: SynthesisReport | None = None  # when the build rendered support images
 
 
 def labelled_support(ctx: BuildContext) -> SupportSet:

@@ -22,7 +22,8 @@ from kvclip.textfiles import class_text, parse_labels
 class SupportItem:
     path: Path
     label: str
-    caption: str | None = None  # given by a manifest row
+    caption: str | None = None  # given by a manifest row; a synthetic image's prompt
+    origin: str = "real"  # or "synthetic": rendered by the build (cache_builder/synthesize.py)
 
 
 @dataclass

@@ -9,11 +9,11 @@ On disk, one folder per cache:
                            and the sha256 of every other file (written last)
         text_weights.npy   D x C      image_keys.npy    N x D     caption_keys.npy  N x D
         label_ids.npy      N          query_features.npy N x D (support images, plain view)
-        image_keys.faiss   caption_keys.faiss              items.jsonl (path, label, caption)
+        image_keys.faiss   caption_keys.faiss              items.jsonl (path, label, caption, origin; prompt when synthetic)
       .staging-PID-*/      a version being written; never read (its .writing file is locked while it is)
       .pending-v0002       a version renamed into versions/ whose build has not finished yet
 
-A zero-shot cache (built from labels only) has N = 0: its key arrays are 0 x D, items.jsonl
+A zero-shot cache (built from labels only, with no synthetic images) has N = 0: its key arrays are 0 x D, items.jsonl
 is empty, there are no .faiss files, and it serves the zero-shot method only.
 
 Publishing writes a whole version into a staging folder, fsyncs it, renames it into

@@ -10,11 +10,13 @@ import importlib.util
 from kvclip.errors import KvclipError
 
 SERVER = "server"
+CAPS = "caps"  # hf:/openai: captioners, Stable Diffusion support images, kvclip describe
 # The top-level modules each extra's distributions install (tests/unit/test_extras.py holds
 # this to pyproject.toml's list).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     SERVER: ("torch", "torchvision", "open_clip", "faiss", "numpy", "PIL", "fastapi", "uvicorn",
              "multipart", "pydantic", "prometheus_client", "swagger_ui_bundle"),
+    CAPS: ("transformers", "openai", "diffusers"),
 }
 
 

@@ -67,10 +67,13 @@ class Counts(_Part):
 
 
 class CaptionerInfo(_Part):
-    name: str = Field(description="auto, sidecar, coca or none")
-    model: str | None = _optional("coca, or auto with a captioner model; as are generation and seq_len")
-    generation: str | None = _optional()
+    name: str = Field(description="auto, sidecar, coca, none, hf:MODEL or openai:URL")
+    model: str | None = _optional("coca, hf and openai, or auto with a captioner model; as are generation and seq_len")
+    generation: str | None = _optional("coca only, as is seq_len")
     seq_len: int | None = _optional()
+    endpoint: str | None = _optional("openai only, as is prompt")
+    prompt: str | None = _optional()
+    max_new_tokens: int | None = _optional("hf only")
     # auto only: how many support items got each kind of caption (caps needs uncaptioned == 0).
     sidecar: int | None = _optional()
     generated: int | None = _optional()
@@ -169,6 +172,33 @@ class PoolReport(_Part):
     per_class: dict[str, PoolClass]
 
 
+class GeneratorInfo(_Part):
+    """The image generator of a build with synthetic support images (cache_builder/synthesize.py)."""
+
+    name: str = Field(description="stable-diffusion")
+    model: str
+    per_class: int = Field(description="images rendered per class")
+    guidance: float
+    steps: int
+    seed: int
+    batch_size: int
+    retries: int = Field(description="renders again per image after a black or NSFW-flagged output")
+    support: str = Field(description="real, synthetic or both: which images became support items")
+
+
+class FailedRender(_Part):
+    label: str
+    prompt: str
+    reason: str
+
+
+class SynthesisReport(_Part):
+    rendered: int = Field(description="images rendered by this build")
+    reused: int = Field(description="images found in the work folder from an earlier build")
+    retried: int = Field(description="renders repeated after a black or NSFW-flagged output")
+    failed: list[FailedRender] = Field(description="images given up on: no usable render")
+
+
 class Throughput(_Part):
     encoded_views_per_s: float | None
     batch_images: int
@@ -212,6 +242,9 @@ class BuildReport(_Part):
     throughput: Throughput
     pool: PoolReport | None = _optional("pool builds only")
     duplicates: DuplicatesReport | None = _optional("duplicate support images; absent without support items")
+    origin_per_class: dict[str, dict[str, int]] | None = _optional(
+        "support items per class by origin (real, synthetic)")
+    synthesis: SynthesisReport | None = _optional("builds with --synthesize only")
 
 
 class Manifest(_Part):
@@ -225,6 +258,7 @@ class Manifest(_Part):
     prompts: PromptSet
     counts: Counts
     captioner: CaptionerInfo
+    generator: GeneratorInfo | None = _optional("builds with synthetic support images only")
     shots: int | None = Field(description="shots per class asked for (None: all; 0: labels only)")
     views: int
     seed: int

@@ -42,7 +42,25 @@ ZEROSHOT_METHOD: Final = "zeroshot"
 Captioner = Literal["auto", "sidecar", "coca", "none"]
 CAPTIONERS: tuple[str, ...] = get_args(Captioner)
 DEFAULT_CAPTIONER: Final = "auto"
+CAPTIONER_PREFIXES: tuple[str, ...] = ("hf", "openai")  # hf:MODEL, openai:URL
+
+
+def captioner_spec(text: str) -> str:
+    """A captioner name (CAPTIONERS) or PREFIX:TARGET (hf:MODEL, openai:URL); argparse `type`."""
+    kind, colon, target = text.partition(":")
+    if text in CAPTIONERS or (colon and kind in CAPTIONER_PREFIXES and target):
+        return text
+    raise ValueError(f"expected one of {', '.join(CAPTIONERS)}, hf:MODEL or openai:URL, not {text!r}")
+
+
 DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
+
+# --- synthetic support images (Stable Diffusion; cache_builder/synthesize.py) -------------
+SupportKind = Literal["real", "synthetic", "both"]
+SUPPORT_KINDS: tuple[str, ...] = get_args(SupportKind)
+DEFAULT_SD_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_GUIDANCE = 9.5  # CapS-Adapter's scripts
+DEFAULT_SD_STEPS = 85
 
 # --- FAISS index kinds ------------------------------------------------------------------
 IndexKind = Literal["flat", "hnsw"]
