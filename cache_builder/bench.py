@@ -12,17 +12,23 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.cache_builder.evaluate import evaluate
 from kvclip.errors import DataError
 from kvclip.models import Encoder, load_encoder
-from kvclip.vocabulary import BENCH_SEEDS, BENCH_SHOTS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_EVAL_BATCH_SIZE, \
-    DEFAULT_MODEL, DEFAULT_VIEWS
+from kvclip.vocabulary import (
+    BENCH_SEEDS,
+    BENCH_SHOTS,
+    DEFAULT_BUILD_BATCH_SIZE,
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_MODEL,
+    DEFAULT_VIEWS,
+)
 
 AUTO = "auto"  # the cache's tuned best method: what a request with method=auto gets
 

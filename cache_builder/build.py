@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvclip import artifact as store
+from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
 from kvclip.cache_builder.caption_cache import build_captioner
 from kvclip.cache_builder.captioners import Captioner, NoCaptioner
 from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, BuildContext, build_mode
@@ -23,12 +25,10 @@ from kvclip.cache_builder.duplicates import Duplicates, duplicates_report, find_
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
 from kvclip.cache_builder.modes import MODE_SUPPORT, SupportSet
 from kvclip.cache_builder.progress import BuildMonitor
-from kvclip.cache_builder.synthesize import SyntheticCaptions
 from kvclip.cache_builder.sources import Selection, SupportItem
+from kvclip.cache_builder.synthesize import SyntheticCaptions
 from kvclip.cache_builder.synthetic_support import synthesis_config, with_synthetic
 from kvclip.cache_builder.tune import Grid, query_ids, tune
-from kvclip import artifact as store
-from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
 from kvclip.index import build_index, search_candidates
 from kvclip.manifest import (
     BuildReport,
@@ -219,7 +219,7 @@ class Fitted:
     calibration: Calibration = field(default_factory=lambda: Calibration(protocol=NO_CALIBRATION))
 
     @classmethod
-    def zeroshot(cls) -> "Fitted":
+    def zeroshot(cls) -> Fitted:
         """A cache without support items serves zero-shot only: nothing to tune or index."""
         return cls(
             params=TunedParams(best_method="zeroshot", methods={}),

@@ -1,17 +1,19 @@
 """Captions already made, keyed by (image content hash, captioner key), so a rebuild does not
 caption again.
 
-Also the answer cache of `kvclip describe` (key: the question). One sqlite file (standard library, safe across threads with one lock and across processes
-through sqlite's own locking). The captioner key is the captioner's describe() as canonical
-JSON: another model, prompt or endpoint is another key.
+Also the answer cache of `kvclip describe` (key: the question). One sqlite file (standard
+library, safe across threads with one lock and across processes through sqlite's own locking).
+The captioner key is the captioner's describe() as canonical JSON: another model, prompt or
+endpoint is another key.
 """
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kvclip.hashing import sha256_file
 

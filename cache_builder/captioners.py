@@ -15,7 +15,8 @@ Generative captioners are wrapped in a caption cache (cache_builder/caption_cach
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import open_clip
 import torch
@@ -77,7 +78,7 @@ class AutoCaptioner:
 
     name = "auto"
 
-    def __init__(self, generator: "CocaCaptioner | None" = None) -> None:
+    def __init__(self, generator: CocaCaptioner | None = None) -> None:
         self.generator = generator
         self.needs_images = generator is not None  # generation reads the decoded images
         self.counts = {"sidecar": 0, "generated": 0, "uncaptioned": 0}

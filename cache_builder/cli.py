@@ -10,11 +10,28 @@ from kvclip.build_summary import report_lines, tuning_lines
 from kvclip.errors import UsageError
 from kvclip.extras import CAPS, SERVER
 from kvclip.model_names import MODEL_SYNTAX
-from kvclip.vocabulary import (CAPTIONERS, DEFAULT_BUILD_BATCH_SIZE, DEFAULT_CAPTIONER, DEFAULT_COCA_MODEL,
-                               DEFAULT_EVAL_BATCH_SIZE, DEFAULT_FAISS_K, DEFAULT_INDEX_KIND, DEFAULT_MODEL,
-                               DEFAULT_GUIDANCE, DEFAULT_POOL_PER_CLASS, DEFAULT_SD_MODEL, DEFAULT_SD_STEPS,
-                               DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_VIEWS, INDEX_KINDS, SUPPORT_KINDS,
-                               BENCH_SEEDS, BENCH_SHOTS, captioner_spec)
+from kvclip.vocabulary import (
+    BENCH_SEEDS,
+    BENCH_SHOTS,
+    CAPTIONERS,
+    DEFAULT_BUILD_BATCH_SIZE,
+    DEFAULT_CAPTIONER,
+    DEFAULT_COCA_MODEL,
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_FAISS_K,
+    DEFAULT_GUIDANCE,
+    DEFAULT_INDEX_KIND,
+    DEFAULT_MODEL,
+    DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SD_MODEL,
+    DEFAULT_SD_STEPS,
+    DEFAULT_SEED,
+    DEFAULT_SHOTS,
+    DEFAULT_VIEWS,
+    INDEX_KINDS,
+    SUPPORT_KINDS,
+    captioner_spec,
+)
 
 if TYPE_CHECKING:  # the manifest imports torch; `kvclip --help` must not
     from kvclip.manifest import DuplicatesReport
@@ -274,7 +291,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     shots = _int_list(args.shots, "--shots", minimum=1)
     seeds = _int_list(args.seeds, "--seeds", minimum=0)
-    from kvclip.cache_builder.bench import format_table, run_bench as bench
+    from kvclip.cache_builder.bench import format_table
+    from kvclip.cache_builder.bench import run_bench as bench
     from kvclip.models import load_encoder
 
     encoder = load_encoder(args.model, args.device, args.model_cache_dir)

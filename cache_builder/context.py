@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.errors import DataError

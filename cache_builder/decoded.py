@@ -9,8 +9,8 @@ worth is kept; images past it are read from their files again when encoded.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from kvclip.cache_builder.caption_cache import CaptionCache, captioner_key
 from kvclip.cache_builder.openai_captioner import chat_text, openai_client

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from kvclip.cache_builder.features import encode_image_files
-from kvclip.cache_builder.sources import discover_folder, read_manifest
 from kvclip.artifact import CacheArtifact, check_model_matches, load_cache
 from kvclip.blend import blend, blend_candidates
+from kvclip.cache_builder.features import encode_image_files
+from kvclip.cache_builder.sources import discover_folder, read_manifest
 from kvclip.calibration import calibration_report
 from kvclip.errors import DataError
 from kvclip.index import search_candidates

@@ -2,8 +2,8 @@
 transformers' image-to-text pipeline, batched, fp16 on CUDA."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image

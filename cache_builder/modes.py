@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
 from kvclip.cache_builder.context import BuildConfig, BuildContext
 from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.pool import PoolSelection, encode_pool, pseudo_label
-from kvclip.cache_builder.synthesize import SynthesisReport
 from kvclip.cache_builder.sources import (
     Selection,
     Skipped,
@@ -32,10 +31,17 @@ from kvclip.cache_builder.sources import (
     read_manifest,
     select_support,
 )
+from kvclip.cache_builder.synthesize import SynthesisReport
 from kvclip.errors import DataError
 from kvclip.manifest import PromptSet
-from kvclip.prompts import DEFAULT_TEMPLATES, check_descriptions, check_templates, load_descriptions, \
-    load_templates, text_classifier
+from kvclip.prompts import (
+    DEFAULT_TEMPLATES,
+    check_descriptions,
+    check_templates,
+    load_descriptions,
+    load_templates,
+    text_classifier,
+)
 
 log = logging.getLogger("kvclip.build")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from kvclip.errors import DataError
 

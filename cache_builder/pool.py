@@ -6,17 +6,17 @@ its zero-shot argmax, and each class keeps its most confident images (docs/metho
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from kvclip.blend import zeroshot_logits
 from kvclip.cache_builder.decoded import DecodedImages
 from kvclip.cache_builder.features import encode_image_files
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.cache_builder.sources import Skipped, SupportItem
-from kvclip.blend import zeroshot_logits
 from kvclip.errors import DataError
 from kvclip.models import Encoder
 

@@ -8,7 +8,7 @@ tuning, indexing, publishing (docs/architecture.md).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kvclip.errors import KvclipError
 

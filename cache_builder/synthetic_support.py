@@ -13,8 +13,14 @@ from kvclip.cache_builder.caption_cache import build_captioner
 from kvclip.cache_builder.context import BuildContext
 from kvclip.cache_builder.modes import SupportSet
 from kvclip.cache_builder.sources import Selection, SupportItem
-from kvclip.cache_builder.synthesize import (WORK_DIR_NAME, Renderer, SynthesisConfig,
-                                             captions_by_class, synthesis_prompts, synthesize)
+from kvclip.cache_builder.synthesize import (
+    WORK_DIR_NAME,
+    Renderer,
+    SynthesisConfig,
+    captions_by_class,
+    synthesis_prompts,
+    synthesize,
+)
 from kvclip.errors import DataError
 from kvclip.images import load_image
 from kvclip.vocabulary import SUPPORT_KINDS

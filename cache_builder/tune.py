@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvclip.cache_builder.progress import BuildMonitor
-from kvclip.calibration import fit_calibration
-from kvclip.vocabulary import NEAR_DUPLICATE_COSINE
 from kvclip.blend import (
     CACHE_METHODS,
     METHODS,
@@ -38,6 +35,9 @@ from kvclip.blend import (
     kl_logits,
     zeroshot_logits,
 )
+from kvclip.cache_builder.progress import BuildMonitor
+from kvclip.calibration import fit_calibration
+from kvclip.vocabulary import NEAR_DUPLICATE_COSINE
 
 PROTOCOL = (
     "balanced leave-one-out on the support set: query i excludes support item i, its exact and near "

@@ -7,8 +7,17 @@
 """
 from kvclip.clients.client import AsyncKvclipClient, KvclipClient
 from kvclip.clients.errors import ApiError, InputError, JobFailed, KvclipClientError, ServerUnreachable
-from kvclip.clients.models import (CacheInfo, Classification, ImageError, ImageResult, Job, LabelScore, Neighbor,
-                            Readiness, ReloadResult)
+from kvclip.clients.models import (
+                            CacheInfo,
+                            Classification,
+                            ImageError,
+                            ImageResult,
+                            Job,
+                            LabelScore,
+                            Neighbor,
+                            Readiness,
+                            ReloadResult,
+)
 
 __all__ = [
     "KvclipClient", "AsyncKvclipClient",

@@ -9,8 +9,8 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 from kvclip.clients import render
 from kvclip.clients.client import DEFAULT_RETRIES, DEFAULT_TIMEOUT, KvclipClient
@@ -19,8 +19,16 @@ from kvclip.clients.http import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV
 from kvclip.clients.models import Job
 from kvclip.clients.operations import DEFAULT_CHUNK
 from kvclip.clients.progress import JobProgress
-from kvclip.vocabulary import (CAPTIONERS, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SHOTS, DEFAULT_TOP_K,
-                               DEFAULT_VIEWS, JOB_ID_RE, REQUEST_METHODS)
+from kvclip.vocabulary import (
+    CAPTIONERS,
+    DEFAULT_CAPTIONER,
+    DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SHOTS,
+    DEFAULT_TOP_K,
+    DEFAULT_VIEWS,
+    JOB_ID_RE,
+    REQUEST_METHODS,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

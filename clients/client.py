@@ -15,8 +15,16 @@ import httpx
 
 from kvclip.clients import operations as ops
 from kvclip.clients.errors import KvclipClientError
-from kvclip.clients.http import (Call, RetryPolicy, Sleep, default_headers, parse_response, resolve_api_key,
-                          resolve_base_url, unreachable)
+from kvclip.clients.http import (
+    Call,
+    RetryPolicy,
+    Sleep,
+    default_headers,
+    parse_response,
+    resolve_api_key,
+    resolve_base_url,
+    unreachable,
+)
 from kvclip.clients.images import ImageInput
 from kvclip.clients.models import CacheInfo, Classification, Job, Readiness, ReloadResult
 from kvclip.vocabulary import VERSION

@@ -11,13 +11,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 from kvclip.clients.errors import InputError
 
 # PIL.Image.Image and numpy.ndarray are accepted too; they are not named here so that
 # importing the client does not import PIL or numpy (a caller holding one has imported it).
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Any]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Any
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),

@@ -36,13 +36,13 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-
 from pydantic import ValidationError
 
 from kvclip import index as key_index
@@ -52,6 +52,7 @@ from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
 from kvclip.manifest import SCHEMA_VERSION, Manifest
 from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
+
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST_FILE = "manifest.json"
@@ -425,7 +426,7 @@ def _held_lock(path: Path, content: dict | None = None):
 def _is_locked(path: Path) -> bool:
     """Whether a live process holds `path`'s lock (a missing file is not locked)."""
     try:
-        fh = open(path, "r")
+        fh = open(path)
     except FileNotFoundError:
         return False
     with fh:

@@ -34,7 +34,7 @@ class BlendParams:
     gamma: float = 0.0  # weight of the KL (signature) term, Tip-X and CapS
     delta: float = 0.0  # share of caption keys in the affinity, CapS only
 
-    def for_method(self, method: str) -> "BlendParams":
+    def for_method(self, method: str) -> BlendParams:
         """The parameters that `method` actually uses, the others zeroed."""
         check_method(method)
         if method == "zeroshot":
@@ -72,7 +72,7 @@ class CacheTensors:
         temperature: float = DEFAULT_TEMPERATURE,
         device: torch.device | str | None = None,
         balanced: bool = True,
-    ) -> "CacheTensors":
+    ) -> CacheTensors:
         text_weights = torch.as_tensor(text_weights, dtype=torch.float32, device=device)
         image_keys = torch.as_tensor(image_keys, dtype=torch.float32, device=device)
         if caption_keys is not None:
@@ -113,7 +113,7 @@ class CacheTensors:
     def device(self) -> torch.device:
         return self.text_weights.device
 
-    def to(self, device: torch.device | str) -> "CacheTensors":
+    def to(self, device: torch.device | str) -> CacheTensors:
         return replace(
             self,
             text_weights=self.text_weights.to(device),

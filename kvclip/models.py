@@ -18,8 +18,9 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import open_clip
@@ -27,12 +28,19 @@ import torch
 import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
 
-from kvclip.preprocess import BoundedPreprocess
 from kvclip.errors import ModelLoadError
 from kvclip.hashing import sha256_file
+
 # Names and their syntax live in the torch-free kvclip/model_names.py; re-exported here.
-from kvclip.model_names import (CHECKPOINT_SUFFIXES, CONFIG_DIR, TINY_COCA_RANDOM, TINY_RANDOM,  # noqa: F401
-                                ModelSpec, parse_model_spec)
+from kvclip.model_names import (  # noqa: F401
+    CHECKPOINT_SUFFIXES,
+    CONFIG_DIR,
+    TINY_COCA_RANDOM,
+    TINY_RANDOM,
+    ModelSpec,
+    parse_model_spec,
+)
+from kvclip.preprocess import BoundedPreprocess
 
 log = logging.getLogger("kvclip.models")
 TINY_SEED = 0

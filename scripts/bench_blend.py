@@ -222,7 +222,8 @@ def bench_size(size: int, args: argparse.Namespace, params: BlendParams, device:
     for batch in args.batch:
         features = queries[:batch]
         log(f"  N={size} batch={batch}: dense")
-        seconds = time_call(lambda: blend(features, cache, params, args.method), sync, args.repeats, args.target_s)
+        seconds = time_call(lambda features=features: blend(features, cache, params, args.method), sync,
+                            args.repeats, args.target_s)
         dense_s[batch] = seconds
         timing_rows.append(TimingRow(size, batch, "dense", None, seconds * 1e3, seconds * 1e3,
                                      seconds * 1e6 / batch, None))

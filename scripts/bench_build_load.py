@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import bench_cache, free_port, load_run, start_server
 
 from kvclip.cache_builder.datasets import export_fashion_mnist
-from tests.foolbox_data import read_foolbox_images
 from kvclip.models import default_device
+from tests.foolbox_data import read_foolbox_images
 
 
 async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> dict:

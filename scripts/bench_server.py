@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 
 from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
 from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
-from tests.foolbox_data import read_foolbox_images  # noqa: E402
 from kvclip.images import decode_image  # noqa: E402
 from kvclip.models import default_device, load_encoder  # noqa: E402
 from kvclip.service.metrics import metric_value  # noqa: E402
+from tests.foolbox_data import read_foolbox_images  # noqa: E402
 
 
 def random_checkpoint(arch: str, folder: Path) -> str:

@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvclip.artifact import CacheArtifact, load_cache  # noqa: E402
-from kvclip.blend import blend  # noqa: E402
-from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
-from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
-from kvclip.cache_builder.features import encode_image_files  # noqa: E402
-from kvclip.calibration import auroc  # noqa: E402
-from kvclip.models import Encoder, load_encoder  # noqa: E402
-from tests.foolbox_data import export_foolbox  # noqa: E402
+from kvclip.artifact import CacheArtifact, load_cache
+from kvclip.blend import blend
+from kvclip.cache_builder.build import BuildConfig, build_cache
+from kvclip.cache_builder.datasets import export_fashion_mnist
+from kvclip.cache_builder.features import encode_image_files
+from kvclip.calibration import auroc
+from kvclip.models import Encoder, load_encoder
+from tests.foolbox_data import export_foolbox
 
 OUT_OF_SET = ("imagenet", "cifar10", "cifar100")
 

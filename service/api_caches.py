@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Path as PathParam, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
 
 from kvclip import artifact as store
 from kvclip.service.deps import ready_state, require, sees_server_paths

@@ -13,8 +13,8 @@ from kvclip.service.config import ServerConfig
 from kvclip.service.errors import install_handlers
 from kvclip.service.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestContextMiddleware
 from kvclip.service.state import ServerState
-from kvclip.service.web.docs import router as docs_router
 from kvclip.service.timeouts import BodyTimeoutMiddleware
+from kvclip.service.web.docs import router as docs_router
 from kvclip.service.web.router import router as web_router
 
 

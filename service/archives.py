@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from kvclip.errors import DataError
 

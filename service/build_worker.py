@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from kvclip.cache_builder.build import BuildConfig
 
@@ -75,7 +75,7 @@ def run(spec: WorkerSpec, conn, cancel_event) -> None:
         conn.send(("cancelled",))
     except KvclipError as exc:
         conn.send(("error", for_http(str(exc), spec.uploads)))
-    except Exception as exc:  # noqa: BLE001 - reported to the job, traceback to the server log
+    except Exception as exc:
         traceback.print_exc()
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:

@@ -25,12 +25,13 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
-from kvclip.service.build_worker import WorkerSpec, run as run_worker
+from kvclip.service.build_worker import WorkerSpec
+from kvclip.service.build_worker import run as run_worker
 from kvclip.service.job_records import RECORDS_DIR, JobRecords
 from kvclip.service.metrics import Metrics
 from kvclip.service.unpack_budget import UnpackBudget
@@ -96,7 +97,7 @@ class BuildJob:
         return {k: v for k, v in asdict(self).items() if k not in _NOT_SAVED}
 
     @classmethod
-    def from_record(cls, record: dict, jobs_root: Path) -> "BuildJob":
+    def from_record(cls, record: dict, jobs_root: Path) -> BuildJob:
         known = {f.name for f in fields(cls)} - set(_NOT_SAVED)
         return cls(workdir=Path(jobs_root) / record["id"], **{k: v for k, v in record.items() if k in known})
 
@@ -355,7 +356,7 @@ class JobManager:
                     job.activated = True
                     with self._lock:
                         job.progress("activating", 1, 1)  # a succeeded job reads done, not 0/1
-                except Exception as exc:  # noqa: BLE001 - the served version stays
+                except Exception as exc:
                     self._discard(job, version)
                     self._finish(job, "failed", f"built {version} but could not activate it: {exc}")
                     return

@@ -9,9 +9,23 @@ from kvclip.cache_builder.sources import check_labels
 from kvclip.errors import DataError
 from kvclip.manifest import BuildReport, TunedParams
 from kvclip.prompts import check_templates
-from kvclip.vocabulary import (AUTO_METHOD, DEFAULT_CAPTIONER, DEFAULT_POOL_PER_CLASS, DEFAULT_SEED, DEFAULT_SHOTS, DEFAULT_TOP_K, DEFAULT_VIEWS,
-                               MAX_LABELS, MAX_POOL_PER_CLASS, MAX_TOP_K, MAX_VIEWS, VERSION_PATTERN, Captioner,
-                               JobState, RequestMethod)
+from kvclip.vocabulary import (
+    AUTO_METHOD,
+    DEFAULT_CAPTIONER,
+    DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SEED,
+    DEFAULT_SHOTS,
+    DEFAULT_TOP_K,
+    DEFAULT_VIEWS,
+    MAX_LABELS,
+    MAX_POOL_PER_CLASS,
+    MAX_TOP_K,
+    MAX_VIEWS,
+    VERSION_PATTERN,
+    Captioner,
+    JobState,
+    RequestMethod,
+)
 
 MethodName = RequestMethod
 

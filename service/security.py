@@ -40,7 +40,7 @@ class ApiKeys:
         return bool(self.digests)
 
     @classmethod
-    def load(cls, env_value: str | None = None, path: Path | None = None) -> "ApiKeys":
+    def load(cls, env_value: str | None = None, path: Path | None = None) -> ApiKeys:
         pairs: list[tuple[str, str]] = []
         for entry in (env_value or "").split(","):
             if entry.strip():

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvclip import artifact as store
-
 from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
@@ -104,7 +103,7 @@ class ServerState:
             )
             await self.batcher.start()
             self.jobs.start()
-        except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log
+        except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("server not ready: %s", self.load_error)
             return

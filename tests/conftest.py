@@ -47,8 +47,8 @@ def fashion_test(tmp_path_factory) -> Path:
 
 def write_images(folder: Path, count: int, seed: int = 0, size: int = 40, suffix: str = ".png") -> list[Path]:
     """Small random RGB images (for plumbing tests that need no real content)."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

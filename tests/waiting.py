@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TIMEOUT_S = 120.0  # generous: a loaded 2-core machine is many times slower than an idle one
 

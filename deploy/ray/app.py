@@ -42,10 +42,10 @@ from ray import serve
 from kvclip import artifact as store
 from kvclip.errors import KvclipError
 from kvclip.models import load_encoder
+from kvclip.service.admission import BoundedDecoder
 from kvclip.service.api_caches import CacheName, summary
 from kvclip.service.api_classify import BODY_DOC, ERROR_DOC, OPENAPI_SCHEMAS, classify_query
 from kvclip.service.app import add_openapi_schemas
-from kvclip.service.admission import BoundedDecoder
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
 from kvclip.service.deps import require
@@ -216,7 +216,7 @@ class KvclipClassifier:
             pipeline = ClassifyPipeline(self.config, self.encoder.preprocess, self._decoder, encoding,
                                         decode_size=self.encoder.image_size)
             response = await pipeline.run(cache, request)
-        except Exception as exc:  # noqa: BLE001 - the table's errors are answers; others re-raised
+        except Exception as exc:
             return self._error(exc)
         return {"response": response.model_dump(mode="json"), "replica": self.replica,
                 "batch_images": encoding.batch_images}
@@ -224,7 +224,7 @@ class KvclipClassifier:
     async def activate(self, version: str) -> dict:
         try:
             return await self._activate(serve.get_multiplexed_model_id(), version)
-        except Exception as exc:  # noqa: BLE001 - as in classify
+        except Exception as exc:
             return self._error(exc)
 
     # Internals ---------------------------------------------------------------------------

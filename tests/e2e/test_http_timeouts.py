@@ -41,7 +41,7 @@ def trickle_until_closed(sock: socket.socket, data: bytes) -> bytes:
             break
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             break
@@ -53,7 +53,7 @@ def trickle_until_closed(sock: socket.socket, data: bytes) -> bytes:
     try:
         while chunk := sock.recv(65536):
             answer += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return answer
 

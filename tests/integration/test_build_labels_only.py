@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from kvclip import artifact as store
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.cache_builder.evaluate import evaluate
-from kvclip import artifact as store
 from kvclip.cli import main
 from kvclip.errors import DataError
 from kvclip.images import load_image

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvclip import artifact as store
+from kvclip.blend import BlendParams, CacheTensors, blend
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.cache_builder.features import encode_image_files
 from kvclip.cache_builder.pool import PoolFeatures, pseudo_label, select_confident
 from kvclip.cache_builder.tune import loo_exclusions
-from kvclip import artifact as store
-from kvclip.blend import BlendParams, CacheTensors, blend
 from kvclip.cli import main
 from kvclip.errors import DataError
 from tests.build_helpers import ProgressLog

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kvclip import artifact as store
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.cache_builder.progress import BuildCancelled, BuildMonitor, CallbackMonitor
-from kvclip import artifact as store
 from kvclip.service.registry import CacheRegistry
 from tests.build_helpers import ProgressLog
 

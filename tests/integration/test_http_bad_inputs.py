@@ -134,7 +134,7 @@ async def test_a_failure_in_preprocessing_is_that_images_error(client, good, tin
     assert response.json()["error"]["details"] == [{"index": 1, "name": "wide.png", "message": error["message"]}]
 
 
-@pytest.mark.parametrize("body", [DEEP, '{"images": %s}' % DEEP, '{"images": [{"data": "", "name": %s}]}' % DEEP])
+@pytest.mark.parametrize("body", [DEEP, f'{{"images": {DEEP}}}', f'{{"images": [{{"data": "", "name": {DEEP}}}]}}'])
 async def test_deeply_nested_json_for_classify_is_400(client, body):
     response = await client.post(CLASSIFY, params={"cache": "fashion"}, content=body,
                                  headers={"content-type": "application/json"})
@@ -144,7 +144,7 @@ async def test_deeply_nested_json_for_classify_is_400(client, body):
 
 @pytest.mark.parametrize("as_form", [False, True])
 async def test_deeply_nested_build_options_are_400(client, as_form):
-    options = '{"labels": %s}' % DEEP
+    options = f'{{"labels": {DEEP}}}'
     if as_form:
         response = await client.post("/v1/caches/deep/builds", files={"options": (None, options)})
     else:
@@ -155,7 +155,7 @@ async def test_deeply_nested_build_options_are_400(client, as_form):
 
 
 async def test_deeply_nested_activate_body_is_4xx(client):
-    response = await client.post("/v1/caches/fashion/activate", content='{"version": %s}' % DEEP,
+    response = await client.post("/v1/caches/fashion/activate", content=f'{{"version": {DEEP}}}',
                                  headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500, response.text
 

@@ -4,11 +4,10 @@ The command as a real process (uvicorn, sockets, SIGTERM): tests/e2e/test_servic
 """
 from __future__ import annotations
 
-from kvclip.service.middleware import ConcurrencyLimitMiddleware
-
 import pytest
 
 import kvclip.models
+from kvclip.service.middleware import ConcurrencyLimitMiddleware
 from tests.service_helpers import run_serve
 
 

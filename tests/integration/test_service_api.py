@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
-import threading
 import base64
+import functools
 import io
 import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
@@ -137,8 +137,9 @@ async def test_top_k_clamped_and_scores_are_probabilities(client, fashion_test, 
         # calibrated softmax: the score ratio of two labels is the cache's map of their logits
         p0, p1 = a["labels"][0], a["labels"][1]
         if p1["score"] > 1e-6:
-            from kvclip.artifact import load_cache
             import torch
+
+            from kvclip.artifact import load_cache
 
             pair = load_cache(served_caches / "fashion").calibrated(
                 torch.tensor([[p0["logit"], p1["logit"]]], dtype=torch.float64), "tip")[0]

@@ -16,7 +16,7 @@ import torch
 
 from kvclip import artifact as store
 from kvclip.errors import ModelLoadError
-from kvclip.service.batcher import RequestTooLarge, Batcher, Overloaded, Stopped
+from kvclip.service.batcher import Batcher, Overloaded, RequestTooLarge, Stopped
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheNotFound, CacheRegistry, VersionNotLoadable
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app

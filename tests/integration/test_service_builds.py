@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import multiprocessing
 import pickle
 import tarfile
 import zipfile
 from pathlib import Path
-
-import multiprocessing
 
 import pytest
 import torch

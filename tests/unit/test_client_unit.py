@@ -17,8 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kvclip.clients import (ApiError, AsyncKvclipClient, InputError, JobFailed, KvclipClient, KvclipClientError,
-                     ServerUnreachable)
+from kvclip.clients import (
+    ApiError,
+    AsyncKvclipClient,
+    InputError,
+    JobFailed,
+    KvclipClient,
+    KvclipClientError,
+    ServerUnreachable,
+)
 from kvclip.clients.http import parse_retry_after
 from kvclip.clients.images import image_file, image_files
 from kvclip.clients.models import Job

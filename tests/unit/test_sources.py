@@ -3,7 +3,12 @@ from pathlib import Path
 import pytest
 
 from kvclip.cache_builder.sources import (
-    SupportItem, check_labels, discover_folder, order_labels, read_manifest, select_support,
+    SupportItem,
+    check_labels,
+    discover_folder,
+    order_labels,
+    read_manifest,
+    select_support,
 )
 from kvclip.errors import DataError
 from tests.conftest import write_images

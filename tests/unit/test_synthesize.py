@@ -6,8 +6,13 @@ import pytest
 from PIL import Image
 
 from kvclip.cache_builder.sources import SupportItem
-from kvclip.cache_builder.synthesize import (SynthesisConfig, SyntheticCaptions, synthesis_prompts, image_seed,
-                                             synthesize)
+from kvclip.cache_builder.synthesize import (
+    SynthesisConfig,
+    SyntheticCaptions,
+    image_seed,
+    synthesis_prompts,
+    synthesize,
+)
 
 
 def test_caps_prompts_cycle_the_class_captions():

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvclip.cache_builder.tune import Grid, balanced_exclusions, loo_exclusions, tune
 from kvclip.blend import BlendParams, CacheTensors, blend
+from kvclip.cache_builder.tune import Grid, balanced_exclusions, loo_exclusions, tune
 from tests.clip_like import clip_like
 
 

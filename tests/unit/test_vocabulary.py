@@ -6,11 +6,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from kvclip import __version__, cli, extras, vocabulary
 from kvclip.cache_builder.build import BuildConfig
