@@ -71,7 +71,7 @@ def check_build(args: argparse.Namespace) -> None:
         existing(path, flag, folder=False)
     existing(args.pool, "--pool", folder=True)
     check_model_name(args.model)
-    if args.captioner_model:
+    if args.captioner_model and args.captioner in ("coca", "auto"):  # an open_clip CoCa model name
         check_model_name(args.captioner_model, "--captioner-model")
     if args.pool is not None:
         discover_images(args.pool)
