@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,14 +70,15 @@ class BuildResult:
         return self.manifest.build_report
 
 
-def build_cache(config: BuildConfig, encoder: Encoder | None = None) -> BuildResult:
+def build_cache(config: BuildConfig, encoder: Encoder | None = None,
+                loader: Callable[[BuildConfig], Encoder] | None = None) -> BuildResult:
     """Run a whole build and publish it as the cache's next version (atomically).
 
     `config.monitor` sees the steps; a BuildCancelled from it stops the build before
     publishing, so a cancelled build leaves the cache as it was.
     """
     name = store.validate_cache_name(Path(config.out).name)
-    ctx = BuildContext(config, name, build_mode(config), config.monitor or BuildMonitor(), encoder)
+    ctx = BuildContext(config, name, build_mode(config), config.monitor or BuildMonitor(), encoder, loader)
     ctx.monitor.check()
     support = with_synthetic(ctx, MODE_SUPPORT[ctx.mode](ctx))
     return publish_support(ctx, support)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -108,7 +108,7 @@ class BuildContext:
     """One running build: its config, mode, monitor, step timings, and the encoder.
 
     The encoder is loaded when a step first needs it (after reading, so bad inputs fail
-    before a model loads), unless the caller gave one.
+    before a model loads), unless the caller gave one; `loader` is asked first when given.
     """
 
     config: BuildConfig
@@ -116,13 +116,18 @@ class BuildContext:
     mode: str
     monitor: BuildMonitor
     given_encoder: Encoder | None = None
+    loader: Callable[[BuildConfig], Encoder] | None = None  # e.g. a warm worker's loaded model
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     @cached_property
     def encoder(self) -> Encoder:
         config = self.config
-        return self.given_encoder or load_encoder(config.model, config.device, config.model_cache_dir)
+        if self.given_encoder is not None:
+            return self.given_encoder
+        if self.loader is not None:
+            return self.loader(config)
+        return load_encoder(config.model, config.device, config.model_cache_dir)
 
     def step(self, name: str, total: int) -> None:
         """A new progress step; a cancel asked for so far stops the build here."""

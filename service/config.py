@@ -62,6 +62,10 @@ class ServerConfig:
                                          "unpack to together", 4 * 2**30)
     min_free_disk_bytes: int = _opt("free disk space an unpacking upload leaves in the job area; "
                                     "below it the upload gets 413", 2**30)
+    build_worker: str = _opt("where build jobs run: warm (one worker process kept with the model loaded: jobs start "
+                             "at once, one more copy of the model in memory), process (a fresh process per job: "
+                             "10+ s to start each), thread (inside the server: no isolation, for embedding)",
+                             "warm", choices=("warm", "process", "thread"))
     build_nice: int = _opt("niceness of build worker processes (0-19; higher yields more CPU)", 15)
     build_threads: int = _opt("torch threads of a build worker process", 1)
     max_jobs_kept: int = _opt("finished build jobs remembered for GET /v1/jobs", 100)

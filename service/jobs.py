@@ -1,15 +1,17 @@
 """Build jobs: a queue, one worker process at a time, progress, cancel, publish and activate.
 
-A job runs service/build_worker.py in its own spawned process. The worker publishes the new
+A job runs service/build_worker.py in a spawned process. The worker publishes the new
 version without activating it; when it succeeds, the manager activates it through the
 registry (an atomic swap, like POST /activate). A job that fails or is cancelled leaves the
 served version untouched, and a version published by a cancelled build is deleted, so
 nothing half-done is ever visible. Jobs run one at a time: builds of one cache must not race
 for version numbers, and one build already uses the CPU the server leaves spare.
 
-Where the worker runs is the manager's `runner`: ProcessRunner (the default) spawns it;
-ThreadRunner runs the same worker function on a thread over the same pipe and cancel event,
-for tests and embedding, without the process's isolation.
+Where the worker runs is the manager's `runner`: WarmRunner (the server's default) keeps one
+spawned worker process alive between jobs with the model loaded; ProcessRunner spawns a fresh
+process per job (less memory while idle, 10+ s more per job); ThreadRunner runs the same
+worker function on a thread over the same pipe and cancel protocol, for tests and embedding,
+without the process's isolation.
 
 Job records are saved on every change of state (service/job_records.py). At start,
 `restore` reads them back: a job that was queued or running is marked failed ("interrupted
@@ -30,8 +32,9 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kvclip.service.build_worker import WorkerSpec
+from kvclip.service.build_worker import EXITING, ModelKey, WorkerSpec
 from kvclip.service.build_worker import run as run_worker
+from kvclip.service.build_worker import serve as serve_worker
 from kvclip.service.job_records import RECORDS_DIR, JobRecords
 from kvclip.service.metrics import Metrics
 from kvclip.service.unpack_budget import UnpackBudget
@@ -106,23 +109,151 @@ class JobNotFound(LookupError):
     pass
 
 
+class WorkerHandle:
+    """One job's worker as the manager sees it: messages on `conn`, `cancel` to stop it, and
+    the process or thread it runs on (`owned`: ends with the job; a warm worker lives on)."""
+
+    def __init__(self, conn, cancel, worker, owned: bool = True) -> None:
+        self.conn, self.cancel, self.worker, self.owned = conn, cancel, worker, owned
+
+    def is_alive(self) -> bool:
+        return self.worker.is_alive()
+
+    def terminate(self) -> None:
+        self.worker.terminate()
+
+    def finish(self, outcome: tuple) -> int | None:
+        """After the job: wait for a worker that ends with it; the exit code if it has ended."""
+        if self.owned or not self.worker.is_alive():
+            self.worker.join(5)
+            self.conn.close()
+        return self.worker.exitcode
+
+
 class ProcessRunner:
-    """Each worker in its own spawned process: niced, isolated, and killable if it ignores a cancel."""
+    """Each job in a fresh spawned process: niced, isolated, killable if it ignores a cancel,
+    and 10+ s of importing torch and loading the model before it builds."""
 
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
 
-    def channel(self) -> tuple:
-        """(receiving end, sending end, cancel event) for one job."""
+    def launch(self, spec: WorkerSpec, name: str) -> WorkerHandle:
         parent, child = self._context.Pipe(duplex=False)
-        return parent, child, self._context.Event()
-
-    def start(self, target: Callable, spec: WorkerSpec, conn, cancel, name: str):
-        """Start `target(spec, conn, cancel)`; returns a handle like multiprocessing.Process."""
-        process = self._context.Process(target=target, args=(spec, conn, cancel), name=name, daemon=True)
+        cancel = self._context.Event()
+        process = self._context.Process(target=run_worker, args=(spec, child, cancel), name=name, daemon=True)
         process.start()
-        conn.close()  # the child holds its own copy: the parent then sees EOF when the child dies
-        return process
+        child.close()  # the child holds its own copy: the parent then sees EOF when the child dies
+        return WorkerHandle(parent, cancel, process)
+
+    def warm(self) -> None:
+        """Nothing to prepare: every job starts its own process."""
+
+    def close(self) -> None:
+        """Nothing lives between jobs."""
+
+
+class _JobCancel:
+    """The cancel of warm-worker job `number`: the worker stops when the shared value equals it,
+    so a late cancel of an earlier job can never stop a later one."""
+
+    def __init__(self, shared, number: int) -> None:
+        self._shared, self._number = shared, number
+
+    def set(self) -> None:
+        self._shared.value = self._number
+
+    def is_set(self) -> bool:
+        return self._shared.value == self._number
+
+
+class WarmRunner:
+    """One long-lived spawned worker process for all jobs (service/build_worker.serve): torch
+    imported once and the server's model loaded before the first job, so a job builds at once.
+    Same isolation as ProcessRunner; a worker that dies, is terminated or fails unexpectedly is
+    replaced by a fresh one, started at once so the next job finds it warm. Costs one more copy
+    of the model's memory while the server runs."""
+
+    NAME = "kvclip-build-worker"
+
+    def __init__(self, preload: ModelKey | None = None) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._cancelled = self._context.Value("q", 0)
+        self._preload = preload
+        self._jobs = 0
+        self._process = None
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Start the worker now (at server start), unless one is alive."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        if self._conn is not None:
+            self._conn.close()
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=serve_worker, args=(child, self._cancelled, self._preload),
+                                        name=self.NAME, daemon=True)
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        log.info("build worker process %s started", process.pid)
+
+    def launch(self, spec: WorkerSpec, name: str) -> WorkerHandle:
+        with self._lock:
+            self._ensure()
+            self._jobs += 1
+            try:
+                self._conn.send(("job", self._jobs, spec))
+            except OSError:  # it died while idle: one fresh try
+                self._process.join(5)
+                self._ensure()
+                self._conn.send(("job", self._jobs, spec))
+            return _WarmHandle(self, self._conn, _JobCancel(self._cancelled, self._jobs), self._process)
+
+    def replace_if_dead(self) -> None:
+        with self._lock:
+            if self._process is not None and not self._process.is_alive():
+                self._process.join(5)
+                self._ensure()
+
+    def close(self) -> None:
+        """Stop the worker. Idle, it has nothing to lose: terminated, not asked to wind down."""
+        with self._lock:
+            process, conn, self._process, self._conn = self._process, self._conn, None, None
+        if process is None:
+            return
+        process.terminate()
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        conn.close()
+
+
+class _WarmHandle(WorkerHandle):
+    def __init__(self, runner: WarmRunner, conn, cancel, process) -> None:
+        super().__init__(conn, cancel, process, owned=False)
+        self._runner = runner
+
+    def terminate(self) -> None:
+        self.worker.terminate()
+        self.worker.join(5)  # gone before the next job is sent to a worker
+        if self.worker.is_alive():
+            self.worker.kill()
+            self.worker.join(5)
+
+    def finish(self, outcome: tuple) -> int | None:
+        if outcome[-1] == EXITING:  # it failed unexpectedly and ends itself: wait for that
+            self.worker.join(30)
+        if self.worker.is_alive():
+            return None
+        self.worker.join(5)
+        self._runner.replace_if_dead()  # the next job finds a warm worker again
+        return self.worker.exitcode
 
 
 class _WorkerThread(threading.Thread):
@@ -137,16 +268,27 @@ class ThreadRunner:
 
     No isolation: the worker's nice and torch threads apply to this process (configure
     build_nice 0 and this process's thread count), and its crash is this process's.
+    `target(spec, conn, cancel)` is the worker function (tests script their own).
     """
 
-    def channel(self) -> tuple:
-        parent, child = multiprocessing.Pipe(duplex=False)
-        return parent, child, threading.Event()
+    def __init__(self, target: Callable = run_worker) -> None:
+        self.target = target
 
-    def start(self, target: Callable, spec: WorkerSpec, conn, cancel, name: str) -> _WorkerThread:
-        thread = _WorkerThread(target=target, args=(spec, conn, cancel), name=name, daemon=True)
+    def launch(self, spec: WorkerSpec, name: str) -> WorkerHandle:
+        parent, child = multiprocessing.Pipe(duplex=False)
+        cancel = threading.Event()
+        thread = _WorkerThread(target=self.target, args=(spec, child, cancel), name=name, daemon=True)
         thread.start()
-        return thread
+        return WorkerHandle(parent, cancel, thread)
+
+    def warm(self) -> None:
+        """Nothing to prepare."""
+
+    def close(self) -> None:
+        """Threads end with their jobs."""
+
+
+Runner = ProcessRunner | WarmRunner | ThreadRunner
 
 
 class JobManager:
@@ -158,7 +300,7 @@ class JobManager:
         delete_version: Callable[[str, str], None],
         metrics: Metrics | None = None,
         max_kept: int = 100,
-        runner: ProcessRunner | ThreadRunner | None = None,
+        runner: Runner | None = None,
         jobs_root: Path | None = None,
         settle: Callable[[str, str], None] = lambda cache, version: None,
         budget: UnpackBudget | None = None,
@@ -254,6 +396,7 @@ class JobManager:
         return job
 
     def start(self) -> None:
+        self.runner.warm()
         self._thread = threading.Thread(target=self._run, name="kvclip-jobs", daemon=True)
         self._thread.start()
 
@@ -265,6 +408,7 @@ class JobManager:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        self.runner.close()
 
     # Runner ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -285,42 +429,41 @@ class JobManager:
                 self.discard_workdir(job)
 
     def _run_job(self, job: BuildJob) -> None:
-        runner = self.runner
-        parent, child, cancel = runner.channel()
         with self._lock:
             if job.state != "queued":
                 return
             job.state, job.started = "running", time.time()
-            job.progress(_LOADING_STEP, 0, 0)  # the worker process imports torch and loads the model
+            job.progress(_LOADING_STEP, 0, 0)  # the worker imports torch and loads the model (unless warm)
             self._save(job)
-            self._cancel_events[job.id] = cancel
-            if job.cancel_requested:
-                cancel.set()
         self._gauge()
         log.info("build job %s for cache %s started", job.id, job.cache)
-        process = runner.start(run_worker, job.spec, child, cancel, f"kvclip-build-{job.id}")
-        outcome = self._follow(job, process, parent, cancel)
-        process.join(5)
-        parent.close()
+        worker = self.runner.launch(job.spec, f"kvclip-build-{job.id}")
+        with self._lock:
+            self._cancel_events[job.id] = worker.cancel
+            if job.cancel_requested:  # asked for while the worker was being launched
+                worker.cancel.set()
+        outcome = self._follow(job, worker)
+        exitcode = worker.finish(outcome)
         self.discard_workdir(job)  # before the job reads as ended: no leftovers once it has
         with self._lock:
             self._cancel_events.pop(job.id, None)
-        self._conclude(job, outcome, process.exitcode)
+        self._conclude(job, outcome, exitcode)
         self._gauge()
 
-    def _follow(self, job: BuildJob, process, conn, cancel) -> tuple:
+    def _follow(self, job: BuildJob, worker: WorkerHandle) -> tuple:
         """Read the worker's messages until it reports an outcome or dies."""
+        cancel, conn = worker.cancel, worker.conn
         cancel_deadline = None
         while True:
-            if cancel.is_set() and job.step == _LOADING_STEP and process.is_alive():
+            if cancel.is_set() and job.step == _LOADING_STEP and worker.is_alive():
                 # Still loading the model, the worker checks no cancel yet: nothing to lose
-                process.terminate()
+                worker.terminate()
                 return ("cancelled",)
             if cancel.is_set() and cancel_deadline is None:
                 cancel_deadline = time.monotonic() + _CANCEL_GRACE_S
-            if cancel_deadline is not None and time.monotonic() > cancel_deadline and process.is_alive():
+            if cancel_deadline is not None and time.monotonic() > cancel_deadline and worker.is_alive():
                 log.warning("build job %s ignored its cancel; terminating it", job.id)
-                process.terminate()
+                worker.terminate()
                 return ("cancelled",)
             try:
                 ready = conn.poll(0.2)
@@ -328,7 +471,7 @@ class JobManager:
             except (EOFError, OSError):
                 return ("died",)
             if message is None:
-                if not process.is_alive() and not conn.poll(0):
+                if not worker.is_alive() and not conn.poll(0):
                     return ("died",)
                 continue
             if message[0] == "progress":

@@ -18,7 +18,7 @@ from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
 from kvclip.service.config import ServerConfig
-from kvclip.service.jobs import JobManager
+from kvclip.service.jobs import JobManager, ProcessRunner, Runner, ThreadRunner, WarmRunner
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheRegistry
 from kvclip.service.security import ENV_VAR, ApiKeys
@@ -49,6 +49,14 @@ class ServerState:
     def __post_init__(self) -> None:
         if self.api_keys is None:
             self.api_keys = ApiKeys.load(os.environ.get(ENV_VAR), self.config.api_keys_file)
+
+    def _build_runner(self) -> Runner:
+        config = self.config
+        if config.build_worker == "thread":
+            return ThreadRunner()
+        if config.build_worker == "process":
+            return ProcessRunner()
+        return WarmRunner(preload=(config.model, config.device, config.model_cache_dir))
 
     async def start(self) -> None:
         self.decode_pool = ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="kvclip-decode")
@@ -92,6 +100,7 @@ class ServerState:
                 jobs_root=self.config.jobs_root,
                 settle=lambda cache, version: store.settle_version(self.registry.cache_dir(cache), version),
                 budget=UnpackBudget(self.config.max_unpacked_total_bytes, self.config.min_free_disk_bytes),
+                runner=self._build_runner(),
             )
             await asyncio.to_thread(self._recover_builds)
             report = await asyncio.to_thread(self.registry.reload)

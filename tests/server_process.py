@@ -83,12 +83,13 @@ def _wait_http(server: Server, path: str, deadline: float) -> None:
                          f"stderr:\n{server.log_text()[-6000:]}")
 
 
-@contextlib.contextmanager
-def serve_process(caches: Path, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                  model: str = "tiny-random"):
-    """Start `kvclip serve` on a free port, wait for /healthz and /readyz, kill it on exit.
+def start_server(caches: Path, workdir: Path, *args: str, env: dict[str, str] | None = None,
+                 model: str = "tiny-random", build_worker: str = "process") -> Server:
+    """Start `kvclip serve` on a free port without waiting for it (see wait_ready).
 
-    Output (stdout and stderr) goes to workdir/server.log; `args` are extra CLI flags.
+    Output (stdout and stderr) goes to workdir/server.log; `args` are extra CLI flags. Builds
+    get a process per job unless `build_worker` says "warm" (the default of `kvclip serve`):
+    a server that builds nothing then starts no warm worker to load a second model.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "server.log"
@@ -96,17 +97,33 @@ def serve_process(caches: Path, workdir: Path, *args: str, env: dict[str, str] |
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             kvclip_cmd("serve", "--caches", str(caches), "--model", model, "--device", "cpu",
-                       "--port", str(port), *args),
+                       "--port", str(port), "--build-worker", build_worker, *args),
             cwd=REPO, env=base_env(**(env or {})), stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log_path, caches)
+    return Server(f"http://127.0.0.1:{port}", proc, log_path, caches)
+
+
+def wait_ready(server: Server) -> Server:
+    """Wait for /healthz, then /readyz, to answer 200."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    _wait_http(server, "/healthz", deadline)
+    _wait_http(server, "/readyz", deadline)
+    return server
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_process(caches: Path, workdir: Path, *args: str, env: dict[str, str] | None = None,
+                  model: str = "tiny-random", build_worker: str = "process"):
+    """Start `kvclip serve` on a free port, wait for /healthz and /readyz, kill it on exit."""
+    srv = start_server(caches, workdir, *args, env=env, model=model, build_worker=build_worker)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        _wait_http(srv, "/healthz", deadline)
-        _wait_http(srv, "/readyz", deadline)
-        yield srv
+        yield wait_ready(srv)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(srv)

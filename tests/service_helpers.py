@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import torch
 
 from kvclip.service.app import create_app
 from kvclip.service.config import ServerConfig
@@ -17,7 +18,11 @@ READY_TIMEOUT_S = 120  # the model loads in a thread; a loaded machine takes man
 
 
 def make_config(caches: Path, **overrides) -> ServerConfig:
-    return replace(ServerConfig(caches=Path(caches), model="tiny-random", device="cpu"), **overrides)
+    """An in-process server's config. Builds run on a thread of the test process (no worker
+    process to spawn), so they keep this process's nice and torch threads."""
+    config = ServerConfig(caches=Path(caches), model="tiny-random", device="cpu", build_worker="thread",
+                          build_nice=0, build_threads=torch.get_num_threads())
+    return replace(config, **overrides)
 
 
 @contextlib.asynccontextmanager

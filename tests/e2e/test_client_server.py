@@ -31,7 +31,8 @@ READ_KEY, ADMIN_KEY = "reader", "boss"
 def server(served_caches, tmp_path_factory):
     root = tmp_path_factory.mktemp("client")
     caches = copy_caches(served_caches, root / "caches")
-    with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read,{ADMIN_KEY}:admin"}) as srv:
+    with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read,{ADMIN_KEY}:admin"},
+                       build_worker="warm") as srv:
         yield srv
 
 

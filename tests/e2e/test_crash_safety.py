@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 
 from kvclip import artifact as store
+from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.service.jobs import INTERRUPTED
-from tests.server_process import REPO, base_env, kvclip_cmd, serve_process
+from tests.server_process import REPO, base_env, start_server, stop_server, wait_ready
 
 FAST = ["--model", "tiny-random", "--shots", "2", "--views", "2", "--captioner", "none"]
 TIMEOUT_S = 240
@@ -73,28 +74,37 @@ def assert_clean(cache_dir: Path, versions: list[str]) -> None:
     assert store.load_cache(cache_dir).version == store.current_version(cache_dir)
 
 
-def test_kill_9_of_kvclip_build_at_three_points(fashion_train, tmp_path):
-    cache = tmp_path / "caches" / "pets"
-    subprocess.run(kvclip_cmd("build", str(fashion_train), "--out", str(cache), *FAST), cwd=REPO,
-                   env=base_env(), check=True, capture_output=True, timeout=TIMEOUT_S)
+def next_build(cache: Path, data: Path, encoder) -> None:
+    """What the next `kvclip build` does (in-process: the cleanup is not about the process)."""
+    build_cache(BuildConfig(out=cache, data_dir=data, model="tiny-random", shots=2, views=2, captioner="none",
+                            activate=False, progress=False), encoder)
+
+
+def test_kill_9_of_kvclip_build_at_three_points(served_caches, fashion_train, tiny_encoder, tmp_path):
     script = tmp_path / "paused_build.py"
     script.write_text(PAUSED_BUILD)
-    for point in ("encoding", "staged", "renamed"):
-        here = tmp_path / f"at-{point}"
-        proc = subprocess.Popen([sys.executable, str(script), point, str(here), "build", str(fashion_train),
-                                 "--out", str(cache), *FAST, "--seed", "7"],
-                                cwd=REPO, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for(here.exists, f"the build to reach {point}", proc)
-        finally:
+    points = ("encoding", "staged", "renamed")
+    caches, procs = {}, {}
+    try:
+        for point in points:  # three builds, each of its own copy of a cache, killed at once
+            caches[point] = shutil.copytree(served_caches / "fashion", tmp_path / point / "fashion")
+            procs[point] = subprocess.Popen(
+                [sys.executable, str(script), point, str(tmp_path / f"at-{point}"), "build", str(fashion_train),
+                 "--out", str(caches[point]), *FAST, "--seed", "7"],
+                cwd=REPO, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for point in points:
+            wait_for((tmp_path / f"at-{point}").exists, f"the build to reach {point}", procs[point])
+    finally:
+        for proc in procs.values():
             proc.kill()
             proc.wait(30)
-        assert store.load_cache(cache).version == "v0001"  # CURRENT loads right after the kill
+    for point in points:
+        cache = caches[point]
+        before = store.list_versions(served_caches / "fashion")
+        assert store.load_cache(cache).version == store.current_version(served_caches / "fashion"), point
         # the next build cleans what the killed one left and publishes the next version
-        subprocess.run(kvclip_cmd("build", str(fashion_train), "--out", str(cache), *FAST, "--no-activate"),
-                       cwd=REPO, env=base_env(), check=True, capture_output=True, timeout=TIMEOUT_S)
-        assert_clean(cache, ["v0001", "v0002"])
-        store.delete_version(cache, "v0002")
+        next_build(cache, fashion_train, tiny_encoder)
+        assert_clean(cache, [*before, f"v{len(before) + 1:04d}"])
 
 
 def zipped(folder: Path) -> bytes:
@@ -105,9 +115,9 @@ def zipped(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-KILL_POINTS = {
-    "loading the model": lambda job: job["state"] == "running" and job["step"] == "starting",
-    "building": lambda job: job["state"] == "running" and job["step"] not in (None, "starting"),
+KILL_POINTS = {  # each holds once the job is past its point, ended included (warm workers are quick)
+    "at once": lambda job: True,  # queued, or the worker just starting
+    "building": lambda job: job["step"] not in (None, "starting") or job["state"] not in ("queued", "running"),
     "late": lambda job: job["step"] in ("tuning", "indexing", "publishing", "activating")
     or job["state"] not in ("queued", "running"),
 }
@@ -121,41 +131,39 @@ def job_when(url: str, job_id: str, reached):
     return check
 
 
-def test_kill_9_of_the_server_mid_job_three_times(served_caches, fashion_train, tmp_path):
-    caches = tmp_path / "caches"
-    shutil.copytree(served_caches, caches)
-    cache = caches / "fashion"
-    before = store.list_versions(cache)
+def test_kill_9_of_the_server_mid_job_at_three_points(served_caches, fashion_train, tmp_path):
+    """Three servers side by side, each with its own copy of the caches, killed at one point
+    of a build job each; then each restarted on what the kill left."""
     upload = zipped(fashion_train)
-    options = json.dumps({"shots": 2, "views": 2, "captioner": "none"})
-    interrupted: list[str] = []
-    server = serve_process(caches, tmp_path / "run0")
-    srv = server.__enter__()
+    options = json.dumps({"shots": 16, "views": 16, "captioner": "none"})  # a few encoder batches
+    folders = {name: shutil.copytree(served_caches, tmp_path / name.replace(" ", "-") / "caches")
+               for name in KILL_POINTS}
+    before = store.list_versions(served_caches / "fashion")
+    servers = {name: start_server(folders[name], folders[name].parent / "run0", build_worker="warm") for name in KILL_POINTS}
+    seen, jobs = {}, {}
     try:
-        for number, (name, reached) in enumerate(KILL_POINTS.items(), start=1):
+        for name, reached in KILL_POINTS.items():
+            srv = wait_ready(servers[name])
             response = httpx.post(f"{srv.url}/v1/caches/fashion/builds", data={"options": options},
                                   files={"data": ("data.zip", upload, "application/zip")}, timeout=60)
             assert response.status_code == 202, response.text
-            job_id = response.json()["id"]
-            job = wait_for(job_when(srv.url, job_id, reached), f"the job {name}", srv.proc)
-            srv.proc.kill()  # kill -9, the worker with it
+            jobs[name] = response.json()["id"]
+            seen[name] = wait_for(job_when(srv.url, jobs[name], reached), f"the job {name}", srv.proc)
+            srv.proc.kill()  # kill -9, its build worker with it
             srv.proc.wait(30)
-            server.__exit__(None, None, None)
-            server = serve_process(caches, tmp_path / f"run{number}")
-            srv = server.__enter__()
-            after = httpx.get(f"{srv.url}/v1/jobs/{job_id}", timeout=30).json()
-            if job["state"] in ("queued", "running"):
-                assert after["state"] == "failed" and after["error"] == INTERRUPTED, after
-                interrupted.append(job_id)
+        servers = {name: start_server(folders[name], folders[name].parent / "run1") for name in KILL_POINTS}
+        interrupted = []
+        for name in KILL_POINTS:
+            srv, caches = wait_ready(servers[name]), folders[name]
+            after = httpx.get(f"{srv.url}/v1/jobs/{jobs[name]}", timeout=30).json()
+            if seen[name]["state"] in ("queued", "running"):
+                assert after["state"] == "failed" and after["error"] == INTERRUPTED, (name, after)
+                interrupted.append(name)
             else:  # it ended before the kill landed: reported as it ended
-                assert after["state"] == job["state"]
-            assert [p.name for p in (caches / ".jobs").iterdir()] == ["records"]
-            expected = before + ([after["version"]] if after["state"] == "succeeded" else [])
-            assert_clean(cache, expected)
-            before = expected
+                assert after["state"] == seen[name]["state"], (name, after)
+            assert [p.name for p in (caches / ".jobs").iterdir()] == ["records"], name
+            assert_clean(caches / "fashion", before + ([after["version"]] if after["state"] == "succeeded" else []))
         assert interrupted, "no kill landed while a job ran"
-        # every interrupted job is still reported after yet another start
-        listed = {j["id"]: j for j in httpx.get(f"{srv.url}/v1/jobs", timeout=30).json()["jobs"]}
-        assert all(listed[i]["error"] == INTERRUPTED for i in interrupted)
     finally:
-        server.__exit__(None, None, None)
+        for srv in servers.values():
+            stop_server(srv)

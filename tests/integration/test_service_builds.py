@@ -17,12 +17,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from kvclip import artifact as store
 from kvclip.service.build_requests import build_config
 from kvclip.service.build_worker import WorkerSpec
-from kvclip.service.jobs import ProcessRunner, ThreadRunner
+from kvclip.service.jobs import ProcessRunner, ThreadRunner, WarmRunner
 from kvclip.service.schemas import BuildOptions
 from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
 from tests.waiting import until
@@ -100,22 +99,32 @@ async def app_client(served_caches, tiny_encoder, tmp_path_factory):
     root = tmp_path_factory.mktemp("builds")
     caches = copy_caches(served_caches, root / "caches")
     (root / "allowed").mkdir()
-    # A worker on a thread would nice this process and change its torch threads: keep both.
-    config = make_config(caches, build_roots=str(root / "allowed"), max_extracted_bytes=2_000_000,
-                         build_nice=0, build_threads=torch.get_num_threads())
+    # Builds run on a thread (make_config), keeping this process's nice and torch threads.
+    config = make_config(caches, build_roots=str(root / "allowed"), max_extracted_bytes=2_000_000)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KVCLIP_API_KEYS", "reader:read,boss:admin")
         async with running_app(config, tiny_encoder) as (app, client):
-            app.state.kv.jobs.runner = ThreadRunner()
+            assert isinstance(app.state.kv.jobs.runner, ThreadRunner)
             yield app, client, root
 
 
 @pytest.fixture
 def worker_processes(app_client):
-    """This test's builds run in real spawned worker processes, as in the server."""
+    """This test's builds run in a fresh spawned worker process each (build_worker "process")."""
     jobs = app_client[0].state.kv.jobs
     jobs.runner = ProcessRunner()
     yield
+    jobs.runner = ThreadRunner()
+
+
+@pytest.fixture
+def warm_worker(app_client):
+    """This test's builds run in one warm worker process, as in the server by default."""
+    jobs = app_client[0].state.kv.jobs
+    jobs.runner = WarmRunner()
+    jobs.runner.warm()
+    yield jobs.runner
+    jobs.runner.close()
     jobs.runner = ThreadRunner()
 
 
@@ -292,12 +301,21 @@ async def test_build_scopes(client):
     assert_error(await client.get("/v1/jobs", headers={}), 401, "unauthorized")
 
 
-async def test_a_crashed_worker_fails_only_its_job(client, fashion_train, fashion_test, worker_processes):
+async def labels_build(client, cache: str) -> dict:
+    job = await wait_job(client, (await post_build(client, cache, {"labels": ["a", "b"]})).json()["id"])
+    assert job["state"] == "succeeded", job
+    return job
+
+
+async def test_a_crashed_worker_fails_only_its_job(client, fashion_train, fashion_test, warm_worker):
+    await labels_build(client, "warm-a")
+    [worker] = build_processes()
+    await labels_build(client, "warm-b")
+    assert build_processes() == [worker]  # the same process ran both jobs
     before = (await client.get("/v1/caches/fashion", headers=READ)).json()
     slow = {"shots": 16, "views": 16, "captioner": "none"}
     job_id = (await post_build(client, "fashion", slow, zip_folder(fashion_train))).json()["id"]
     await wait_job(client, job_id, until=lambda j: j["step"] == "encoding")
-    [worker] = build_processes()
     worker.kill()  # as the kernel's out-of-memory killer would
     job = await wait_job(client, job_id)
     assert job["state"] == "failed" and job["version"] is None, job
@@ -306,6 +324,24 @@ async def test_a_crashed_worker_fails_only_its_job(client, fashion_train, fashio
     assert after["version"] == before["version"] and after["versions"] == before["versions"]
     r = await client.post(CLASSIFY, params={"cache": "fashion"}, files=image_files(fashion_test, 1), headers=READ)
     assert r.status_code == 200, r.text
+    # A fresh warm worker replaces the killed one and runs the next jobs.
+    [fresh] = await until(lambda: [p for p in build_processes() if p.is_alive()], what="a fresh build worker")
+    assert fresh.pid != worker.pid
+    await labels_build(client, "warm-c")
+    assert build_processes() == [fresh]
+
+
+async def test_a_cancel_of_a_warm_workers_job_keeps_the_worker_for_the_next(client, fashion_train, warm_worker):
+    slow = {"shots": 16, "views": 16, "captioner": "none"}
+    job_id = (await post_build(client, "fashion", slow, zip_folder(fashion_train))).json()["id"]
+    await wait_job(client, job_id, until=lambda j: j["step"] == "encoding")
+    [worker] = build_processes()
+    await client.delete(f"/v1/jobs/{job_id}", headers=ADMIN)
+    job = await wait_job(client, job_id)
+    assert job["state"] == "cancelled" and job["version"] is None, job
+    # The next job is not cancelled by the earlier cancel, and runs in the same process.
+    await labels_build(client, "after-cancel")
+    assert build_processes() == [worker] and worker.is_alive()
 
 
 async def test_build_metrics(client):

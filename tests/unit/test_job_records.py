@@ -8,7 +8,7 @@ import pytest
 
 from kvclip.service import jobs as jobs_module
 from kvclip.service.archives import ArchiveTooLarge
-from kvclip.service.jobs import INTERRUPTED, JobManager
+from kvclip.service.jobs import INTERRUPTED, JobManager, WorkerHandle
 from kvclip.service.unpack_budget import UnpackBudget
 
 
@@ -89,7 +89,8 @@ def test_a_cancel_while_the_worker_loads_the_model_ends_it_at_once(tmp_path, mon
     job.progress("starting", 0, 0)
     cancel, process, outcome = threading.Event(), LoadingForever(), []
     cancel.set()
-    runner = threading.Thread(target=lambda: outcome.append(mgr._follow(job, process, Silent(), cancel)),
+    worker = WorkerHandle(Silent(), cancel, process)
+    runner = threading.Thread(target=lambda: outcome.append(mgr._follow(job, worker)),
                               daemon=True)
     runner.start()
     runner.join(60)

@@ -18,10 +18,7 @@ class ScriptedRunner(ThreadRunner):
     """Runs `worker(conn, cancel)` on a thread in place of the build worker."""
 
     def __init__(self, worker) -> None:
-        self.worker = worker
-
-    def start(self, target, spec, conn, cancel, name):
-        return super().start(lambda _spec, c, e: self.worker(c, e), spec, conn, cancel, name)
+        super().__init__(lambda _spec, conn, cancel: worker(conn, cancel))
 
 
 @pytest.fixture
