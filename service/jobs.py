@@ -247,8 +247,8 @@ class _WarmHandle(WorkerHandle):
             self.worker.join(5)
 
     def finish(self, outcome: tuple) -> int | None:
-        if outcome[-1] == EXITING:  # it failed unexpectedly and ends itself: wait for that
-            self.worker.join(30)
+        if outcome[0] == "died" or outcome[-1] == EXITING:  # it is ending (or failed and ends itself)
+            self.worker.join(30)  # reaped, so its exit code is known and a fresh one replaces it
         if self.worker.is_alive():
             return None
         self.worker.join(5)
