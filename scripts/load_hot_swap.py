@@ -60,11 +60,11 @@ def prepare(tmp: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((tmp / "test").rglob("*.png"))]
 
 
-def start(tmp: Path, port: int, header_timeout: float) -> subprocess.Popen:
+def start(tmp: Path, port: int, *flags: str) -> subprocess.Popen:
+    """`kvclip serve` over tmp/caches with extra `flags`, once /readyz answers 200."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvclip.cli", "serve", "--caches", str(tmp / "caches"), "--model", "tiny-random",
-         "--port", str(port), "--max-queue", "256", "--header-timeout-s", str(header_timeout),
-         "--log-level", "WARNING"], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+         "--port", str(port), "--log-level", "WARNING", *flags], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -168,7 +168,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         images = prepare(tmp)
         port = free_port()
-        server = start(tmp, port, args.header_timeout_s)
+        server = start(tmp, port, "--max-queue", "256", "--header-timeout-s", str(args.header_timeout_s))
         url = f"http://127.0.0.1:{port}"
         try:
             before = rss_mib(server.pid)
