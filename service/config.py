@@ -42,8 +42,8 @@ class ServerConfig:
     header_timeout_s: float = _opt("most seconds a client may take to send a request's line and headers; "
                                    "then the connection is closed with 408 (0: no limit)", 10.0)
     keep_alive_timeout_s: float = _opt("most seconds an idle keep-alive connection is kept open; longer than "
-                                       "clients keep idle pooled connections (httpx 5 s, aiohttp 15 s), so "
-                                       "that they, not the server, close them", 75.0)
+                                       "clients and proxies keep idle pooled connections (httpx 5 s, "
+                                       "ingress-nginx 60 s), so that they, not the server, close them", 75.0)
     body_timeout_s: float = _opt("most seconds a client may take to send a request's body; then 408 (0: no limit)",
                                  120.0)
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
