@@ -9,7 +9,8 @@ reuses a connection just as the server's timer closes it, the request meets the 
 server's kernel answers the unread request with a reset and the client gets httpx.ReadError.
 Here --idle-clients each reuse their one pooled connection after an idle time drawn just below
 --client-expiry-s, while --busy-clients keep the server's event loop (and the client's) loaded,
-as 64 clients did in scripts/load_hot_swap.py. It prints the idle clients' outcomes by kind.
+as 64 clients did in scripts/load_hot_swap.py. It prints the idle clients' outcomes by kind
+(and any errors of the busy ones).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import httpx
 from load_hot_swap import free_port, prepare, start
 
 
-async def run(url: str, images: list[bytes], args: argparse.Namespace) -> Counter:
+async def run(url: str, images: list[bytes], args: argparse.Namespace) -> tuple[Counter, Counter]:
     outcomes: Counter = Counter()
+    busy_errors: Counter = Counter()
     stop_at = time.monotonic() + args.seconds
 
     async def classify(client: httpx.AsyncClient, k: int) -> httpx.Response:
@@ -35,7 +37,10 @@ async def run(url: str, images: list[bytes], args: argparse.Namespace) -> Counte
 
     async def busy(client: httpx.AsyncClient, k: int) -> None:
         while time.monotonic() < stop_at:
-            await classify(client, k)
+            try:
+                await classify(client, k)
+            except httpx.HTTPError as exc:
+                busy_errors[type(exc).__name__] += 1
 
     async def idle(k: int) -> None:
         limits = httpx.Limits(keepalive_expiry=args.client_expiry_s)
@@ -51,7 +56,7 @@ async def run(url: str, images: list[bytes], args: argparse.Namespace) -> Counte
     async with httpx.AsyncClient(base_url=url, timeout=120) as shared:
         await asyncio.gather(*(busy(shared, k) for k in range(args.busy_clients)),
                              *(idle(k) for k in range(args.idle_clients)))
-    return outcomes
+    return outcomes, busy_errors
 
 
 def main() -> None:
@@ -70,14 +75,14 @@ def main() -> None:
         port = free_port()
         server = start(tmp, port, *flags)
         try:
-            outcomes = asyncio.run(run(f"http://127.0.0.1:{port}", images, args))
+            outcomes, busy_errors = asyncio.run(run(f"http://127.0.0.1:{port}", images, args))
         finally:
             server.terminate()
             server.wait(60)
     server_side = args.keep_alive_timeout_s if flags else "default"
     print(f"keep-alive: server {server_side}, client expiry {args.client_expiry_s:g} s; "
           f"{args.idle_clients} idle-reuse clients, {args.busy_clients} busy clients, {args.seconds:.0f} s")
-    print(f"  idle-reuse requests by outcome: {dict(outcomes)}")
+    print(f"  idle-reuse requests by outcome: {dict(outcomes)}; busy clients' errors: {dict(busy_errors)}")
 
 
 if __name__ == "__main__":
