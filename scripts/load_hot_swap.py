@@ -1,17 +1,25 @@
 """A hostile-load run against `kvclip serve`: many clients, hot swaps, slow clients (a script, not a test).
 
-    python scripts/load_hot_swap.py --seconds 60 --concurrency 64 --swap-every 5 --slow-clients 16
+    python scripts/load_hot_swap.py --seconds 60 --concurrency 64 --swap-every 5 --slow-clients 16 \
+        --overload-max-queue 8 --overload-seconds 20
 
 1. Builds a Fashion-MNIST cache (tiny-random model, two versions) and starts `kvclip serve`
-   on 127.0.0.1 with --max-queue 256 (small enough that 64 clients meet the 503 path).
+   on 127.0.0.1 with --max-queue 256 (more than 64 one-image clients can fill: no 503s here).
 2. Load: --concurrency closed-loop clients send one real test image per request for
    --seconds while the script activates v0001 / v0002 in turn every --swap-every seconds.
    Every answer is counted by status; a 503 must carry Retry-After and an X-Request-ID.
 3. Slow clients: --slow-clients raw sockets trickle a request one byte every 0.5 s while
    normal requests go on; each slow connection must be answered 408 or closed within
    --header-timeout-s plus a margin, and normal requests must keep being answered.
+4. Overload: a second server with --max-queue (and --max-images) --overload-max-queue takes
+   the same --concurrency clients for --overload-seconds, without swaps: the encoder queue
+   fills, so requests meet the 503 path; each 503 must carry Retry-After and X-Request-ID,
+   and its message says which limit refused it. `--overload-max-queue 0` skips the phase.
 It prints requests, errors by status, 503s with Retry-After, p50/p99 latency, swaps done,
-the server's RSS before and after, and the slow-client outcomes.
+the server's RSS before and after, the slow-client outcomes, and the overload phase's counts.
+The clients are httpx with its default pool expiry (5 s), below the server's
+--keep-alive-timeout-s: an httpx.ReadError here is a dropped connection, not a keep-alive race
+(scripts/keepalive_race.py shows that race).
 """
 from __future__ import annotations
 
@@ -60,11 +68,11 @@ def prepare(tmp: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((tmp / "test").rglob("*.png"))]
 
 
-def start(tmp: Path, port: int, header_timeout: float) -> subprocess.Popen:
+def start(tmp: Path, port: int, *flags: str) -> subprocess.Popen:
+    """`kvclip serve` over tmp/caches with extra `flags`, once /readyz answers 200."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvclip.cli", "serve", "--caches", str(tmp / "caches"), "--model", "tiny-random",
-         "--port", str(port), "--max-queue", "256", "--header-timeout-s", str(header_timeout),
-         "--log-level", "WARNING"], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+         "--port", str(port), "--log-level", "WARNING", *flags], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,6 +91,7 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float, 
     statuses: Counter = Counter()
     latencies: list[float] = []
     retry_after_503 = 0
+    refused_by: Counter = Counter()  # which limit a 503 names
     swaps = 0
     stop_at = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -102,14 +111,15 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float, 
                 statuses[r.status_code] += 1
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - start_t)
-                elif r.status_code == 503 and r.headers.get("retry-after") and r.headers.get("x-request-id"):
-                    retry_after_503 += 1
+                elif r.status_code == 503:
+                    retry_after_503 += bool(r.headers.get("retry-after") and r.headers.get("x-request-id"))
+                    refused_by[refusal(r)] += 1
                 i += concurrency
 
         async def swapper() -> None:
             nonlocal swaps
             version = 1
-            while time.monotonic() < stop_at - swap_every:
+            while swap_every > 0 and time.monotonic() < stop_at - swap_every:
                 await asyncio.sleep(swap_every)  # the swap schedule itself; nothing waits on it
                 r = await client.post("/v1/caches/fashion/activate", json={"version": f"v000{version}"})
                 swaps += r.status_code == 200
@@ -117,9 +127,22 @@ async def load(url: str, images: list[bytes], concurrency: int, seconds: float, 
 
         await asyncio.gather(swapper(), *(worker(k) for k in range(concurrency)))
     latencies.sort()
-    return {"statuses": statuses, "retry_after_503": retry_after_503, "swaps": swaps,
+    return {"statuses": statuses, "retry_after_503": retry_after_503, "refused_by": refused_by, "swaps": swaps,
             "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
             "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None}
+
+
+def refusal(response: httpx.Response) -> str:
+    """Which limit a 503 names (service/batcher.py, service/admission.py), from its JSON error."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return "not a JSON error"
+    for words, limit in (("waiting for the encoder", "--max-queue"), ("decoded", "--max-decode-backlog"),
+                         ("waited", "--max-queue-wait-s")):
+        if words in message:
+            return limit
+    return message[:60]
 
 
 def slow_client(port: int, limit_s: float) -> str:
@@ -163,12 +186,15 @@ def main() -> None:
     ap.add_argument("--swap-every", type=float, default=5)
     ap.add_argument("--slow-clients", type=int, default=16)
     ap.add_argument("--header-timeout-s", type=float, default=10)
+    ap.add_argument("--overload-max-queue", type=int, default=8, help="the overload phase's --max-queue (0: skip it)")
+    ap.add_argument("--overload-seconds", type=float, default=20)
     args = ap.parse_args()
+    overload = None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         images = prepare(tmp)
         port = free_port()
-        server = start(tmp, port, args.header_timeout_s)
+        server = start(tmp, port, "--max-queue", "256", "--header-timeout-s", str(args.header_timeout_s))
         url = f"http://127.0.0.1:{port}"
         try:
             before = rss_mib(server.pid)
@@ -179,6 +205,15 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
+        if args.overload_max_queue:
+            limit = str(args.overload_max_queue)
+            server = start(tmp, port, "--max-queue", limit, "--max-images", limit,
+                           "--header-timeout-s", str(args.header_timeout_s))
+            try:
+                overload = asyncio.run(load(url, images, args.concurrency, args.overload_seconds, 0))
+            finally:
+                server.terminate()
+                server.wait(60)
     total = sum(result["statuses"].values())
     print(f"load: {args.concurrency} clients for {args.seconds:.0f} s, a hot swap every {args.swap_every:.0f} s")
     print(f"  requests {total}; by status {dict(result['statuses'])}")
@@ -189,6 +224,14 @@ def main() -> None:
     print(f"slow clients: {args.slow_clients} trickling 1 byte / 0.5 s, --header-timeout-s {args.header_timeout_s:g}")
     print(f"  outcomes {slow['outcomes']}; normal requests answered meanwhile: {slow['normal_answered_meanwhile']}")
     print(f"  /healthz afterwards: {alive}")
+    if overload is not None:
+        print(f"overload: {args.concurrency} clients for {args.overload_seconds:.0f} s against "
+              f"--max-queue {args.overload_max_queue}, no swaps")
+        print(f"  requests {sum(overload['statuses'].values())}; by status {dict(overload['statuses'])}")
+        print(f"  503s with Retry-After and X-Request-ID: {overload['retry_after_503']} of "
+              f"{overload['statuses'].get(503, 0)}; refused by {dict(overload['refused_by'])}")
+        if overload["p50_ms"] is not None:
+            print(f"  latency of 200s: p50 {overload['p50_ms']:.0f} ms, p99 {overload['p99_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def serve(args: argparse.Namespace) -> int:
     from kvclip.models import load_encoder
     from kvclip.service import logs
     from kvclip.service.app import create_app
-    from kvclip.service.timeouts import header_timeout_protocol
+    from kvclip.service.http_server import uvicorn_config
 
     logs.configure(config.log_format, config.log_level)
     log.info("configuration %s", json.dumps(config.describe()))
@@ -61,11 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         log.info("API keys: %d configured", len(keys.digests))
     else:
         log.warning("no API keys configured: every client may classify and change caches")
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, access_log=False,
-        http=header_timeout_protocol(config.header_timeout_s),  # --header-timeout-s (service/timeouts.py)
-        timeout_graceful_shutdown=30,  # --max-concurrency is the app's (middleware.ConcurrencyLimitMiddleware)
-    ))
+    server = uvicorn.Server(uvicorn_config(app, config))
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler that was installed before it; a no-op one makes a clean shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -41,6 +41,9 @@ class ServerConfig:
     max_concurrency: int = _opt("most requests in flight before the JSON 503 with Retry-After (0: no limit)", 0)
     header_timeout_s: float = _opt("most seconds a client may take to send a request's line and headers; "
                                    "then the connection is closed with 408 (0: no limit)", 10.0)
+    keep_alive_timeout_s: float = _opt("most seconds an idle keep-alive connection is kept open; longer than "
+                                       "clients and proxies keep idle pooled connections (httpx 5 s, "
+                                       "ingress-nginx 60 s), so that they, not the server, close them", 75.0)
     body_timeout_s: float = _opt("most seconds a client may take to send a request's body; then 408 (0: no limit)",
                                  120.0)
     max_body_bytes: int = _opt("largest request body", 64 * 2**20)
@@ -86,8 +89,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0 or self.reload_interval_s < 0 or self.header_timeout_s < 0 or self.body_timeout_s < 0:
             raise ValueError("max_wait_ms, reload_interval_s, header_timeout_s and body_timeout_s cannot be negative")
-        if self.max_queue_wait_s <= 0:
-            raise ValueError("max_queue_wait_s must be positive")
+        if self.max_queue_wait_s <= 0 or self.keep_alive_timeout_s <= 0:
+            raise ValueError("max_queue_wait_s and keep_alive_timeout_s must be positive")
         if self.max_images > self.max_queue:  # such a request could never be admitted
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue})")
         if self.max_images > self.max_decode_backlog:

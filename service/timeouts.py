@@ -2,11 +2,13 @@
 
 Without one, a client sending a byte every half second holds its connection (and, once the
 headers are in, a --max-concurrency slot) for as long as it likes. uvicorn bounds only idle
-keep-alive connections (timeout_keep_alive), so:
+keep-alive connections (timeout_keep_alive, --keep-alive-timeout-s), so:
 
 - `header_timeout_protocol(s)` is uvicorn's h11 protocol with a timer from the first byte of a
   request (or from the connection's start) to the end of its headers; when it fires the
-  connection gets a 408 and is closed. Pass it as `uvicorn.Config(http=...)`.
+  connection gets a 408 and is closed. Pass it as `uvicorn.Config(http=...)`. A connection
+  idle between requests is the keep-alive timeout's alone: a 408 written there would race
+  the client's next request on that connection.
 - `BodyTimeoutMiddleware` bounds the time from the app's first read of the body to its last
   chunk; past it the request is answered 408 and the connection closed.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvclip.service.middleware import send_json
@@ -43,13 +46,35 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self.cycle is None or self.cycle.response_complete:  # waiting for a request's headers
-                if self._header_timer is None:
-                    self._arm()
             before = self.cycle
             super().data_received(data)
             if self.cycle is not before:  # the headers are in: a new request/response cycle began
                 self._disarm()
+            elif self.cycle is not None and self.cycle.response_complete:  # between requests
+                self._between_requests()
+            elif self.cycle is None and self._header_timer is None:
+                self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.cycle.response_complete and self._next_request_begun() and self._header_timer is None:
+                self._arm()  # a pipelined request's first bytes were already buffered
+
+        def _between_requests(self) -> None:
+            """Bytes came in after a response: the rest of its request's body, or the next request."""
+            if self.conn.their_state is h11.IDLE and not self._next_request_begun():
+                # Idle now. uvicorn cancelled its keep-alive timer on these bytes and re-arms it
+                # only when a response completes, so after an early answer (404, 413 before the
+                # body was read) the connection would have none.
+                self._disarm()
+                if self.timeout_keep_alive_task is None:
+                    self.timeout_keep_alive_task = self.loop.call_later(
+                        self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            elif self._header_timer is None:
+                self._arm()
+
+        def _next_request_begun(self) -> bool:
+            return self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -3,13 +3,14 @@ while the test can still reach into the app (unlike tests/server_process.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 
 import httpx
 import uvicorn
 
-from kvclip.service.timeouts import header_timeout_protocol
+from kvclip.service.http_server import uvicorn_config
 from tests.server_process import START_TIMEOUT_S, free_port
 
 
@@ -17,8 +18,8 @@ from tests.server_process import START_TIMEOUT_S, free_port
 def live_server(app, header_timeout_s: float = 10.0):
     """Yields the base URL once /readyz answers 200; stops the server on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           http=header_timeout_protocol(header_timeout_s)))
+    config = dataclasses.replace(app.state.kv.config, host="127.0.0.1", port=port, header_timeout_s=header_timeout_s)
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, name="live-server", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

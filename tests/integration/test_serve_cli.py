@@ -45,3 +45,24 @@ def test_a_loadable_model_reaches_uvicorn_with_the_configured_server(monkeypatch
     limits = [m.kwargs["limit"] for m in served.app.user_middleware if m.cls is ConcurrencyLimitMiddleware]
     assert limits == [7]
     assert served.timeout_graceful_shutdown > 0
+
+
+def test_idle_connections_outlive_client_pools_and_the_flag_reaches_uvicorn(monkeypatch, capsys, tmp_path):
+    import httpx
+
+    args = ("--caches", str(tmp_path), "--model", "tiny-random", "--device", "cpu")
+    code, err, served = run_serve(monkeypatch, capsys, *args)
+    assert code == 0, err
+    # The client must drop an idle connection before the server does (docs/server.md).
+    assert served.timeout_keep_alive > httpx.Limits().keepalive_expiry
+    code, err, served = run_serve(monkeypatch, capsys, *args, env={"KVCLIP_KEEP_ALIVE_TIMEOUT_S": "12.5"})
+    assert code == 0, err
+    assert served.timeout_keep_alive == 12.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_bad_keep_alive_timeout_is_refused_by_name(monkeypatch, capsys, tmp_path, value):
+    code, err, served = run_serve(monkeypatch, capsys, "--caches", str(tmp_path), "--model", "tiny-random",
+                                  "--keep-alive-timeout-s", value)
+    assert code == 2 and served is None
+    assert "keep_alive_timeout_s" in err and "Traceback" not in err
