@@ -36,8 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-
-REPO = Path(__file__).resolve().parents[1]
+from serving import REPO, free_port, start_server
 
 
 def rss_mib(pid: int) -> float:
@@ -45,12 +44,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kvclip(*args: str) -> None:
@@ -70,21 +63,7 @@ def prepare(tmp: Path) -> list[bytes]:
 
 def start(tmp: Path, port: int, *flags: str) -> subprocess.Popen:
     """`kvclip serve` over tmp/caches with extra `flags`, once /readyz answers 200."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvclip.cli", "serve", "--caches", str(tmp / "caches"), "--model", "tiny-random",
-         "--port", str(port), "--log-level", "WARNING", *flags], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not become ready in 300 s")
+    return start_server(tmp / "caches", port, "--model", "tiny-random", "--log-level", "WARNING", *flags)
 
 
 async def load(url: str, images: list[bytes], concurrency: int, seconds: float, swap_every: float) -> dict:
