@@ -38,11 +38,13 @@ def report_lines(report: Mapping[str, Any], captioner: Mapping[str, Any] | None 
 def captioner_line(info: Mapping[str, Any]) -> str:
     """What the captioner did and what it means for the methods served."""
     name = info.get("name", "?")
+    # Generated captions a rebuild found in the caption cache are still generated ones.
+    cached = f" ({info['cached']} from the caption cache)" if info.get("cached") else ""
     if name == "none":
         return f"captions: none; image keys only (serves zeroshot, {CACHE_ONLY_METHODS}; no caps)"
     if name != "auto":
-        return f"captions: {name}; every image captioned (serves caps too)"
-    counts = f"{info.get('sidecar', 0)} from caption files, {info.get('generated', 0)} generated"
+        return f"captions: {name}{cached}; every image captioned (serves caps too)"
+    counts = f"{info.get('sidecar', 0)} from caption files, {info.get('generated', 0)} generated{cached}"
     missing = info.get("uncaptioned", 0)
     if not missing:
         return f"captions: auto, {counts}; every image captioned (serves caps too)"

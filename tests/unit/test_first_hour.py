@@ -150,3 +150,21 @@ def test_explain_table_puts_affinities_under_their_own_header():
                      "neighbors": [{"item": 3, "label": "cat", "affinity": 0.71, "name": "c.png"}]}]})
     header = classification(answer).splitlines()[1].split()
     assert header == ["image", "rank", "label", "score", "affinity"]
+
+
+def test_explain_table_says_where_each_support_item_came_from():
+    prompt = "A photo of cat. A cat on a rug."
+    answer = Classification.from_json({
+        "cache": "pets", "version": "v0001", "method": "caps", "model": "tiny-random",
+        "results": [{"index": 0, "name": "a.png", "labels": [{"label": "cat", "score": 0.9, "logit": 3.0}],
+                     "neighbors": [
+                         {"item": 3, "label": "cat", "affinity": 0.71, "name": "c.png", "caption": "a cat",
+                          "origin": "real", "prompt": None, "generator": None},
+                         {"item": 7, "label": "cat", "affinity": 0.65, "name": "9f2e.png", "caption": prompt,
+                          "origin": "synthetic", "prompt": prompt, "generator": "CompVis/stable-diffusion-v1-4"},
+                         {"item": 8, "label": "cat", "affinity": 0.5, "name": "d.png"}]}]})  # an older server
+    lines = classification(answer).splitlines()
+    assert '~ cat (item 3, real, c.png) "a cat"' in lines[3]
+    assert (f'~ cat (item 7, synthetic by CompVis/stable-diffusion-v1-4, 9f2e.png) prompt "{prompt}"'
+            in lines[4])
+    assert "~ cat (item 8, real, d.png)" in lines[5]
