@@ -1,4 +1,5 @@
-"""The lines a finished build prints: what it read, what it skipped, its captions and its pool.
+"""The lines a finished build prints: what it read, what it skipped, its captions, its pool and
+its rendered images.
 
 One renderer for `kvclip build` (from the manifest's build report) and `kvclip caches build`
 (from the job's report, which carries the same fields plus "captioner"). Plain dicts and the
@@ -32,6 +33,13 @@ def report_lines(report: Mapping[str, Any], captioner: Mapping[str, Any] | None 
     captioner = captioner if captioner is not None else report.get("captioner")
     if captioner and report.get("used"):
         lines.append("  " + captioner_line(captioner))
+    synth = report.get("synthesis")
+    if synth:
+        per_class = ", ".join(f"{label} {c['real']}/{c['synthetic']}"
+                              for label, c in (report.get("origin_per_class") or {}).items())
+        lines.append(f"  synthetic: {synth['rendered']} rendered, {synth['reused']} reused, {synth['retried']} "
+                     f"retried, {len(synth['failed'])} failed; per class (real/synthetic): {per_class}")
+        lines += [f"  no image for {f['label']!r} ({f['prompt']}): {f['reason']}" for f in synth["failed"]]
     return lines
 
 

@@ -168,3 +168,17 @@ def test_explain_table_says_where_each_support_item_came_from():
     assert (f'~ cat (item 7, synthetic by CompVis/stable-diffusion-v1-4, 9f2e.png) prompt "{prompt}"'
             in lines[4])
     assert "~ cat (item 8, real, d.png)" in lines[5]
+
+
+def test_a_job_report_counts_support_items_per_class_by_origin():
+    # kvclip caches build prints what kvclip build prints: the renders and real/synthetic per class.
+    report = {"source": "uploaded archive pets.zip", "used": 10, "candidates": 4, "skipped_count": 0,
+              "captioner": {"name": "hf", "model": "<server path>/blip", "cached": 4},
+              "origin_per_class": {"cat": {"real": 2, "synthetic": 3}, "dog": {"real": 2, "synthetic": 3}},
+              "synthesis": {"rendered": 5, "reused": 0, "retried": 1,
+                            "failed": [{"label": "dog", "prompt": "A photo of dog.", "reason": "black image after 3 renders"}]}}
+    lines = report_lines(report)
+    assert "  captions: hf (4 from the caption cache); every image captioned (serves caps too)" in lines
+    assert ("  synthetic: 5 rendered, 0 reused, 1 retried, 1 failed; per class (real/synthetic): cat 2/3, dog 2/3"
+            in lines)
+    assert "  no image for 'dog' (A photo of dog.): black image after 3 renders" in lines
