@@ -1,8 +1,10 @@
-"""Build a cache: a mode's support set -> captions -> features -> tuning -> artifact.
+"""Build a cache: a mode's support set -> captions -> synthetic images -> features -> tuning -> artifact.
 
 `build_cache` picks the mode from the inputs (cache_builder/context.py), runs that mode's
 function (cache_builder/modes.py: labelled, labels-only, pool), which ends with a support
-set and its text weights, and then the one tail every mode shares: encode -> tune -> publish.
+set and its text weights, captions it (cache_builder/captioning.py), adds rendered images
+when asked (cache_builder/synthetic_support.py), and then runs the one tail every mode
+shares: encode -> tune -> publish.
 """
 from __future__ import annotations
 
@@ -21,14 +23,14 @@ from kvclip import artifact as store
 from kvclip.blend import CACHE_METHODS, DEFAULT_TEMPERATURE, BlendParams, CacheTensors, blend, blend_candidates
 from kvclip.cache_builder.caption_cache import build_captioner
 from kvclip.cache_builder.captioners import Captioner, NoCaptioner
+from kvclip.cache_builder.captioning import ItemCaptions, caption_support
 from kvclip.cache_builder.context import DEFAULT_MODEL, MODES, BuildConfig, BuildContext, build_mode
 from kvclip.cache_builder.duplicates import Duplicates, duplicates_report, find_duplicates
 from kvclip.cache_builder.features import SupportFeatures, encode_captions, encode_support, has_captions
 from kvclip.cache_builder.modes import MODE_SUPPORT, SupportSet
 from kvclip.cache_builder.progress import BuildMonitor
 from kvclip.cache_builder.sources import Selection, SupportItem
-from kvclip.cache_builder.synthesize import SyntheticCaptions
-from kvclip.cache_builder.synthetic_support import synthesis_config, with_synthetic
+from kvclip.cache_builder.synthetic_support import check_synthesis, synthesis_config, with_synthetic
 from kvclip.cache_builder.tune import Grid, query_ids, tune
 from kvclip.index import build_index, search_candidates
 from kvclip.manifest import (
@@ -79,17 +81,22 @@ def build_cache(config: BuildConfig, encoder: Encoder | None = None,
     """
     name = store.validate_cache_name(Path(config.out).name)
     ctx = BuildContext(config, name, build_mode(config), config.monitor or BuildMonitor(), encoder, loader)
+    check_synthesis(config)
     ctx.monitor.check()
-    support = with_synthetic(ctx, MODE_SUPPORT[ctx.mode](ctx))
-    return publish_support(ctx, support)
+    support = MODE_SUPPORT[ctx.mode](ctx)
+    captioner = (build_captioner(config, ctx.encoder.device) if support.selection.items or config.synthesize
+                 else NoCaptioner())
+    support = with_synthetic(ctx, caption_support(ctx, support, captioner))
+    return publish_support(ctx, support, captioner)
 
 
-def publish_support(ctx: BuildContext, support: SupportSet) -> BuildResult:
-    """The tail every mode shares: encode the support set, tune, index, publish."""
+def publish_support(ctx: BuildContext, support: SupportSet, captioner: Captioner) -> BuildResult:
+    """The tail every mode shares: encode the captioned support set, tune, index, publish.
+    `captioner` is the one the captioning step ran, recorded in the manifest."""
     config, items = ctx.config, support.selection.items
     # A zero-shot cache (labels only) has no captioner to run; recording "none" says so.
-    captioner = SyntheticCaptions(build_captioner(config, ctx.encoder.device)) if items else NoCaptioner()
-    features, caption_keys = encode_items(ctx, support, captioner)
+    captioner = captioner if items else NoCaptioner()
+    features, caption_keys = encode_items(ctx, support)
     duplicates = None
     if items:
         with ctx.timed("duplicates"):
@@ -184,11 +191,9 @@ def warn_duplicates(found: Duplicates, items: list[SupportItem]) -> None:
         log.warning("dropped %d exact duplicate support images (--keep-duplicates keeps them)", len(found.dropped))
 
 
-def encode_items(
-    ctx: BuildContext, support: SupportSet, captioner: Captioner
-) -> tuple[SupportFeatures, torch.Tensor | None]:
-    """The "encoding" and "captioning" steps: image keys, query features (given by a pool
-    build, which encoded them already), caption keys.
+def encode_items(ctx: BuildContext, support: SupportSet) -> tuple[SupportFeatures, torch.Tensor | None]:
+    """The "encoding" and "caption-keys" steps: image keys, query features (given by a pool
+    build, which encoded them already), caption keys of the items' captions.
 
     No items (a zero-shot cache): 0 x D arrays and no caption keys.
     """
@@ -197,12 +202,12 @@ def encode_items(
         empty = torch.empty(0, int(support.text_weights.shape[0]))
         return SupportFeatures(empty, empty.clone(), [], {"decode_s": 0.0, "encode_s": 0.0, "caption_s": 0.0}), None
     ctx.step("encoding", len(items))
-    features = encode_support(ctx.encoder, items, captioner, config.views, config.batch_size, config.seed,
+    features = encode_support(ctx.encoder, items, ItemCaptions(), config.views, config.batch_size, config.seed,
                               config.progress, ctx.monitor, support.query_features,
                               open_image=lambda item: support.images.take(item.path))
     if not has_captions(features.captions):
         return features, None
-    ctx.step("captioning", len(items))  # caption keys: a text-tower pass of its own
+    ctx.step("caption-keys", len(items))  # a text-tower pass of its own
     t0 = time.perf_counter()
     caption_keys = encode_captions(ctx.encoder, features.captions, monitor=ctx.monitor)
     features.timings["caption_keys_s"] = time.perf_counter() - t0

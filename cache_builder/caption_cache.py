@@ -88,15 +88,24 @@ class CachedCaptioner:
         return [known.get(h) for h in hashes]
 
     def describe(self) -> dict:
-        return self.inner.describe()
+        return {**self.inner.describe(), "cached": self.hits}
 
 
 def build_captioner(config: BuildConfig, device: torch.device) -> Captioner:
-    """A build's captioner; one that generates captions keeps them in the caption cache."""
-    from kvclip.cache_builder.captioners import make_captioner
+    """A build's captioner; what generates captions keeps them in the caption cache.
+
+    For `auto` only its generator is wrapped: caption files are read afresh on every build (an
+    edited .txt must win), and auto keeps counting where each caption came from."""
+    from kvclip.cache_builder.captioners import AutoCaptioner, make_captioner
 
     captioner = make_captioner(config.captioner, config.captioner_model, device,
-                               prompt=config.caption_prompt, concurrency=config.caption_concurrency)
+                               prompt=config.caption_prompt, concurrency=config.caption_concurrency,
+                               api_key=config.caption_api_key, key_from_env=config.caption_key_from_env)
+    folder = config.caption_cache or Path(config.out) / CACHE_DIR_NAME
+    if isinstance(captioner, AutoCaptioner):
+        if captioner.generator is not None:
+            captioner.generator = CachedCaptioner(captioner.generator, CaptionCache(folder))
+        return captioner
     if not captioner.needs_images:  # captions from files: nothing to keep
         return captioner
-    return CachedCaptioner(captioner, CaptionCache(config.caption_cache or Path(config.out) / CACHE_DIR_NAME))
+    return CachedCaptioner(captioner, CaptionCache(folder))

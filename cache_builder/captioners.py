@@ -73,12 +73,13 @@ class SidecarCaptioner:
 class AutoCaptioner:
     """Sidecar captions where present, CoCa captions for the rest when a model is given, else none.
 
-    describe() counts where the captions came from, so the build report says what `auto` did.
+    describe() counts where the captions came from, so the build report says what `auto` did;
+    a generator wrapped in the caption cache adds how many generated captions it had already.
     """
 
     name = "auto"
 
-    def __init__(self, generator: CocaCaptioner | None = None) -> None:
+    def __init__(self, generator: Captioner | None = None) -> None:
         self.generator = generator
         self.needs_images = generator is not None  # generation reads the decoded images
         self.counts = {"sidecar": 0, "generated": 0, "uncaptioned": 0}
@@ -146,7 +147,9 @@ def _clean(text: str) -> str:
 
 
 def make_captioner(name: str, model: str | None = None, device: torch.device | None = None,
-                   prompt: str | None = None, concurrency: int = 4) -> Captioner:
+                   prompt: str | None = None, concurrency: int = 4, api_key: str | None = None,
+                   key_from_env: bool = True) -> Captioner:
+    """`api_key` and `key_from_env` (may $OPENAI_API_KEY be used) are for openai:URL only."""
     kind, _, target = name.partition(":")
     if kind == "hf" and target:
         from kvclip.cache_builder.hf_captioner import HFCaptioner
@@ -155,7 +158,8 @@ def make_captioner(name: str, model: str | None = None, device: torch.device | N
     if kind == "openai" and target:
         from kvclip.cache_builder.openai_captioner import DEFAULT_CAPTION_PROMPT, OpenAICaptioner
 
-        return OpenAICaptioner(target, model, prompt=prompt or DEFAULT_CAPTION_PROMPT, concurrency=concurrency)
+        return OpenAICaptioner(target, model, api_key=api_key, prompt=prompt or DEFAULT_CAPTION_PROMPT,
+                               concurrency=concurrency, key_from_env=key_from_env)
     if name == "auto":
         return AutoCaptioner(CocaCaptioner(model, device) if model else None)
     if name == "none":

@@ -229,13 +229,6 @@ def run_build(args: argparse.Namespace) -> int:
         print(line)
     if report.duplicates is not None:
         print_duplicates(report.duplicates)
-    if report.synthesis is not None:
-        synth = report.synthesis
-        print(f"  synthetic: {synth.rendered} rendered, {synth.reused} reused, {synth.retried} retried, "
-              f"{len(synth.failed)} failed; per class (real/synthetic): " +
-              ", ".join(f"{lb} {c['real']}/{c['synthetic']}" for lb, c in (report.origin_per_class or {}).items()))
-        for failed in synth.failed:
-            print(f"  no image for {failed.label!r} ({failed.prompt}): {failed.reason}")
     best = m.params.methods.get(m.params.best_method)
     for line in tuning_lines(m.tuning.loo_top1, m.params.best_method, best.model_dump() if best else {},
                              pool_build=report.mode == "pool"):

@@ -67,6 +67,10 @@ class BuildConfig:
     caption_cache: Path | None = None  # generated captions kept here (default: OUT/.caption-cache)
     caption_prompt: str | None = None  # openai: the instruction sent with each image
     caption_concurrency: int = 4  # openai: requests in flight
+    # openai: the endpoint's key (never printed: repr=False); else $OPENAI_API_KEY when
+    # caption_key_from_env (a server building for a remote caller sets it False).
+    caption_api_key: str | None = field(default=None, repr=False)
+    caption_key_from_env: bool = True
     synthesize: int = 0  # Stable Diffusion images rendered per class (cache_builder/synthesize.py)
     sd_model: str = DEFAULT_SD_MODEL
     guidance: float = DEFAULT_GUIDANCE

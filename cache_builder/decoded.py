@@ -48,6 +48,12 @@ class DecodedImages:
                 self.used_bytes -= _nbytes(image)
         return image if image is not None else load_image(path)
 
+    def peek(self, path: Path) -> Image.Image:
+        """The image of `path`, kept for a later take: the kept one, else read from the file."""
+        with self._lock:
+            image = self._images.get(path)
+        return image if image is not None else load_image(path)
+
     def __len__(self) -> int:
         return len(self._images)
 

@@ -23,12 +23,16 @@ KEY_ENV = "OPENAI_API_KEY"
 MAX_SIDE = 768  # images are sent downscaled: vision models read at about this size
 
 
-def openai_client(url: str, api_key: str | None, timeout: float, retries: int):
+NO_KEY = "none"  # local servers often need no key; the client insists on one
+
+
+def openai_client(url: str, api_key: str | None, timeout: float, retries: int, key_from_env: bool = True):
+    """`key_from_env` False: never send this process's $OPENAI_API_KEY (a server building for a
+    remote caller must not hand its own key to a URL that caller chose)."""
     from openai import OpenAI  # only builds that use an endpoint import it
 
-    # Local servers often need no key; the client insists on one.
-    return OpenAI(base_url=url, api_key=api_key or os.environ.get(KEY_ENV) or "none", timeout=timeout,
-                  max_retries=retries)
+    key = api_key or (os.environ.get(KEY_ENV) if key_from_env else None) or NO_KEY
+    return OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=retries)
 
 
 def chat_text(client, model: str, content: list | str, max_tokens: int, temperature: float = 0.0) -> str:
@@ -39,8 +43,14 @@ def chat_text(client, model: str, content: list | str, max_tokens: int, temperat
         reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                max_tokens=max_tokens, temperature=temperature)
     except OpenAIError as exc:
-        raise DataError(f"chat endpoint {client.base_url} (model {model!r}): {exc}") from exc
+        raise DataError(f"chat endpoint {client.base_url} (model {model!r}): {scrubbed(str(exc), client.api_key)}") from exc
     return (reply.choices[0].message.content or "").strip()
+
+
+def scrubbed(text: str, api_key: str | None) -> str:
+    """`text` without the API key: an endpoint may quote the key it refused, and the message
+    goes into job records and logs."""
+    return text.replace(api_key, "<api key>") if api_key and api_key != NO_KEY else text
 
 
 class OpenAICaptioner:
@@ -49,7 +59,7 @@ class OpenAICaptioner:
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None,
                  prompt: str = DEFAULT_CAPTION_PROMPT, concurrency: int = 4, timeout: float = 60.0,
-                 retries: int = 3, max_tokens: int = 60) -> None:
+                 retries: int = 3, max_tokens: int = 60, key_from_env: bool = True) -> None:
         self.url = url
         self.model = model or os.environ.get(MODEL_ENV)
         if not self.model:
@@ -57,7 +67,7 @@ class OpenAICaptioner:
         self.prompt = prompt
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.client = openai_client(url, api_key, timeout, retries)
+        self.client = openai_client(url, api_key, timeout, retries, key_from_env)
 
     def caption(self, items: Sequence[SupportItem], images: Sequence[Image.Image] | None = None) -> list[str | None]:
         if images is None:

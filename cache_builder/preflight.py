@@ -20,7 +20,14 @@ from kvclip.cache_builder.sources import (
 )
 from kvclip.errors import UsageError
 from kvclip.model_names import check_model_name
-from kvclip.vocabulary import CACHE_NAME_RE, MAX_POOL_PER_CLASS, MAX_VIEWS
+from kvclip.vocabulary import (
+    CACHE_NAME_RE,
+    MAX_GUIDANCE,
+    MAX_POOL_PER_CLASS,
+    MAX_SD_STEPS,
+    MAX_SYNTHESIZE,
+    MAX_VIEWS,
+)
 
 
 def positive(value: int | None, flag: str, most: int | None = None) -> None:
@@ -61,6 +68,7 @@ def check_build(args: argparse.Namespace) -> None:
     positive(args.batch_size, "--batch-size")
     positive(args.faiss_k, "--faiss-k")
     positive(args.pool_per_class, "--pool-per-class", MAX_POOL_PER_CLASS)
+    check_synthesis_flags(args)
     if not CACHE_NAME_RE.match(args.out.name):
         raise UsageError(f"--out {args.out}: the folder's name is the cache name and must be letters, digits, "
                          "'.', '_' or '-' (starting with a letter or digit), at most 128 characters")
@@ -86,6 +94,19 @@ def check_build(args: argparse.Namespace) -> None:
                     f"no caption for {first}: expected a non-empty {first.with_suffix('.txt')} (or a \"caption\" "
                     f"field in the manifest); {len(missing)} image(s) have none. --captioner sidecar needs one for "
                     "every image: use --captioner auto to caption those that have one, or --captioner none")
+
+
+def check_synthesis_flags(args: argparse.Namespace) -> None:
+    """--synthesize K and its companions (the builder checks the same: synthetic_support.py)."""
+    if not 0 <= args.synthesize <= MAX_SYNTHESIZE:
+        raise UsageError(f"--synthesize must be 0 to {MAX_SYNTHESIZE}, not {args.synthesize}")
+    if args.synthesize == 0 and args.support == "synthetic":
+        raise UsageError("--support synthetic needs --synthesize K (images rendered per class)")
+    if args.synthesize and args.support == "real":
+        raise UsageError("--support real uses no rendered images: drop --synthesize, or use synthetic or both")
+    positive(args.steps, "--steps", MAX_SD_STEPS)
+    if not 0.0 <= args.guidance <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance must be 0 to {MAX_GUIDANCE:g}, not {args.guidance}")
 
 
 def check_eval(args: argparse.Namespace) -> None:

@@ -3,8 +3,8 @@
 `build_cache` announces each step with `step(name, total)`, reports finished units with
 `advance(n)` and calls `check()` between encoder batches and between steps, never once
 publishing has started (publishing is atomic: a cancelled build publishes nothing).
-Steps, in order, where they apply: reading, pseudo-labelling, text, synthesizing, encoding, captioning,
-tuning, indexing, publishing (docs/architecture.md).
+Steps, in order, where they apply: reading, pseudo-labelling, text, captioning, synthesizing, encoding,
+caption-keys, tuning, indexing, publishing (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from collections.abc import Callable
 from kvclip.errors import KvclipError
 
 STEPS: tuple[str, ...] = (
-    "reading", "pseudo-labelling", "text", "synthesizing", "encoding", "captioning", "tuning", "indexing", "publishing",
+    "reading", "pseudo-labelling", "text", "captioning", "synthesizing", "encoding", "caption-keys", "tuning",
+    "indexing", "publishing",
 )
 
 

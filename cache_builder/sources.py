@@ -22,7 +22,9 @@ from kvclip.textfiles import class_text, parse_labels
 class SupportItem:
     path: Path
     label: str
-    caption: str | None = None  # given by a manifest row; a synthetic image's prompt
+    # Given by a manifest row; after the captioning step, the build's caption of the image
+    # (cache_builder/captioning.py); a synthetic image's prompt.
+    caption: str | None = None
     origin: str = "real"  # or "synthetic": rendered by the build (cache_builder/synthesize.py)
 
 

@@ -173,24 +173,3 @@ def captions_by_class(items: Sequence[SupportItem], captions: Sequence[str | Non
         if caption:
             out[item.label].append(caption)
     return out
-
-
-class SyntheticCaptions:
-    """A captioner whose synthetic items keep their prompts as captions; real items go to `inner`."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.needs_images = inner.needs_images
-
-    def caption(self, items: Sequence[SupportItem], images: Sequence[Image.Image] | None = None) -> list[str | None]:
-        real = [i for i, item in enumerate(items) if item.origin != "synthetic"]
-        out: list[str | None] = [item.caption for item in items]
-        if real:
-            made = self.inner.caption([items[i] for i in real], None if images is None else [images[i] for i in real])
-            for i, text in zip(real, made):
-                out[i] = text
-        return out
-
-    def describe(self) -> dict:
-        return self.inner.describe()

@@ -1,16 +1,15 @@
 """The "synthesizing" step: add Stable Diffusion support images to a mode's support set.
 
-Real support images are captioned first (through the build's caption cache, so the encoding
-step finds those captions again) to make CapS prompts; then `--support` picks real,
-synthetic or both as the support items.
+The captioning step (cache_builder/captioning.py) has captioned the real support images
+already; their captions make the CapS prompts. Then `--support` picks real, synthetic or
+both as the support items.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from kvclip.cache_builder.caption_cache import build_captioner
-from kvclip.cache_builder.context import BuildContext
+from kvclip.cache_builder.context import BuildConfig, BuildContext
 from kvclip.cache_builder.modes import SupportSet
 from kvclip.cache_builder.sources import Selection, SupportItem
 from kvclip.cache_builder.synthesize import (
@@ -22,8 +21,7 @@ from kvclip.cache_builder.synthesize import (
     synthesize,
 )
 from kvclip.errors import DataError
-from kvclip.images import load_image
-from kvclip.vocabulary import SUPPORT_KINDS
+from kvclip.vocabulary import MAX_GUIDANCE, MAX_SD_STEPS, MAX_SYNTHESIZE, SUPPORT_KINDS
 
 
 def synthesis_config(ctx: BuildContext) -> SynthesisConfig:
@@ -32,21 +30,30 @@ def synthesis_config(ctx: BuildContext) -> SynthesisConfig:
                            seed=c.seed, batch_size=c.synthesis_batch_size)
 
 
-def with_synthetic(ctx: BuildContext, support: SupportSet) -> SupportSet:
-    config = ctx.config
+def check_synthesis(config: BuildConfig) -> None:
+    """The synthesis options, before anything is read or loaded."""
     if config.support not in SUPPORT_KINDS:
         raise DataError(f"--support must be one of {', '.join(SUPPORT_KINDS)}, not {config.support!r}")
-    if config.synthesize < 0:
-        raise DataError(f"--synthesize must be 0 or more, not {config.synthesize}")
+    if not 0 <= config.synthesize <= MAX_SYNTHESIZE:
+        raise DataError(f"--synthesize must be 0 to {MAX_SYNTHESIZE}, not {config.synthesize}")
     if config.synthesize == 0:
         if config.support == "synthetic":
             raise DataError("--support synthetic needs --synthesize K (images rendered per class)")
-        return support
+        return
     if config.support == "real":
         raise DataError("--support real uses no rendered images: drop --synthesize, or use synthetic or both")
+    if not 1 <= config.sd_steps <= MAX_SD_STEPS:
+        raise DataError(f"--steps must be 1 to {MAX_SD_STEPS}, not {config.sd_steps}")
+    if not 0.0 <= config.guidance <= MAX_GUIDANCE:  # also refuses NaN
+        raise DataError(f"--guidance must be 0 to {MAX_GUIDANCE:g}, not {config.guidance}")
+
+
+def with_synthetic(ctx: BuildContext, support: SupportSet) -> SupportSet:
+    config = ctx.config  # check_synthesis(config) passed when the build started
+    if config.synthesize == 0:
+        return support
     real = support.selection.items
-    with ctx.timed("caption_for_prompts"):
-        captions = captions_by_class(real, real_captions(ctx, real)) if real else {}
+    captions = captions_by_class(real, [item.caption for item in real])
     descriptions = support.prompts.descriptions or {}
     prompts = {label: synthesis_prompts(label, config.synthesize, captions.get(label, ()), descriptions.get(label, ()))
                for label in support.labels}
@@ -59,19 +66,6 @@ def with_synthetic(ctx: BuildContext, support: SupportSet) -> SupportSet:
     selection = Selection(support.labels, items, support.selection.skipped, support.selection.available)
     # Pool builds hand over the pool images' plain-view features; the set changed, so encode them all again.
     return dataclasses.replace(support, selection=selection, synthesis=report, query_features=None)
-
-
-def real_captions(ctx: BuildContext, items: list[SupportItem]) -> list[str | None]:
-    captioner = build_captioner(ctx.config, ctx.encoder.device)
-    if not captioner.needs_images:
-        return captioner.caption(items, None)
-    out: list[str | None] = []
-    step = ctx.config.batch_size
-    for start in range(0, len(items), step):
-        ctx.monitor.check()
-        chunk = items[start : start + step]
-        out.extend(captioner.caption(chunk, [load_image(item.path) for item in chunk]))
-    return out
 
 
 def grouped(labels: list[str], items: list[SupportItem]) -> list[SupportItem]:

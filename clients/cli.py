@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,17 +23,23 @@ from kvclip.clients.progress import JobProgress
 from kvclip.vocabulary import (
     CAPTIONERS,
     DEFAULT_CAPTIONER,
+    DEFAULT_GUIDANCE,
     DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SD_MODEL,
+    DEFAULT_SD_STEPS,
     DEFAULT_SHOTS,
     DEFAULT_TOP_K,
     DEFAULT_VIEWS,
     JOB_ID_RE,
     REQUEST_METHODS,
+    SUPPORT_KINDS,
+    captioner_spec,
 )
 
 Handler = Callable[[argparse.Namespace], int]
 
 T = TypeVar("T")
+CAPTION_KEY_ENV = "OPENAI_API_KEY"  # as kvclip build reads it for openai:URL
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +112,22 @@ def _add_build(csub: argparse._SubParsersAction, *parents: argparse.ArgumentPars
     p.add_argument("--remote-pool", metavar="DIR", help="a pool folder on the server (under its --build-roots)")
     p.add_argument("--shots", help=f"support images per class, or 'all' (server default {DEFAULT_SHOTS})")
     p.add_argument("--views", type=int, help=f"augmented views per image key (server default {DEFAULT_VIEWS})")
-    p.add_argument("--captioner", choices=CAPTIONERS, help=f"server default {DEFAULT_CAPTIONER}")
+    p.add_argument("--captioner", type=captioner_spec, metavar="CAPTIONER",
+                   help=f"{', '.join(CAPTIONERS)}, hf:NAME (a model folder under the server's --models-dir) or "
+                        f"openai:URL (server default {DEFAULT_CAPTIONER})")
+    p.add_argument("--captioner-model", help="CoCa model for coca/auto; the endpoint's model name for openai:URL")
+    p.add_argument("--caption-prompt", help="openai:URL: the instruction sent with each image")
+    p.add_argument("--caption-concurrency", type=int, help="openai:URL: requests in flight (server default 4)")
+    p.add_argument("--caption-api-key-file", type=Path,
+                   help=f"openai:URL: file holding the endpoint's key (default: ${CAPTION_KEY_ENV}, if set); "
+                        "sent to the server, never shown in its jobs")
+    p.add_argument("--synthesize", type=int, metavar="K",
+                   help="render K Stable Diffusion images per class as support items")
+    p.add_argument("--sd-model", help="with --synthesize: a model folder under the server's --models-dir "
+                                      f"(server default {DEFAULT_SD_MODEL})")
+    p.add_argument("--guidance", type=float, help=f"with --synthesize: guidance scale (server default {DEFAULT_GUIDANCE})")
+    p.add_argument("--steps", type=int, help=f"with --synthesize: denoising steps (server default {DEFAULT_SD_STEPS})")
+    p.add_argument("--support", choices=SUPPORT_KINDS, help="with --synthesize: real, synthetic or both (server default both)")
     p.add_argument("--seed", type=int)
     p.add_argument("--templates", type=Path, help="JSON list or one template per line, each with {}")
     p.add_argument("--descriptions", type=Path, help="JSON {label: [sentences]}")
@@ -145,16 +167,29 @@ def _job_id(text: str) -> str:
     return text
 
 
+def _read_key(path: Path, what: str) -> str:
+    """The first non-empty line of a key file."""
+    try:
+        key = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+    except OSError as exc:
+        raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    if not key:
+        raise InputError(f"{what} file {path} is empty")
+    return key
+
+
 def _client(args: argparse.Namespace) -> KvclipClient:
-    api_key = None
-    if args.api_key_file is not None:
-        try:
-            api_key = next((line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()), "")
-        except OSError as exc:
-            raise InputError(f"cannot read API key file {args.api_key_file}: {exc.strerror or exc}") from exc
-        if not api_key:
-            raise InputError(f"API key file {args.api_key_file} is empty")
+    api_key = None if args.api_key_file is None else _read_key(args.api_key_file, "API key")
     return KvclipClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
+
+
+def _caption_key(args: argparse.Namespace) -> str | None:
+    """The openai: endpoint's key, for openai:URL builds only (another captioner refuses one)."""
+    if args.caption_api_key_file is not None:
+        return _read_key(args.caption_api_key_file, "caption API key")
+    if (args.captioner or "").startswith("openai:"):
+        return os.environ.get(CAPTION_KEY_ENV) or None
+    return None
 
 
 def _print_call(args: argparse.Namespace, call: Callable[[KvclipClient], T],
@@ -227,7 +262,10 @@ def _caches_build(args: argparse.Namespace) -> int:
                 descriptions=args.descriptions, shots=args.shots, views=args.views, captioner=args.captioner,
                 activate=not args.no_activate, data_dir=args.remote_data, pool_dir=args.remote_pool,
                 wait=not args.no_wait, progress=progress, poll_interval=args.poll_interval,
-                seed=args.seed, pool_per_class=args.pool_per_class)
+                seed=args.seed, pool_per_class=args.pool_per_class, captioner_model=args.captioner_model,
+                caption_prompt=args.caption_prompt, caption_concurrency=args.caption_concurrency,
+                caption_api_key=_caption_key(args), synthesize=args.synthesize, sd_model=args.sd_model,
+                guidance=args.guidance, steps=args.steps, support=args.support)
     except KeyboardInterrupt:
         if watch is not None:
             watch.close()

@@ -124,20 +124,23 @@ class KvclipClient(_Settings):
                     activate: bool = True, data_dir: str | None = None, pool_dir: str | None = None,
                     wait: bool = True, progress: Callable[[Job], None] | None = None,
                     poll_interval: float = 1.0, *, seed: int | None = None,
-                    pool_per_class: int | None = None) -> Job:
+                    pool_per_class: int | None = None, **generative: Any) -> Job:
         """Build a new version of cache `name` on the server (admin).
 
         data: a local DATA/<label>/<image> folder (zipped on the fly) or a .zip/.tar/.tar.gz
         archive of one; pool: the same for unlabelled images. labels, templates: lists or
         files; descriptions: a dict or a JSON file. data_dir/pool_dir: folders on the
-        server. With wait=True, polls the job every poll_interval seconds, calls
-        progress(job) after each poll, and returns the finished job or raises JobFailed.
+        server. `generative`: the captioner and synthesis options of ops.build_options
+        (captioner_model, caption_prompt, caption_concurrency, caption_api_key, synthesize,
+        sd_model, guidance, steps, support). With wait=True, polls the job every
+        poll_interval seconds, calls progress(job) after each poll, and returns the finished
+        job or raises JobFailed.
         """
         return self._run(ops.build_cache(
             name, data=data, pool=pool, wait=wait, progress=progress, poll_interval=poll_interval,
             labels=labels, templates=templates, descriptions=descriptions, shots=shots, views=views,
             captioner=captioner, seed=seed, pool_per_class=pool_per_class, activate=activate,
-            data_dir=data_dir, pool_dir=pool_dir))
+            data_dir=data_dir, pool_dir=pool_dir, **generative))
 
     def job(self, job_id: str) -> Job:
         return self._run(ops.job(job_id))
@@ -243,7 +246,7 @@ class AsyncKvclipClient(_Settings):
                           activate: bool = True, data_dir: str | None = None, pool_dir: str | None = None,
                           wait: bool = True, progress: Callable[[Job], None] | None = None,
                           poll_interval: float = 1.0, *, seed: int | None = None,
-                          pool_per_class: int | None = None) -> Job:
+                          pool_per_class: int | None = None, **generative: Any) -> Job:
         """See KvclipClient.build_cache. `progress` is a plain function; like the rest of an
         operation's local work it runs in a worker thread, so it must not touch asyncio objects
         directly (use loop.call_soon_threadsafe)."""
@@ -251,7 +254,7 @@ class AsyncKvclipClient(_Settings):
             name, data=data, pool=pool, wait=wait, progress=progress, poll_interval=poll_interval,
             labels=labels, templates=templates, descriptions=descriptions, shots=shots, views=views,
             captioner=captioner, seed=seed, pool_per_class=pool_per_class, activate=activate,
-            data_dir=data_dir, pool_dir=pool_dir))
+            data_dir=data_dir, pool_dir=pool_dir, **generative))
 
     async def job(self, job_id: str) -> Job:
         return await self._run(ops.job(job_id))

@@ -30,11 +30,15 @@ class Neighbor:
     caption: str | None
     name: str | None
     affinity: float
+    origin: str = "real"  # or "synthetic": rendered by the build
+    prompt: str | None = None  # synthetic: what it was rendered from
+    generator: str | None = None  # synthetic: the generator's model
 
     @classmethod
     def from_json(cls, data: dict) -> Neighbor:
         return cls(item=int(data["item"]), label=data["label"], caption=data.get("caption"),
-                   name=data.get("name"), affinity=float(data["affinity"]))
+                   name=data.get("name"), affinity=float(data["affinity"]), origin=data.get("origin") or "real",
+                   prompt=data.get("prompt"), generator=data.get("generator"))
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,13 @@ def build_options(*, labels: Sequence[str] | PathLike | None = None, templates: 
                   descriptions: dict[str, list[str]] | PathLike | None = None, shots: int | str | None = None,
                   views: int | None = None, captioner: str | None = None, seed: int | None = None,
                   pool_per_class: int | None = None, activate: bool = True, data_dir: str | None = None,
-                  pool_dir: str | None = None) -> dict[str, Any]:
-    """The BuildOptions JSON; options left None are left to the server's defaults."""
+                  pool_dir: str | None = None, captioner_model: str | None = None,
+                  caption_prompt: str | None = None, caption_concurrency: int | None = None,
+                  caption_api_key: str | None = None, synthesize: int | None = None,
+                  sd_model: str | None = None, guidance: float | None = None, steps: int | None = None,
+                  support: str | None = None) -> dict[str, Any]:
+    """The BuildOptions JSON; options left None are left to the server's defaults.
+    caption_api_key goes to the server in the request body only (the server never echoes it)."""
     if isinstance(shots, str) and shots != "all":
         if not shots.isdigit():
             raise InputError(f"shots must be a number or 'all', not {shots!r}")
@@ -148,7 +153,9 @@ def build_options(*, labels: Sequence[str] | PathLike | None = None, templates: 
         "descriptions": None if descriptions is None else read_descriptions(descriptions),
         "shots": shots, "views": views, "captioner": captioner, "seed": seed,
         "pool_per_class": pool_per_class, "data_dir": data_dir, "pool_dir": pool_dir,
-        "activate": activate,
+        "activate": activate, "captioner_model": captioner_model, "caption_prompt": caption_prompt,
+        "caption_concurrency": caption_concurrency, "caption_api_key": caption_api_key,
+        "synthesize": synthesize, "sd_model": sd_model, "guidance": guidance, "steps": steps, "support": support,
     }
     return {k: v for k, v in options.items() if v is not None}
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvclip.build_summary import report_lines
-from kvclip.clients.models import CacheInfo, Classification, Job
+from kvclip.clients.models import CacheInfo, Classification, Job, Neighbor
 from kvclip.clients.progress import format_seconds
 
 
@@ -45,14 +45,21 @@ def classification(result: Classification) -> str:
             rows.append([image.name if rank == 1 and not image.abstained else "", rank, label.label,
                          f"{label.score:.4f}", ""])
         for n in image.neighbors or []:
-            caption = f' "{n.caption}"' if n.caption else ""
-            rows.append(["", "", f"  ~ {n.label} (item {n.item}, {n.name or '?'}){caption}", "",
-                         f"{n.affinity:.4f}"])
+            rows.append(["", "", f"  ~ {n.label} {neighbor_text(n)}", "", f"{n.affinity:.4f}"])
     explained = any(image.neighbors for image in result.results)
     headers = ("image", "rank", "label", "score", "affinity") if explained else ("image", "rank", "label", "score")
     rows = rows if explained else [row[:4] for row in rows]
     head = f"cache {result.cache} {result.version}, method {result.method}, model {result.model}"
     return head + "\n" + table(headers, rows, right=(1, 3, 4))
+
+
+def neighbor_text(n: Neighbor) -> str:
+    """A support item's provenance: real with its caption, or synthetic with generator and prompt."""
+    if n.origin == "synthetic":
+        by = f" by {n.generator}" if n.generator else ""
+        prompt = n.prompt or n.caption
+        return f"(item {n.item}, synthetic{by}, {n.name or '?'})" + (f' prompt "{prompt}"' if prompt else "")
+    return f"(item {n.item}, real, {n.name or '?'})" + (f' "{n.caption}"' if n.caption else "")
 
 
 def caches(infos: list[CacheInfo]) -> str:

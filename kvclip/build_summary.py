@@ -1,4 +1,5 @@
-"""The lines a finished build prints: what it read, what it skipped, its captions and its pool.
+"""The lines a finished build prints: what it read, what it skipped, its captions, its pool and
+its rendered images.
 
 One renderer for `kvclip build` (from the manifest's build report) and `kvclip caches build`
 (from the job's report, which carries the same fields plus "captioner"). Plain dicts and the
@@ -32,17 +33,26 @@ def report_lines(report: Mapping[str, Any], captioner: Mapping[str, Any] | None 
     captioner = captioner if captioner is not None else report.get("captioner")
     if captioner and report.get("used"):
         lines.append("  " + captioner_line(captioner))
+    synth = report.get("synthesis")
+    if synth:
+        per_class = ", ".join(f"{label} {c['real']}/{c['synthetic']}"
+                              for label, c in (report.get("origin_per_class") or {}).items())
+        lines.append(f"  synthetic: {synth['rendered']} rendered, {synth['reused']} reused, {synth['retried']} "
+                     f"retried, {len(synth['failed'])} failed; per class (real/synthetic): {per_class}")
+        lines += [f"  no image for {f['label']!r} ({f['prompt']}): {f['reason']}" for f in synth["failed"]]
     return lines
 
 
 def captioner_line(info: Mapping[str, Any]) -> str:
     """What the captioner did and what it means for the methods served."""
     name = info.get("name", "?")
+    # Generated captions a rebuild found in the caption cache are still generated ones.
+    cached = f" ({info['cached']} from the caption cache)" if info.get("cached") else ""
     if name == "none":
         return f"captions: none; image keys only (serves zeroshot, {CACHE_ONLY_METHODS}; no caps)"
     if name != "auto":
-        return f"captions: {name}; every image captioned (serves caps too)"
-    counts = f"{info.get('sidecar', 0)} from caption files, {info.get('generated', 0)} generated"
+        return f"captions: {name}{cached}; every image captioned (serves caps too)"
+    counts = f"{info.get('sidecar', 0)} from caption files, {info.get('generated', 0)} generated{cached}"
     missing = info.get("uncaptioned", 0)
     if not missing:
         return f"captions: auto, {counts}; every image captioned (serves caps too)"

@@ -78,6 +78,9 @@ class CaptionerInfo(_Part):
     sidecar: int | None = _optional()
     generated: int | None = _optional()
     uncaptioned: int | None = _optional()
+    # generative captioners (and auto's generator): how many of the generated captions came
+    # from the caption cache (cache_builder/caption_cache.py) instead of the model.
+    cached: int | None = _optional()
 
 
 class MethodParams(_Part):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 from typing import Final, Literal, get_args
+from urllib.parse import urlsplit
 
 # --- the package's version: pyproject.toml holds it once --------------------------------
 DISTRIBUTION = "kvclip"
@@ -46,11 +47,28 @@ CAPTIONER_PREFIXES: tuple[str, ...] = ("hf", "openai")  # hf:MODEL, openai:URL
 
 
 def captioner_spec(text: str) -> str:
-    """A captioner name (CAPTIONERS) or PREFIX:TARGET (hf:MODEL, openai:URL); argparse `type`."""
+    """A captioner name (CAPTIONERS) or PREFIX:TARGET (hf:MODEL, openai:URL); argparse `type`.
+
+    An openai: URL must be http(s) with a host and no user:password (the endpoint is recorded
+    in the manifest and job reports; a key belongs in $OPENAI_API_KEY or caption_api_key)."""
     kind, colon, target = text.partition(":")
-    if text in CAPTIONERS or (colon and kind in CAPTIONER_PREFIXES and target):
+    if text in CAPTIONERS or (colon and kind == "hf" and target.strip()):
+        return text
+    if colon and kind == "openai" and target:
+        check_endpoint(target)
         return text
     raise ValueError(f"expected one of {', '.join(CAPTIONERS)}, hf:MODEL or openai:URL, not {text!r}")
+
+
+def check_endpoint(url: str) -> str:
+    """An OpenAI-compatible base URL: http or https, a host, no credentials in it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"openai:URL needs an http:// or https:// URL with a host, not {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("openai:URL must not carry user:password (it is recorded in the manifest); "
+                         "give the key as $OPENAI_API_KEY (kvclip build) or caption_api_key (HTTP)")
+    return url
 
 
 DEFAULT_COCA_MODEL = "coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k"
@@ -61,6 +79,9 @@ SUPPORT_KINDS: tuple[str, ...] = get_args(SupportKind)
 DEFAULT_SD_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_GUIDANCE = 9.5  # CapS-Adapter's scripts
 DEFAULT_SD_STEPS = 85
+MAX_SYNTHESIZE = 1000  # rendered images per class: beyond it a build runs for days
+MAX_SD_STEPS = 1000  # the schedulers' training schedule has 1000 steps
+MAX_GUIDANCE = 100.0
 
 # --- FAISS index kinds ------------------------------------------------------------------
 IndexKind = Literal["flat", "hnsw"]

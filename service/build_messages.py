@@ -12,8 +12,12 @@ import re
 from pathlib import Path
 
 # The builder's flags that have a build option of the same meaning (service/schemas.py BuildOptions).
-_OPTION_FLAGS = ("captioner", "shots", "views", "seed", "pool-per-class", "templates", "descriptions", "labels")
-_FLAG = re.compile(r"--(" + "|".join(map(re.escape, _OPTION_FLAGS)) + r")\b(?: ([A-Za-z0-9_.:-]+))?")
+_OPTION_FLAGS = ("captioner", "captioner-model", "caption-prompt", "caption-concurrency", "shots", "views", "seed",
+                 "pool-per-class", "templates", "descriptions", "labels", "synthesize", "sd-model", "guidance",
+                 "steps", "support")
+# Longest first: --captioner must not match the start of --captioner-model.
+_FLAG = re.compile(r"--(" + "|".join(map(re.escape, sorted(_OPTION_FLAGS, key=len, reverse=True)))
+                   + r")\b(?: ([A-Za-z0-9_.:-]+))?")
 
 
 def for_http(message: str, uploads: dict[Path, str]) -> str:

@@ -38,6 +38,31 @@ def server_folder(path: str, config: ServerConfig, what: str) -> Path:
     return resolved
 
 
+def model_folder(name: str, config: ServerConfig, what: str) -> Path:
+    """A model the request names (schemas.model_folder_name checked its form): a folder under
+    --models-dir. Over HTTP a model is never a hub id or a path of the caller's choosing: loading
+    one reads (and may unpickle) whatever it names, so only what the operator put there loads."""
+    if config.models_dir is None:
+        raise HttpError(403, "forbidden", f"{what}: the server has no --models-dir, so builds over HTTP cannot "
+                        "load Hugging Face models; start it with --models-dir DIR holding the model folders")
+    root = Path(config.models_dir).resolve()
+    resolved = (root / name).resolve()
+    if resolved == root or not resolved.is_relative_to(root):  # a link out of the models folder
+        raise HttpError(403, "forbidden", f"{what} {name!r} is not a folder under the server's --models-dir")
+    if not resolved.is_dir():
+        raise HttpError(422, "invalid_parameters", f"{what} {name!r}: no such model folder under the server's "
+                        "--models-dir")
+    return resolved
+
+
+def captioner_for(options: BuildOptions, config: ServerConfig) -> str:
+    """The builder's captioner name: hf:NAME becomes hf:FOLDER under --models-dir."""
+    kind, _, target = options.captioner.partition(":")
+    if kind == "hf":
+        return f"hf:{model_folder(target, config, 'captioner')}"
+    return options.captioner
+
+
 def check_class_folders(data_root: Path) -> None:
     """The class folders' names are labels: the builder's label rules apply before the job is
     queued, so a bad name (a newline, a control character) is a 422, not a failed job."""
@@ -57,14 +82,26 @@ def build_config(
     source_name: str | None = None,
     owner: str | None = None,
 ) -> BuildConfig:
-    """The builder's configuration, the option lists handed over as values."""
+    """The builder's configuration, the option lists handed over as values; model names
+    resolved under --models-dir (HttpError 403/422 when they cannot be)."""
+    key = options.caption_api_key
     return BuildConfig(
         out=Path(config.caches) / name,
         data_dir=data_root,
         model=config.model,
         shots=None if options.shots == "all" else options.shots,
         views=options.views,
-        captioner=options.captioner,
+        captioner=captioner_for(options, config),
+        captioner_model=options.captioner_model,
+        caption_prompt=options.caption_prompt,
+        caption_concurrency=options.caption_concurrency,
+        caption_api_key=None if key is None else key.get_secret_value(),
+        caption_key_from_env=False,  # the server's own key never goes to a URL a request chose
+        synthesize=options.synthesize,
+        sd_model=str(model_folder(options.sd_model, config, "sd_model")) if options.synthesize else options.sd_model,
+        guidance=options.guidance,
+        sd_steps=options.steps,
+        support=options.support,
         templates=options.templates or None,
         descriptions=options.descriptions or None,
         labels=options.labels or None,

@@ -21,6 +21,7 @@ from PIL import Image
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
+from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError
@@ -226,6 +227,7 @@ def _neighbors(
         affinity = candidate_affinities(features, cache.tensors, ids, delta)
         values, slots = affinity.topk(min(k, ids.shape[1]), dim=-1)
         items = ids.gather(1, slots)
+    generator = cache.artifact.manifest.generator
     rows = []
     for row_items, row_values in zip(items.tolist(), values.tolist()):
         seen, row = set(), []
@@ -240,6 +242,21 @@ def _neighbors(
                 "caption": meta.get("caption"),
                 "name": str(meta.get("path", "")).rsplit("/", 1)[-1] or None,
                 "affinity": value,
+                **provenance(meta, generator),
             })
         rows.append(row)
     return rows
+
+
+def provenance(meta: dict, generator: GeneratorInfo | None) -> dict:
+    """Where a support item came from: a real image, or one the build rendered (its prompt and
+    the generator's model; a model folder on the server by its name only)."""
+    if meta.get("origin") != "synthetic":
+        return {"origin": "real", "prompt": None, "generator": None}
+    return {"origin": "synthetic", "prompt": meta.get("prompt"),
+            "generator": None if generator is None else _model_label(generator.model)}
+
+
+def _model_label(model: str) -> str:
+    """A hub id as it is; a model folder on the server by its name only (like `name` for files)."""
+    return model.rstrip("/").rsplit("/", 1)[-1] if model.startswith("/") else model

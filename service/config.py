@@ -58,6 +58,9 @@ class ServerConfig:
     api_keys_file: Path | None = _opt("file of API keys, one 'KEY SCOPE[,SCOPE]' per line", None)
     jobs_dir: Path | None = _opt("work folder of build jobs (default: CACHES/.jobs)", None)
     build_roots: str | None = _opt("server folders builds may read, ':'-separated (default: none)", None)
+    models_dir: Path | None = _opt("folder of Hugging Face models that builds over HTTP may name: captioner "
+                                   "hf:NAME and sd_model NAME are folders under it (default: none, so HTTP builds "
+                                   "cannot caption with hf: or synthesize)", None)
     max_build_bytes: int = _opt("largest build upload (archive of images)", 2 * 2**30)
     max_archive_files: int = _opt("most files in a build archive", 200_000)
     max_extracted_bytes: int = _opt("most bytes a build archive may unpack to (zip bombs)", 2 * 2**30)

@@ -38,7 +38,15 @@ def redact_report(report: dict | None) -> dict | None:
     out = {**report, "source": file_name(str(report.get("source", ""))), "skipped": _skipped(report)}
     if out.get("pool"):
         out["pool"] = {**out["pool"], "skipped": _skipped(out["pool"])}
+    captioner = out.get("captioner")
+    if isinstance(captioner, dict) and isinstance(captioner.get("model"), str):  # hf: a folder under --models-dir
+        out["captioner"] = {**captioner, "model": model_name(captioner["model"])}
     return out
+
+
+def model_name(model: str) -> str:
+    """A model as recorded: a hub id or open_clip name as it is, a server folder cut to its name."""
+    return file_name(model) if model.startswith("/") else model
 
 
 def _skipped(part: dict) -> list[dict]:

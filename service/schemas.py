@@ -3,28 +3,36 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from kvclip.cache_builder.sources import check_labels
-from kvclip.errors import DataError
+from kvclip.errors import DataError, ModelLoadError
 from kvclip.manifest import BuildReport, TunedParams
+from kvclip.model_names import check_model_name, parse_model_spec
 from kvclip.prompts import check_templates
 from kvclip.vocabulary import (
     AUTO_METHOD,
     DEFAULT_CAPTIONER,
+    DEFAULT_GUIDANCE,
     DEFAULT_POOL_PER_CLASS,
+    DEFAULT_SD_MODEL,
+    DEFAULT_SD_STEPS,
     DEFAULT_SEED,
     DEFAULT_SHOTS,
     DEFAULT_TOP_K,
     DEFAULT_VIEWS,
+    MAX_GUIDANCE,
     MAX_LABELS,
     MAX_POOL_PER_CLASS,
+    MAX_SD_STEPS,
+    MAX_SYNTHESIZE,
     MAX_TOP_K,
     MAX_VIEWS,
     VERSION_PATTERN,
-    Captioner,
     JobState,
     RequestMethod,
+    SupportKind,
+    captioner_spec,
 )
 
 MethodName = RequestMethod
@@ -92,6 +100,11 @@ class Neighbor(BaseModel):
     caption: str | None
     name: str | None = Field(description="file name of the support image")
     affinity: float
+    origin: Literal["real", "synthetic"] = Field("real", description=(
+        "real: an image the build was given; synthetic: one it rendered (build option synthesize)"))
+    prompt: str | None = Field(None, description="synthetic only: the text-to-image prompt it was rendered from")
+    generator: str | None = Field(None, description=(
+        "synthetic only: the image generator's model (a server folder by its name only)"))
 
 
 class ImageError(BaseModel):
@@ -171,7 +184,28 @@ class BuildOptions(BaseModel):
     descriptions: dict[str, list[str]] | None = Field(None, description="per-label sentences averaged into its weights")
     shots: int | Literal["all"] = Field(DEFAULT_SHOTS, description="support images per class, or 'all'")
     views: int = Field(DEFAULT_VIEWS, ge=1, le=MAX_VIEWS, description="random views averaged per image key")
-    captioner: Captioner = DEFAULT_CAPTIONER
+    captioner: str = Field(DEFAULT_CAPTIONER, max_length=2048, description=(
+        "auto, sidecar, coca, none, hf:NAME (a transformers image-to-text model: NAME is a folder under the "
+        "server's --models-dir) or openai:URL (an OpenAI-compatible vision chat endpoint, http or https)"))
+    captioner_model: str | None = Field(None, min_length=1, max_length=256, validate_default=True, description=(
+        "coca, or auto: the open_clip CoCa model name (no file paths); openai:URL: the endpoint's model name "
+        "(required there)"))
+    caption_prompt: str | None = Field(None, min_length=1, max_length=4000,
+                                       description="openai:URL only: the instruction sent with each image")
+    caption_concurrency: int = Field(4, ge=1, le=32, description="openai:URL only: requests in flight")
+    caption_api_key: SecretStr | None = Field(None, min_length=1, max_length=1024, exclude=True, description=(
+        "openai:URL only: the endpoint's API key. Write-only: never stored in job records, reports or logs; "
+        "the server never sends its own $OPENAI_API_KEY to an endpoint a request names"))
+    synthesize: int = Field(0, ge=0, le=MAX_SYNTHESIZE, description=(
+        "Stable Diffusion images rendered per class as support items (CapS prompts from the captions of the "
+        "class's real images; SuS-SD prompts from descriptions for a labels-only build)"))
+    sd_model: str = Field(DEFAULT_SD_MODEL, min_length=1, max_length=1024, description=(
+        "with synthesize: a diffusers Stable Diffusion folder under the server's --models-dir, by its name there"))
+    guidance: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                            description="with synthesize: classifier-free guidance scale")
+    steps: int = Field(DEFAULT_SD_STEPS, ge=1, le=MAX_SD_STEPS, description="with synthesize: denoising steps per image")
+    support: SupportKind = Field("both", validate_default=True,
+                                 description="with synthesize: real, synthetic or both images as support items")
     seed: int = DEFAULT_SEED
     data_dir: str | None = Field(None, description="server folder DATA/<label>/<image> under --build-roots")
     pool_dir: str | None = Field(None, description="server folder of unlabelled images under --build-roots")
@@ -218,6 +252,81 @@ class BuildOptions(BaseModel):
         if shots != "all" and shots < 1:
             raise ValueError("shots must be at least 1, or 'all'")
         return shots
+
+    @field_validator("captioner")
+    @classmethod
+    def _captioner(cls, captioner: str) -> str:
+        captioner_spec(captioner)  # the CLI's rules: a known name, hf:MODEL, openai:http(s)://HOST...
+        kind, _, target = captioner.partition(":")
+        if kind == "hf":
+            model_folder_name(target)
+        return captioner
+
+    @field_validator("sd_model")
+    @classmethod
+    def _sd_model(cls, name: str) -> str:
+        return model_folder_name(name)
+
+    # Options that mean something only with another one: checked on the later field (fields
+    # validate in order), so the error names it. validate_default: a missing one is checked too.
+    @field_validator("captioner_model")
+    @classmethod
+    def _captioner_model(cls, model: str | None, info: ValidationInfo) -> str | None:
+        kind = _captioner_kind(info)
+        if model is None:
+            if kind == "openai":
+                raise ValueError("captioner openai:URL needs captioner_model (the endpoint's model name)")
+        elif kind in ("coca", "auto"):
+            check_coca_name(model)
+        elif kind not in ("openai", None):
+            raise ValueError("captioner_model is for captioner coca, auto or openai:URL only")
+        return model
+
+    @field_validator("caption_prompt", "caption_api_key")
+    @classmethod
+    def _openai_only(cls, value: object, info: ValidationInfo) -> object:
+        if value is not None and _captioner_kind(info) not in ("openai", None):
+            raise ValueError(f"{info.field_name} is for captioner openai:URL only")
+        return value
+
+    @field_validator("support")
+    @classmethod
+    def _support(cls, support: str, info: ValidationInfo) -> str:
+        synthesize = info.data.get("synthesize")
+        if synthesize == 0 and support == "synthetic":
+            raise ValueError("support 'synthetic' needs synthesize >= 1 (images rendered per class)")
+        if synthesize and support == "real":
+            raise ValueError("support 'real' uses no rendered images: set synthesize 0, or support synthetic or both")
+        return support
+
+
+def _captioner_kind(info: ValidationInfo) -> str | None:
+    """auto, coca, hf, openai, ... of the request's captioner; None when it was itself invalid."""
+    captioner = info.data.get("captioner")
+    return None if captioner is None else captioner.partition(":")[0]
+
+
+def model_folder_name(name: str) -> str:
+    """A model named over HTTP: a relative folder name under the server's --models-dir
+    (e.g. blip-base, or a hub id such as Salesforce/blip-image-captioning-base laid out as
+    folders), never a server path of the caller's choosing. build_requests.py resolves it."""
+    parts = name.split("/")
+    if (not name.strip() or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts)
+            or any(not ch.isprintable() for ch in name)):
+        raise ValueError(f"model {name!r} must be a folder name under the server's --models-dir "
+                         "(relative, no '..', no empty parts)")
+    return name
+
+
+def check_coca_name(name: str) -> None:
+    """An open_clip CoCa model name, not a file or folder on the server."""
+    try:
+        if parse_model_spec(name).kind in ("file", "local-dir"):
+            raise ValueError(f"captioner_model {name!r} names a path on the server; over HTTP use an open_clip "
+                             "ARCH:TAG or hf-hub:ORG/REPO name")
+        check_model_name(name, "captioner_model")
+    except ModelLoadError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 class JobInfo(BaseModel):

@@ -1,6 +1,7 @@
 """An OpenAI-compatible chat-completions server on 127.0.0.1 for tests: FastAPI on uvicorn in a
-thread. It answers from `reply(request_json)`, records each request, and can fail the first
-`fail_first` requests with a 500 (the client's retries must absorb them)."""
+thread. It answers from `reply(request_json)`, records each request and its Authorization
+header, and can fail the first `fail_first` requests with a 500 (the client's retries must
+absorb them)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,9 @@ from fastapi.responses import JSONResponse
 class FakeChat:
     reply: Callable[[dict], str]
     fail_first: int = 0
+    fail_message: str = "try again"  # the error message of those failures
     requests: list[dict] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)  # each request's Authorization header
     failures: int = 0
     in_flight: int = 0
     most_in_flight: int = 0
@@ -33,8 +36,10 @@ class FakeChat:
             with self._lock:
                 if self.failures < self.fail_first:
                     self.failures += 1
-                    return JSONResponse({"error": {"message": "try again", "type": "server_error"}}, status_code=500)
+                    return JSONResponse({"error": {"message": self.fail_message, "type": "server_error"}},
+                                        status_code=500)
                 self.requests.append(body)
+                self.authorizations.append(request.headers.get("authorization"))
                 self.in_flight += 1
                 self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:

@@ -83,11 +83,26 @@ def _require_browser() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(served_caches, tmp_path_factory):
+def server(served_caches, tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("web")
     caches = copy_caches(served_caches, root / "caches")
+    build_rendered_cache(caches / "rendered", root, tiny_encoder)
     with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read"}) as srv:
         yield srv
+
+
+def build_rendered_cache(out: Path, root: Path, encoder) -> None:
+    """Labels only, 2 Stable Diffusion images per class (a tiny random pipeline): 4 synthetic items."""
+    import torch
+
+    from kvclip.cache_builder.build import BuildConfig, build_cache
+    from tests.tiny_hf import save_tiny_stable_diffusion
+
+    torch.manual_seed(0)
+    sd = save_tiny_stable_diffusion(root / "models")
+    build_cache(BuildConfig(out=out, labels=["cat", "dog"], model="tiny-random", views=1, captioner="none",
+                            synthesize=2, support="synthetic", sd_model=str(sd), sd_steps=2, progress=False,
+                            device="cpu"), encoder)
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +164,11 @@ def first_image(folder: Path) -> Path:
     return min(folder.rglob("*.png"), key=lambda p: p.name)
 
 
-def _submit(driver, files: list[Path], *, top_k: int, explain: bool) -> str:
+def _submit(driver, files: list[Path], *, top_k: int, explain: bool, cache: str = "fashion") -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    Select(driver.find_element(By.ID, "cache")).select_by_value("fashion")
+    Select(driver.find_element(By.ID, "cache")).select_by_value(cache)
     top = driver.find_element(By.ID, "top-k")
     top.clear()
     top.send_keys(str(top_k))
@@ -208,6 +223,9 @@ def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_pa
     assert len(neighbors) == len(expected["neighbors"]) > 0
     assert [_by_testid(n, "neighbor-label")[0].text for n in neighbors] == \
         [n["label"] for n in expected["neighbors"]]
+    origins = [_by_testid(n, "neighbor-origin")[0] for n in neighbors]  # real or synthetic, as the API says
+    assert [o.get_attribute("data-origin") for o in origins] == [n["origin"] for n in expected["neighbors"]]
+    assert [o.text for o in origins] == [n["origin"] for n in expected["neighbors"]]
 
     # The undecodable files: error cards next to the good result, not instead of it.
     for card, path in ((bad, broken), (text, notes)):
@@ -226,6 +244,26 @@ def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_pa
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#cache option[value="fashion"]'),
           "caches load with the stored key")
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == READ_KEY
+
+
+def test_page_shows_where_each_neighbour_came_from(browser, server, fashion_test):
+    good = first_image(fashion_test)
+    api = httpx.post(server.url + "/v1/classify", params={"cache": "rendered", "explain": "true"},
+                     files=[("file", (good.name, good.read_bytes(), "image/png"))], headers=READ, timeout=30)
+    assert api.status_code == 200, api.text
+    expected = api.json()["results"][0]["neighbors"]
+    assert len(expected) == 4 and {n["origin"] for n in expected} == {"synthetic"}
+
+    _open_with_key(browser, server.url)
+    assert _submit(browser, [good], top_k=2, explain=True, cache="rendered") == "done"
+    rows = _by_testid(_by_testid(browser, "result")[0], "neighbor")
+    origins = [_by_testid(row, "neighbor-origin")[0] for row in rows]
+    assert [o.get_attribute("data-origin") for o in origins] == ["synthetic"] * 4
+    # the generator by its folder's name, the prompt on hover and in the caption column
+    assert [_by_testid(o, "neighbor-generator")[0].text for o in origins] == [n["generator"] for n in expected]
+    assert expected[0]["generator"] == "sd"
+    assert [o.get_attribute("title") for o in origins] == [f"prompt: {n['prompt']}" for n in expected]
+    assert [_by_testid(row, "neighbor-caption")[0].text for row in rows] == [n["prompt"] for n in expected]
 
 
 def test_page_shows_a_refused_request(browser, server, fashion_test):

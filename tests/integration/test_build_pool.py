@@ -108,7 +108,7 @@ def test_pool_build_pseudo_labels_the_support_set(pool, tiny_encoder, tmp_path, 
                                          pool_dir=pool / "pool", pool_per_class=2, model="tiny-random",
                                          views=2, batch_size=8, captioner="sidecar", progress=False,
                                          monitor=log.monitor()), tiny_encoder)
-    assert log.steps() == ["reading", "pseudo-labelling", "text", "encoding", "captioning", "tuning",
+    assert log.steps() == ["reading", "pseudo-labelling", "text", "encoding", "caption-keys", "tuning",
                            "indexing", "publishing"]
     log.check_bounds()
     assert log.last("pseudo-labelling") == (41, 41)  # every pool file, the broken one included

@@ -13,6 +13,7 @@ from kvclip.service.registry import CacheRegistry
 from tests.build_helpers import ProgressLog
 
 LABELS = ["bag", "sandal", "trouser"]
+COCA = {"captioner": "coca", "captioner_model": "tiny-coca-random"}  # a generative captioner, tiny and random
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_callback_monitor_reports_and_cancels():
 def test_labelled_build_reports_every_step_in_order(captioned, tiny_encoder, tmp_path):
     log = ProgressLog()
     result = build_cache(config(captioned, tmp_path / "caches/c", monitor=log.monitor()), tiny_encoder)
-    assert log.steps() == ["reading", "text", "encoding", "captioning", "tuning", "indexing", "publishing"]
+    assert log.steps() == ["reading", "text", "encoding", "caption-keys", "tuning", "indexing", "publishing"]
     log.check_bounds()
     n = result.manifest.counts.items
     assert n == 6
@@ -71,7 +72,7 @@ def test_labelled_build_reports_every_step_in_order(captioned, tiny_encoder, tmp
     assert log.last("encoding") == (6, 6)
     encoding = [e for e in log.events if e[0] == "encoding"]
     assert [d for _, d, _ in encoding] == [0, 2, 4, 6]  # one report per encoder batch of 2 images
-    assert log.last("captioning") == (6, 6)
+    assert log.last("caption-keys") == (6, 6)
     assert log.last("tuning") == (6, 6)  # one unit per δ of the grid (captions: 6 values)
     assert log.last("indexing") == (2, 2)  # image and caption indexes
     assert log.last("publishing") == (1, 1)
@@ -85,12 +86,24 @@ def test_without_captions_there_is_no_captioning_step(captioned, tiny_encoder, t
     assert log.last("tuning") == (1, 1) and log.last("indexing") == (1, 1)
 
 
-@pytest.mark.parametrize("step, done", [
-    ("reading", 0), ("reading", 3), ("text", 0), ("encoding", 2), ("captioning", 0), ("tuning", 1),
-    ("indexing", 1),
+def test_a_generative_captioner_is_a_step_of_its_own(captioned, tiny_encoder, tmp_path):
+    # Its captions are made once, before encoding (and before rendering, whose prompts use them),
+    # one report per batch, so a job shows where a slow captioner is.
+    log = ProgressLog()
+    result = build_cache(config(captioned, tmp_path / "caches/c", monitor=log.monitor(), **COCA), tiny_encoder)
+    assert log.steps() == ["reading", "text", "captioning", "encoding", "caption-keys", "tuning", "indexing",
+                           "publishing"]
+    log.check_bounds()
+    assert [(d, t) for s, d, t in log.events if s == "captioning"] == [(0, 6), (2, 6), (4, 6), (6, 6)]
+    assert result.manifest.captioner.name == "coca" and "caps" in result.manifest.params.methods
+
+
+@pytest.mark.parametrize("step, done, captioner", [
+    ("reading", 0, {}), ("reading", 3, {}), ("text", 0, {}), ("captioning", 2, COCA), ("encoding", 2, {}),
+    ("caption-keys", 0, {}), ("tuning", 1, {}), ("indexing", 1, {}),
 ])
 def test_cancel_publishes_nothing_and_current_keeps_serving(captioned, published, tiny_encoder, tmp_path,
-                                                           step, done):
+                                                           step, done, captioner):
     root = tmp_path / "caches"
     shutil.copytree(published, root)
     registry = CacheRegistry(root, tiny_encoder)
@@ -98,11 +111,11 @@ def test_cancel_publishes_nothing_and_current_keeps_serving(captioned, published
 
     log = ProgressLog(cancel_at=(step, done))
     with pytest.raises(BuildCancelled):
-        build_cache(config(captioned, root / "c", monitor=log.monitor()), tiny_encoder)
+        build_cache(config(captioned, root / "c", monitor=log.monitor(), **captioner), tiny_encoder)
     # it stopped right there: no later step started, and a step stopped mid-way has work left
     assert log.steps()[-1] == step
-    if step == "encoding":
-        assert log.last("encoding") == (2, 6)
+    if step in ("encoding", "captioning"):
+        assert log.last(step) == (2, 6)
     assert "publishing" not in log.steps()
     assert store.list_versions(root / "c") == ["v0001"] and store.current_version(root / "c") == "v0001"
     assert not list((root / "c").glob(".staging-*"))

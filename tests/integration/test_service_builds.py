@@ -31,7 +31,8 @@ CLASSIFY = "/v1/classify"
 ADMIN = {"Authorization": "Bearer boss"}
 READ = {"Authorization": "Bearer reader"}
 FAST = {"shots": 3, "views": 2, "captioner": "none"}
-STEPS = ("starting", "activating", "reading", "pseudo-labelling", "text", "encoding", "captioning", "tuning", "indexing", "publishing")
+STEPS = ("starting", "activating", "reading", "pseudo-labelling", "text", "captioning", "synthesizing", "encoding",
+         "caption-keys", "tuning", "indexing", "publishing")
 
 
 def zip_folder(folder: Path, labels: list[str] | None = None, wrap: str | None = None) -> bytes:

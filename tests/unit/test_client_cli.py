@@ -111,3 +111,35 @@ def test_api_key_file_problems(capsys, tmp_path):
     (tmp_path / "empty").write_text("\n")
     code, _, err = run_cli(capsys, "caches", "list", "--api-key-file", str(tmp_path / "empty"))
     assert code == 2 and err.strip().endswith("is empty")
+
+
+def test_build_sends_the_generative_options_and_the_caption_key_from_a_file(fake_server, capsys, data, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "from-the-environment")
+    (tmp_path / "caption.key").write_text("\nsk-from-the-file\n")
+    handler = fake_server(build_script(job_json("queued")))
+    code, _, err = run_cli(capsys, "caches", "build", "pets", "--data", str(data), "--no-wait",
+                           "--captioner", "openai:http://vlm.internal:8000/v1", "--captioner-model", "llava",
+                           "--caption-prompt", "One sentence.", "--caption-concurrency", "2",
+                           "--caption-api-key-file", str(tmp_path / "caption.key"), "--synthesize", "4",
+                           "--sd-model", "sd-v1-4", "--guidance", "7.5", "--steps", "30", "--support", "synthetic")
+    assert code == 0, err
+    fields, _ = multipart(handler.requests[0])
+    assert json.loads(fields["options"]) == {
+        "captioner": "openai:http://vlm.internal:8000/v1", "captioner_model": "llava", "caption_prompt": "One sentence.",
+        "caption_concurrency": 2, "caption_api_key": "sk-from-the-file", "synthesize": 4, "sd_model": "sd-v1-4",
+        "guidance": 7.5, "steps": 30, "support": "synthetic", "activate": True}
+    # Without a key file an openai: build sends $OPENAI_API_KEY; another captioner sends no key.
+    for captioner, key in (("openai:https://api.example.org/v1", "from-the-environment"), ("hf:blip", None)):
+        handler = fake_server(build_script(job_json("queued")))
+        assert run_cli(capsys, "caches", "build", "pets", "--data", str(data), "--no-wait",
+                       "--captioner", captioner)[0] == 0
+        assert json.loads(multipart(handler.requests[0])[0]["options"]).get("caption_api_key") == key
+
+
+@pytest.mark.parametrize("captioner", ["hf:", "openai:ftp://x/v1", "blip"])
+def test_build_refuses_a_bad_captioner_before_any_request(fake_server, capsys, data, captioner):
+    handler = fake_server(build_script(job_json("queued")))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "caches", "build", "pets", "--data", str(data), "--captioner", captioner)
+    assert exit_.value.code == 2 and "--captioner" in capsys.readouterr().err and handler.requests == []

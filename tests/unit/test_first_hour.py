@@ -150,3 +150,35 @@ def test_explain_table_puts_affinities_under_their_own_header():
                      "neighbors": [{"item": 3, "label": "cat", "affinity": 0.71, "name": "c.png"}]}]})
     header = classification(answer).splitlines()[1].split()
     assert header == ["image", "rank", "label", "score", "affinity"]
+
+
+def test_explain_table_says_where_each_support_item_came_from():
+    prompt = "A photo of cat. A cat on a rug."
+    answer = Classification.from_json({
+        "cache": "pets", "version": "v0001", "method": "caps", "model": "tiny-random",
+        "results": [{"index": 0, "name": "a.png", "labels": [{"label": "cat", "score": 0.9, "logit": 3.0}],
+                     "neighbors": [
+                         {"item": 3, "label": "cat", "affinity": 0.71, "name": "c.png", "caption": "a cat",
+                          "origin": "real", "prompt": None, "generator": None},
+                         {"item": 7, "label": "cat", "affinity": 0.65, "name": "9f2e.png", "caption": prompt,
+                          "origin": "synthetic", "prompt": prompt, "generator": "CompVis/stable-diffusion-v1-4"},
+                         {"item": 8, "label": "cat", "affinity": 0.5, "name": "d.png"}]}]})  # an older server
+    lines = classification(answer).splitlines()
+    assert '~ cat (item 3, real, c.png) "a cat"' in lines[3]
+    assert (f'~ cat (item 7, synthetic by CompVis/stable-diffusion-v1-4, 9f2e.png) prompt "{prompt}"'
+            in lines[4])
+    assert "~ cat (item 8, real, d.png)" in lines[5]
+
+
+def test_a_job_report_counts_support_items_per_class_by_origin():
+    # kvclip caches build prints what kvclip build prints: the renders and real/synthetic per class.
+    report = {"source": "uploaded archive pets.zip", "used": 10, "candidates": 4, "skipped_count": 0,
+              "captioner": {"name": "hf", "model": "<server path>/blip", "cached": 4},
+              "origin_per_class": {"cat": {"real": 2, "synthetic": 3}, "dog": {"real": 2, "synthetic": 3}},
+              "synthesis": {"rendered": 5, "reused": 0, "retried": 1,
+                            "failed": [{"label": "dog", "prompt": "A photo of dog.", "reason": "black image after 3 renders"}]}}
+    lines = report_lines(report)
+    assert "  captions: hf (4 from the caption cache); every image captioned (serves caps too)" in lines
+    assert ("  synthetic: 5 rendered, 0 reused, 1 retried, 1 failed; per class (real/synthetic): cat 2/3, dog 2/3"
+            in lines)
+    assert "  no image for 'dog' (A photo of dog.): black image after 3 renders" in lines

@@ -35,7 +35,8 @@ def test_captioner_spec_accepts_prefixed_forms():
     assert captioner_spec("hf:/models/blip") == "hf:/models/blip"
     assert captioner_spec("openai:http://127.0.0.1:8000/v1") == "openai:http://127.0.0.1:8000/v1"
     assert captioner_spec("none") == "none"
-    for bad in ("hf:", "blip", "openai", "gpt:x"):
+    for bad in ("hf:", "hf: ", "blip", "openai", "gpt:x", "openai:ftp://host/v1", "openai:host:8000/v1",
+                "openai:http:///v1", "openai:https://user:secret@host/v1"):
         with pytest.raises(ValueError):
             captioner_spec(bad)
 
@@ -102,6 +103,27 @@ def test_openai_failure_after_retries_is_a_data_error(tmp_path):
         with pytest.raises(DataError, match="chat endpoint .*try again"):
             OpenAICaptioner(url, model="m", retries=1, timeout=30).caption(items, images)
     assert chat.failures == 2  # the first request and one retry
+
+
+def test_openai_key_from_the_environment_only_when_allowed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "the-environment-s-key")
+    chat = FakeChat(reply=lambda body: "a thing")
+    items, images = _items(tmp_path, 1)
+    with serving(chat) as url:
+        OpenAICaptioner(url, model="m").caption(items, images)
+        OpenAICaptioner(url, model="m", key_from_env=False).caption(items, images)  # a server's HTTP build
+        OpenAICaptioner(url, model="m", api_key="the-caller-s-key", key_from_env=False).caption(items, images)
+    assert chat.authorizations == ["Bearer the-environment-s-key", "Bearer none", "Bearer the-caller-s-key"]
+
+
+def test_an_endpoint_quoting_the_key_does_not_put_it_in_the_error(tmp_path):
+    key = "sk-live-0123456789"
+    chat = FakeChat(reply=lambda body: "never", fail_first=100, fail_message=f"Incorrect API key provided: {key}")
+    items, images = _items(tmp_path, 1)
+    with serving(chat) as url:
+        with pytest.raises(DataError, match="Incorrect API key provided: <api key>") as failure:
+            OpenAICaptioner(url, model="m", api_key=key, retries=0, timeout=30).caption(items, images)
+    assert key not in str(failure.value)
 
 
 def test_openai_captioner_needs_a_model_name(monkeypatch):

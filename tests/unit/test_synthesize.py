@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from kvclip.cache_builder.captioning import ItemCaptions
 from kvclip.cache_builder.sources import SupportItem
 from kvclip.cache_builder.synthesize import (
     SynthesisConfig,
-    SyntheticCaptions,
     image_seed,
     synthesis_prompts,
     synthesize,
@@ -83,18 +83,13 @@ def test_black_and_nsfw_renders_are_retried_a_bounded_number_of_times(tmp_path):
 
 
 def test_synthetic_items_keep_their_prompts_as_captions(tmp_path):
-    class Upper:
-        name, needs_images = "u", False
-
-        def caption(self, items, images=None):
-            return [item.path.stem.upper() for item in items]
-
-        def describe(self):
-            return {"name": "u"}
-
-    items = [SupportItem(tmp_path / "a.png", "cat"), SupportItem(tmp_path / "b.png", "cat", "A photo of a cat.",
-                                                                 origin="synthetic")]
-    assert SyntheticCaptions(Upper()).caption(items) == ["A", "A photo of a cat."]
+    # The encoding step reads each item's caption: the captioning step's for a real image, the
+    # prompt for a rendered one.
+    items = [SupportItem(tmp_path / "a.png", "cat", "a cat on a mat"),
+             SupportItem(tmp_path / "b.png", "cat", "A photo of a cat.", origin="synthetic"),
+             SupportItem(tmp_path / "c.png", "cat")]
+    assert ItemCaptions().caption(items) == ["a cat on a mat", "A photo of a cat.", None]
+    assert not ItemCaptions.needs_images
 
 
 def test_renderer_missing_weights_is_a_model_load_error(tmp_path):

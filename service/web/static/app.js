@@ -180,11 +180,22 @@ async function loadNeighborThumb(cache, item, cell) {
   }
 }
 
+// Real, or rendered by the build: then which generator, and its prompt on hover (the caption
+// column shows the prompt too: a rendered image's caption is its prompt).
+function originCell(n) {
+  const synthetic = n.origin === "synthetic";
+  const title = synthetic && n.prompt ? `prompt: ${n.prompt}` : null;
+  return el("td", { "data-testid": "neighbor-origin", "data-origin": n.origin ?? "real", title },
+    synthetic ? "synthetic" : "real",
+    synthetic && n.generator ? el("span", { class: "generator", "data-testid": "neighbor-generator" },
+      n.generator) : null);
+}
+
 function neighborTable(neighbors, cache) {
   if (!neighbors.length) return el("p", { "data-testid": "neighbors" }, "No support examples.");
   // A cache without captions would fill a whole column with dashes: leave the column out.
   const captioned = neighbors.some((n) => n.caption);
-  const headers = ["Image", "Label", ...(captioned ? ["Caption"] : []), "Affinity"];
+  const headers = ["Image", "Label", "Origin", ...(captioned ? ["Caption"] : []), "Affinity"];
   return el("table", { class: "neighbors", "data-testid": "neighbors" },
     el("caption", {}, "Nearest support examples"),
     el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", { scope: "col" }, h)))),
@@ -194,6 +205,7 @@ function neighborTable(neighbors, cache) {
       return el("tr", { "data-testid": "neighbor", "data-item": n.item },
         thumb,
         el("td", { "data-testid": "neighbor-label" }, n.label),
+        originCell(n),
         captioned ? el("td", { "data-testid": "neighbor-caption" }, n.caption ?? "") : null,
         el("td", {}, Number(n.affinity).toFixed(3)));
     })));
