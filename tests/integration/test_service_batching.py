@@ -230,7 +230,7 @@ async def running_batcher(encoder: FakeEncoder, **options):
 @pytest.mark.anyio
 async def test_batcher_respects_max_batch_and_returns_each_request_whole():
     encoder, metrics = FakeEncoder(), Metrics()
-    batcher = Batcher(encoder, max_batch=8, max_wait_s=0.02, max_queue=1000, metrics=metrics)
+    batcher = Batcher(encoder, max_batch=8, max_queue=1000, metrics=metrics)
     await batcher.start()
     try:
         sizes = [1, 3, 8, 5, 20, 2, 7, 1, 13, 4]
@@ -252,7 +252,7 @@ async def test_batcher_respects_max_batch_and_returns_each_request_whole():
 @pytest.mark.anyio
 async def test_batcher_splits_a_large_request_and_concatenates_in_order():
     encoder = FakeEncoder()
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=100) as batcher:
         result = await batcher.encode_images(pixels(7, 11))
         single = await batcher.encode_images(pixels(8, 1))
     assert encoder.sizes == [4, 4, 3, 1]
@@ -264,7 +264,7 @@ async def test_batcher_splits_a_large_request_and_concatenates_in_order():
 async def test_batcher_refuses_past_max_queue_whole():
     encoder, metrics = FakeEncoder(blocked=True), Metrics()
     tasks = []
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=8, metrics=metrics) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=8, metrics=metrics) as batcher:
         tasks.append(asyncio.create_task(batcher.encode_images(pixels(0, 4))))
         await encoder.wait_entered()  # that batch is on the encoder; the queue is empty again
         assert batcher.queued_images == 0
@@ -294,7 +294,7 @@ async def test_batcher_refuses_past_max_queue_whole():
 @pytest.mark.anyio
 async def test_batcher_encoder_error_fails_only_its_batch(caplog):
     encoder = FakeEncoder(blocked=True)
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=100) as batcher:
         first = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
         await encoder.wait_entered()
         bad = asyncio.create_task(batcher.encode_images(pixels(1, 4, poison=True)))  # a full batch of its own
@@ -318,7 +318,7 @@ async def test_batcher_encoder_error_fails_only_its_batch(caplog):
 @pytest.mark.anyio
 async def test_batcher_stop_fails_queued_jobs_with_stopped():
     encoder = FakeEncoder(blocked=True)
-    batcher = Batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100)
+    batcher = Batcher(encoder, max_batch=4, max_queue=100)
     await batcher.start()
     in_flight = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
     try:
@@ -346,7 +346,7 @@ async def test_batcher_stop_resolves_the_batch_in_flight():
     """A request whose batch is on the encoder when stop() is called must not hang:
     it gets its features (the encoder finished) or Stopped."""
     encoder = FakeEncoder(blocked=True)
-    batcher = Batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100)
+    batcher = Batcher(encoder, max_batch=4, max_queue=100)
     await batcher.start()
     in_flight = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
     try:
@@ -369,7 +369,7 @@ async def test_batcher_stop_resolves_the_batch_in_flight():
 @pytest.mark.anyio
 async def test_batcher_survives_cancelled_requests():
     encoder = FakeEncoder(blocked=True)
-    async with running_batcher(encoder, max_batch=8, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=8, max_queue=100) as batcher:
         running = asyncio.create_task(batcher.encode_images(pixels(0, 2)))
         await encoder.wait_entered()
         given_up = asyncio.create_task(batcher.encode_images(pixels(1, 2)))
