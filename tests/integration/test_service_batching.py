@@ -171,6 +171,57 @@ async def test_request_larger_than_max_batch_is_split_and_reassembled(served_cac
     assert hist["16.0"] == hist["count"], f"a batch exceeded max_batch=16: {hist}"
 
 
+class FirstCallHeld:
+    """The tiny encoder, whose first call blocks until released: later requests queue behind it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.release, self.sizes = inner, threading.Event(), []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(pixels.shape[0]))
+        if len(self.sizes) == 1:
+            assert self.release.wait(120), "the test never released the encoder"
+        return self.inner.encode_images(pixels)
+
+
+@pytest.mark.anyio
+async def test_one_batch_of_two_versions_and_two_methods_scores_each_request_with_its_own(
+        served_caches, tiny_encoder, images, reference, tmp_path):
+    """Scoring inside the batch groups requests by snapshot and method: requests admitted
+    before and after a swap, with zeroshot and tip, share one encoder batch and still each
+    match the image classified alone on its own version and method."""
+    caches = copy_caches(served_caches, tmp_path / "caches")
+    encoder = FirstCallHeld(tiny_encoder)
+    pool = images[:POOL]
+    async with running_app(make_config(caches, max_batch=32, max_wait_ms=0), encoder) as (app, client):
+        batcher = app.state.kv.batcher
+        held = asyncio.create_task(classify(client, [images[-1]]))
+        await until(lambda: encoder.sizes, what="the first request to reach the encoder")
+        before = [asyncio.create_task(classify(client, [item], method=SWAP_METHOD)) for item in pool[:4]]
+        plain = [asyncio.create_task(classify(client, [item])) for item in pool[8:12]]
+        await until(lambda: batcher.queued_images == 8, what="8 requests queued on v0001")
+        response = await client.post("/v1/caches/fashion/activate", json={"version": "v0002"})
+        assert response.status_code == 200, response.text
+        after = [asyncio.create_task(classify(client, [item], method=SWAP_METHOD)) for item in pool[4:8]]
+        await until(lambda: batcher.queued_images == 12, what="12 requests queued")
+        encoder.release.set()
+        await held
+        bodies = await asyncio.gather(*before, *after, *plain)
+    assert encoder.sizes == [1, 12]  # every queued request rode in one batch
+    for body, item in zip(bodies[:4], pool[:4]):
+        assert body["version"] == "v0001" and body["method"] == SWAP_METHOD
+        assert_same_result(body["results"][0], reference["v0001"][name_of(item)], name_of(item), **CACHE_METHOD)
+    for body, item in zip(bodies[4:8], pool[4:8]):
+        assert body["version"] == "v0002" and body["method"] == SWAP_METHOD
+        assert_same_result(body["results"][0], reference["v0002"][name_of(item)], name_of(item), **CACHE_METHOD)
+    for body, item in zip(bodies[8:], pool[8:12]):
+        assert body["version"] == "v0001" and body["method"] == "zeroshot"
+        assert_same_result(body["results"][0], reference["zeroshot"][name_of(item)], name_of(item), **STRICT)
+
+
 # --- 2. the Batcher, with a fake encoder ------------------------------------------------------
 
 class FakeEncoder:
