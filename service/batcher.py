@@ -1,14 +1,18 @@
 """Cross-request batching: images from concurrent requests share one encoder call.
 
-Requests put their preprocessed pixels on a bounded queue and await their features. One
-collector task takes the first waiting job, waits up to `max_wait` for more (never past
-`max_batch` images), and runs the encoder on a single worker thread, so the event loop
-stays free and the device sees one batch at a time. The encoder normalises each row on
-its own, so a request's features do not depend on its batch-mates beyond floating-point
-kernel choice (tests/integration/test_service_batching.py checks results agree).
+Requests put their preprocessed pixels on a bounded queue and await their results. One
+collector task runs one batch at a time on a single worker thread, so the event loop stays
+free and the device sees one batch at a time. It never waits on an idle device: as soon as
+the previous batch is done it takes everything queued (up to `max_batch` images), so a lone
+request starts at once and requests that arrive while a batch runs form the next one. The
+encoder normalises each row on its own, so a request's features do not depend on its
+batch-mates beyond floating-point kernel choice (tests/integration/test_service_batching.py
+checks results agree).
 
-The same worker thread runs `run_on_device` calls (per-request blends), which keeps all
-device work on one thread and ordered with the batches.
+A job may carry a `Scoring` (the blend against its cache snapshot). The batch job scores
+its jobs on the device thread right after the encoder, one call per group of jobs with the
+same `Scoring.key` (snapshot, method, options), so a request is answered with its own batch,
+blends run batched, and each group is copied to the host once.
 
 A request whose client went away leaves the queue at once (its coroutine is cancelled), and
 one that waited longer than `max_queue_wait` is answered Overloaded instead of being encoded
@@ -20,17 +24,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any
 
 import torch
 
 from kvclip.service.metrics import Metrics
 
 log = logging.getLogger("kvclip.batcher")
-T = TypeVar("T")
 
 
 class Overloaded(Exception):
@@ -45,10 +48,19 @@ class RequestTooLarge(ValueError):
     """More images than the whole queue holds: waiting would never help (413, not 503)."""
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How a job's features become its results, on the device thread."""
+
+    score: Callable[[torch.Tensor], list[Any]]  # features (k x D) -> one host-side result per row
+    key: Hashable  # jobs with equal keys are scored in one call; it must pin the cache snapshot
+
+
 @dataclass(eq=False)  # jobs are compared by identity (withdrawal from the queue)
 class _Job:
     pixels: torch.Tensor  # k x 3 x H x W
     future: asyncio.Future
+    scoring: Scoring | None = None  # None: the result is the features themselves
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -61,7 +73,6 @@ class Batcher:
         self,
         encode: Callable[[torch.Tensor], torch.Tensor],
         max_batch: int,
-        max_wait_s: float,
         max_queue: int,
         metrics: Metrics | None = None,
         max_queue_wait_s: float | None = None,
@@ -69,7 +80,6 @@ class Batcher:
     ) -> None:
         self.encode = encode
         self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.metrics = metrics
         self.max_queue_wait_s = max_queue_wait_s
@@ -119,15 +129,23 @@ class Batcher:
             self.on_failure(exc)
 
     async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Features (k x D, on the encoder's device) for one request's k images.
+        """Features (k x D, on the encoder's device) for one request's k images."""
+        parts = await self._submit(pixels, None)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        A request larger than max_batch is split; its parts queue together, so the
-        request is admitted whole or refused whole.
-        """
+    async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list[Any]:
+        """`scoring.score` of the features of one request's k images: k results, in order,
+        computed in the batch job that encoded them."""
+        parts = await self._submit(pixels, scoring)
+        return [result for part in parts for result in part]
+
+    async def _submit(self, pixels: torch.Tensor, scoring: Scoring | None) -> list[Any]:
+        """Each part's result. A request larger than max_batch is split; its parts queue
+        together, so the request is admitted whole or refused whole."""
         size = pixels.shape[0]
         self.check_room(size)
         loop = asyncio.get_running_loop()
-        jobs = [_Job(part, loop.create_future()) for part in pixels.split(self.max_batch)]
+        jobs = [_Job(part, loop.create_future(), scoring) for part in pixels.split(self.max_batch)]
         for job in jobs:
             self._jobs.append(job)
         self._queued += size
@@ -140,7 +158,7 @@ class Batcher:
             # parts must not hold queue space or be encoded for nobody.
             self._withdraw(jobs)
             raise
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return parts
 
     def check_room(self, size: int) -> None:
         """Stopped, RequestTooLarge or Overloaded unless `size` images fit the queue now; the
@@ -154,17 +172,6 @@ class Batcher:
                 self.metrics.rejected.inc()
             raise Overloaded(f"server overloaded: {self._queued} images are waiting for the encoder "
                              f"(limit {self.max_queue}); retry later")
-
-    async def run_on_device(self, fn: Callable[..., T], *args) -> T:
-        """Run fn on the device thread (after the batch in progress)."""
-        if not self.running:
-            raise Stopped("the batcher is not running")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except RuntimeError as exc:
-            if "shutdown" in str(exc):  # the executor closed between the check and the call
-                raise Stopped("the server is shutting down") from exc
-            raise
 
     def _withdraw(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -189,44 +196,38 @@ class Batcher:
             raise
 
     async def _gather_batch(self, batch: list[_Job]) -> None:
-        """Fill `batch`: the first waiting job, then others until full or max_wait passes."""
-        loop = asyncio.get_running_loop()
+        """Fill `batch` with what is queued now, up to max_batch images; wait only for the first.
+
+        The device is idle here, so waiting for more would only add latency: whatever arrives
+        while this batch runs queues up and becomes the next batch.
+        """
         while not self._jobs:
             self._wakeup.clear()
             await self._wakeup.wait()
         batch.append(self._take())
         size = batch[0].size
-        deadline = loop.time() + self.max_wait_s
-        while size < self.max_batch:
-            if self._jobs:
-                if size + self._jobs[0].size > self.max_batch:
-                    break
-                job = self._take()
-                batch.append(job)
-                size += job.size
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+        while self._jobs and size + self._jobs[0].size <= self.max_batch:
+            job = self._take()
+            batch.append(job)
+            size += job.size
 
     async def _run_batch(self, batch: list[_Job]) -> None:
         if not batch:
             return
         loop = asyncio.get_running_loop()
         try:
-            features = await loop.run_in_executor(self._executor, self._encode_batch, batch)
+            outcomes = await loop.run_in_executor(self._executor, self._run_on_device, batch)
         except Exception as exc:  # a failed batch fails its requests, never the collector
             log.exception("encoder batch of %d images failed", sum(job.size for job in batch))
             _fail(batch, exc)
             return
-        for job, part in zip(batch, features):
-            if not job.future.done():
-                job.future.set_result(part)
+        for job, outcome in zip(batch, outcomes):
+            if job.future.done():
+                continue
+            if isinstance(outcome, _Failed):
+                job.future.set_exception(outcome.error)
+            else:
+                job.future.set_result(outcome)
 
     def _take(self) -> _Job:
         job = self._jobs.popleft()
@@ -251,9 +252,38 @@ class Batcher:
             self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return list(features.split([job.size for job in batch]))
 
+    def _run_on_device(self, batch: list[_Job]) -> list[Any]:
+        """Encode the batch, then score each group of jobs that share a Scoring.key in one call;
+        one outcome per job (its features, its results, or _Failed)."""
+        outcomes: list[Any] = self._encode_batch(batch)
+        groups: dict[Hashable, list[int]] = {}
+        for i, job in enumerate(batch):
+            if job.scoring is not None:
+                groups.setdefault(job.scoring.key, []).append(i)
+        for members in groups.values():
+            parts = [outcomes[i] for i in members]
+            features = parts[0] if len(parts) == 1 else torch.cat(parts)
+            try:
+                results = batch[members[0]].scoring.score(features)
+            except Exception as exc:  # one group's failure (a bad cache) fails only that group
+                log.exception("scoring %d images failed", features.shape[0])
+                for i in members:
+                    outcomes[i] = _Failed(exc)
+                continue
+            start = 0
+            for i in members:
+                outcomes[i] = results[start:start + batch[i].size]
+                start += batch[i].size
+        return outcomes
+
     def _report_queue(self) -> None:
         if self.metrics:
             self.metrics.queue_images.set(self._queued)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
 
 
 def _fail(jobs, exc: Exception) -> None:

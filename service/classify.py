@@ -1,7 +1,8 @@
 """The classify pipeline, written once for the plain server and the Ray Serve app:
-request bytes -> image -> tensor (decode pool) -> feature (the injected encoding: the
-Batcher, or @serve.batch on Ray) -> logits (blend on the device thread) -> top-k labels and
-nearest support items -> ClassifyResponse.
+request bytes -> image -> tensor (decode pool) -> feature -> logits -> top-k labels and
+nearest support items (the injected encoding: the Batcher encodes and blends in one batch
+job; on Ray, @serve.batch encodes and the blend follows on the device thread) ->
+ClassifyResponse.
 
 Reading the body is service/parsing.py; finding the cache is the caller's (the registry, or
 a Ray replica's multiplexed slot). Failures are domain errors or HttpError, answered by
@@ -13,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -23,24 +24,22 @@ from kvclip.images import decode_image
 from kvclip.index import search_candidates
 from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
+from kvclip.service.batcher import Scoring
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError
 from kvclip.service.parsing import ClassifyRequest, RequestImage
 from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ClassifyParams, ClassifyResponse, ImageResult
 
-T = TypeVar("T")
 log = logging.getLogger("kvclip.service")
 
 
 class ImageEncoding(Protocol):
-    """How pixels become features; kvclip.service.batcher.Batcher is one."""
+    """How pixels become scored results; kvclip.service.batcher.Batcher is one."""
 
-    async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Features (k x D) for one request's k preprocessed images."""
-
-    async def run_on_device(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the thread that owns the device (after the batch in progress)."""
+    async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list:
+        """`scoring.score` of the features of one request's k preprocessed images, on the
+        thread that owns the device: k results, in order."""
 
 
 @dataclass
@@ -98,12 +97,19 @@ class ClassifyPipeline:
                               min_size=self.decode_size), images)
 
     async def score_images(self, usable: list[Prepared], cache: LoadedCache, options: ScoreOptions) -> dict[int, Scored]:
-        """tensor -> feature (batched with other requests) -> logits; by image index."""
+        """tensor -> feature -> logits, batched with other requests; by image index."""
         if not usable:
             return {}
-        features = await self.encoding.encode_images(torch.stack([p.pixels for p in usable]))
-        results = await self.encoding.run_on_device(score, features, cache, options)
+        results = await self.encoding.score_images(torch.stack([p.pixels for p in usable]),
+                                                   scoring_for(cache, options))
         return {p.index: r for p, r in zip(usable, results)}
+
+
+def scoring_for(cache: LoadedCache, options: ScoreOptions) -> Scoring:
+    """Requests scored together must share the snapshot object (a hot swap makes a new one, so
+    versions never mix) and the options; the partial holds the snapshot, keeping its id unique
+    while the job lives."""
+    return Scoring(functools.partial(score, cache=cache, options=options), key=(id(cache), options))
 
 
 def choose_method(cache: LoadedCache, requested: str) -> str:

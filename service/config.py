@@ -33,7 +33,8 @@ class ServerConfig:
     host: str = _opt("address to listen on", "127.0.0.1")
     port: int = _opt("port to listen on", 8000)
     max_batch: int = _opt("most images in one encoder batch", 32)
-    max_wait_ms: float = _opt("how long a batch waits for more images after its first", 5.0)
+    max_wait_ms: float = _opt("Ray Serve only: how long @serve.batch waits for more images after its first "
+                                "(kvclip serve never waits: an idle device starts a batch at once)", 5.0)
     max_queue: int = _opt("most images waiting for the encoder; beyond it requests get 503", 512)
     max_queue_wait_s: float = _opt("most seconds a request waits for the encoder before its 503", 30.0)
     decode_workers: int = _opt("threads decoding and preprocessing images", 2)

@@ -106,9 +106,8 @@ class ServerState:
             report = await asyncio.to_thread(self.registry.reload)
             log.info("caches loaded: %s", report.as_dict())
             self.batcher = Batcher(
-                self.encoder.encode_images, self.config.max_batch, self.config.max_wait_ms / 1000,
-                self.config.max_queue, self.metrics, max_queue_wait_s=self.config.max_queue_wait_s,
-                on_failure=self._batcher_failed,
+                self.encoder.encode_images, self.config.max_batch, self.config.max_queue, self.metrics,
+                max_queue_wait_s=self.config.max_queue_wait_s, on_failure=self._batcher_failed,
             )
             await self.batcher.start()
             self.jobs.start()

@@ -46,6 +46,7 @@ from kvclip.service.admission import BoundedDecoder
 from kvclip.service.api_caches import CacheName, summary
 from kvclip.service.api_classify import BODY_DOC, ERROR_DOC, OPENAPI_SCHEMAS, classify_query
 from kvclip.service.app import add_openapi_schemas
+from kvclip.service.batcher import Scoring
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
 from kvclip.service.deps import require
@@ -178,8 +179,10 @@ class ReplicaEncoding:
         self.batch_images = max(n for _, n in parts)
         return parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
 
-    async def run_on_device(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.device, fn, *args)
+    async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list:
+        # serve.batch returns features only, so the blend follows per request on the device thread.
+        features = await self.encode_images(pixels)
+        return await asyncio.get_running_loop().run_in_executor(self.device, scoring.score, features)
 
 
 @serve.deployment(name="KvclipClassifier")

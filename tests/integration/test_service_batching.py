@@ -171,6 +171,57 @@ async def test_request_larger_than_max_batch_is_split_and_reassembled(served_cac
     assert hist["16.0"] == hist["count"], f"a batch exceeded max_batch=16: {hist}"
 
 
+class FirstCallHeld:
+    """The tiny encoder, whose first call blocks until released: later requests queue behind it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.release, self.sizes = inner, threading.Event(), []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(pixels.shape[0]))
+        if len(self.sizes) == 1:
+            assert self.release.wait(120), "the test never released the encoder"
+        return self.inner.encode_images(pixels)
+
+
+@pytest.mark.anyio
+async def test_one_batch_of_two_versions_and_two_methods_scores_each_request_with_its_own(
+        served_caches, tiny_encoder, images, reference, tmp_path):
+    """Scoring inside the batch groups requests by snapshot and method: requests admitted
+    before and after a swap, with zeroshot and tip, share one encoder batch and still each
+    match the image classified alone on its own version and method."""
+    caches = copy_caches(served_caches, tmp_path / "caches")
+    encoder = FirstCallHeld(tiny_encoder)
+    pool = images[:POOL]
+    async with running_app(make_config(caches, max_batch=32, max_wait_ms=0), encoder) as (app, client):
+        batcher = app.state.kv.batcher
+        held = asyncio.create_task(classify(client, [images[-1]]))
+        await until(lambda: encoder.sizes, what="the first request to reach the encoder")
+        before = [asyncio.create_task(classify(client, [item], method=SWAP_METHOD)) for item in pool[:4]]
+        plain = [asyncio.create_task(classify(client, [item])) for item in pool[8:12]]
+        await until(lambda: batcher.queued_images == 8, what="8 requests queued on v0001")
+        response = await client.post("/v1/caches/fashion/activate", json={"version": "v0002"})
+        assert response.status_code == 200, response.text
+        after = [asyncio.create_task(classify(client, [item], method=SWAP_METHOD)) for item in pool[4:8]]
+        await until(lambda: batcher.queued_images == 12, what="12 requests queued")
+        encoder.release.set()
+        await held
+        bodies = await asyncio.gather(*before, *after, *plain)
+    assert encoder.sizes == [1, 12]  # every queued request rode in one batch
+    for body, item in zip(bodies[:4], pool[:4]):
+        assert body["version"] == "v0001" and body["method"] == SWAP_METHOD
+        assert_same_result(body["results"][0], reference["v0001"][name_of(item)], name_of(item), **CACHE_METHOD)
+    for body, item in zip(bodies[4:8], pool[4:8]):
+        assert body["version"] == "v0002" and body["method"] == SWAP_METHOD
+        assert_same_result(body["results"][0], reference["v0002"][name_of(item)], name_of(item), **CACHE_METHOD)
+    for body, item in zip(bodies[8:], pool[8:12]):
+        assert body["version"] == "v0001" and body["method"] == "zeroshot"
+        assert_same_result(body["results"][0], reference["zeroshot"][name_of(item)], name_of(item), **STRICT)
+
+
 # --- 2. the Batcher, with a fake encoder ------------------------------------------------------
 
 class FakeEncoder:
@@ -230,7 +281,7 @@ async def running_batcher(encoder: FakeEncoder, **options):
 @pytest.mark.anyio
 async def test_batcher_respects_max_batch_and_returns_each_request_whole():
     encoder, metrics = FakeEncoder(), Metrics()
-    batcher = Batcher(encoder, max_batch=8, max_wait_s=0.02, max_queue=1000, metrics=metrics)
+    batcher = Batcher(encoder, max_batch=8, max_queue=1000, metrics=metrics)
     await batcher.start()
     try:
         sizes = [1, 3, 8, 5, 20, 2, 7, 1, 13, 4]
@@ -252,7 +303,7 @@ async def test_batcher_respects_max_batch_and_returns_each_request_whole():
 @pytest.mark.anyio
 async def test_batcher_splits_a_large_request_and_concatenates_in_order():
     encoder = FakeEncoder()
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=100) as batcher:
         result = await batcher.encode_images(pixels(7, 11))
         single = await batcher.encode_images(pixels(8, 1))
     assert encoder.sizes == [4, 4, 3, 1]
@@ -264,7 +315,7 @@ async def test_batcher_splits_a_large_request_and_concatenates_in_order():
 async def test_batcher_refuses_past_max_queue_whole():
     encoder, metrics = FakeEncoder(blocked=True), Metrics()
     tasks = []
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=8, metrics=metrics) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=8, metrics=metrics) as batcher:
         tasks.append(asyncio.create_task(batcher.encode_images(pixels(0, 4))))
         await encoder.wait_entered()  # that batch is on the encoder; the queue is empty again
         assert batcher.queued_images == 0
@@ -294,7 +345,7 @@ async def test_batcher_refuses_past_max_queue_whole():
 @pytest.mark.anyio
 async def test_batcher_encoder_error_fails_only_its_batch(caplog):
     encoder = FakeEncoder(blocked=True)
-    async with running_batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=4, max_queue=100) as batcher:
         first = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
         await encoder.wait_entered()
         bad = asyncio.create_task(batcher.encode_images(pixels(1, 4, poison=True)))  # a full batch of its own
@@ -318,7 +369,7 @@ async def test_batcher_encoder_error_fails_only_its_batch(caplog):
 @pytest.mark.anyio
 async def test_batcher_stop_fails_queued_jobs_with_stopped():
     encoder = FakeEncoder(blocked=True)
-    batcher = Batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100)
+    batcher = Batcher(encoder, max_batch=4, max_queue=100)
     await batcher.start()
     in_flight = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
     try:
@@ -346,7 +397,7 @@ async def test_batcher_stop_resolves_the_batch_in_flight():
     """A request whose batch is on the encoder when stop() is called must not hang:
     it gets its features (the encoder finished) or Stopped."""
     encoder = FakeEncoder(blocked=True)
-    batcher = Batcher(encoder, max_batch=4, max_wait_s=0, max_queue=100)
+    batcher = Batcher(encoder, max_batch=4, max_queue=100)
     await batcher.start()
     in_flight = asyncio.create_task(batcher.encode_images(pixels(0, 4)))
     try:
@@ -369,7 +420,7 @@ async def test_batcher_stop_resolves_the_batch_in_flight():
 @pytest.mark.anyio
 async def test_batcher_survives_cancelled_requests():
     encoder = FakeEncoder(blocked=True)
-    async with running_batcher(encoder, max_batch=8, max_wait_s=0, max_queue=100) as batcher:
+    async with running_batcher(encoder, max_batch=8, max_queue=100) as batcher:
         running = asyncio.create_task(batcher.encode_images(pixels(0, 2)))
         await encoder.wait_entered()
         given_up = asyncio.create_task(batcher.encode_images(pixels(1, 2)))

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from kvclip.service.batcher import Batcher, Overloaded, Stopped
+from kvclip.service.batcher import Batcher, Overloaded, Scoring, Stopped
 from kvclip.service.config import ServerConfig
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +42,7 @@ async def until(condition, what: str) -> None:
 
 
 async def started(encoder: BlockingEncoder, **kwargs) -> Batcher:
-    batcher = Batcher(encoder, max_batch=8, max_wait_s=0, max_queue=kwargs.pop("max_queue", 4), **kwargs)
+    batcher = Batcher(encoder, max_batch=8, max_queue=kwargs.pop("max_queue", 4), **kwargs)
     await batcher.start()
     return batcher
 
@@ -107,13 +107,13 @@ async def test_work_after_shutdown_is_stopped_not_an_internal_error():
     with pytest.raises(Stopped):
         await batcher.encode_images(pixels(1))
     with pytest.raises(Stopped):
-        await batcher.run_on_device(lambda: 1)
+        await batcher.score_images(pixels(1), Scoring(lambda features: features.tolist(), key=0))
 
 
 async def test_a_dead_collector_is_reported_and_fails_what_waits():
     encoder = BlockingEncoder()
     failures: list[BaseException] = []
-    batcher = Batcher(encoder, max_batch=8, max_wait_s=0, max_queue=4, on_failure=failures.append)
+    batcher = Batcher(encoder, max_batch=8, max_queue=4, on_failure=failures.append)
     gate = asyncio.Event()
 
     async def broken(batch):
