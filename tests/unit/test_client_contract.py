@@ -118,7 +118,8 @@ def test_the_contract_check_catches_a_renamed_retyped_or_optional_server_field()
         "LabelScore.logit: the client requires it, the server may leave it out",
         "LabelScore.logit: the server sends null, the client reads <class 'float'>"]
     neighbor = pydantic.create_model("Neighbor", item=(int, ...), label=(str, ...), caption=(str | None, ...),
-                                     name=(str | None, ...), similarity=(float, ...))
+                                     name=(str | None, ...), similarity=(float, ...), origin=(str, "real"),
+                                     prompt=(str | None, None), generator=(str | None, None))
     result = pydantic.create_model("ImageResult", index=(int, ...), name=(str, ...),
                                    labels=(list[server.LabelScore], []), neighbors=(list[neighbor] | None, None),
                                    error=(server.ImageError | None, None), abstained=(bool, False))
