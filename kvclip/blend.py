@@ -368,7 +368,7 @@ def blend_candidates(
         invalid = invalid | ((ids.unsqueeze(-1) == left_out.unsqueeze(1)) & ~out_mask.unsqueeze(1)).any(dim=-1)
     affinity = candidate_affinities(features, cache, ids, p.delta)
     labels = cache.label_ids[ids]  # queries x M
-    unretrieved = _Unretrieved(features, cache, ids, labels, invalid, out_ids, out_mask)
+    unretrieved = _Unretrieved(features, cache, labels, invalid, out_ids, out_mask)
     scale = scale_for_counts(cache, unretrieved.counts)
     if p.alpha != 0.0:
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
@@ -380,6 +380,9 @@ def blend_candidates(
         kl = kl_divergence(features, cache, ids)
         (kl_min, kl_max), (a_min, a_max) = row_range(kl, invalid), row_range(affinity, invalid)
         ratio = (a_max - a_min) / (kl_max - kl_min).clamp_min(1e-12)  # rescale_rows' map: a_min + (kl − kl_min) · ratio
+        # A query with no candidate left has no range to rescale by: its KL term is 0, as its empty sum was.
+        some = (~invalid).any(dim=-1, keepdim=True)
+        kl_min, a_min, ratio = (torch.where(some, x, 0.0) for x in (kl_min, a_min, ratio))
         weights = (-(a_min + (kl - kl_min) * ratio)).masked_fill(invalid, 0.0)
         rest = -(unretrieved.kl_sums(kl) - unretrieved.rest * kl_min) * ratio - unretrieved.rest * a_min
         rest = torch.where(unretrieved.rest > 0, rest, 0.0)
@@ -392,9 +395,9 @@ class _Unretrieved:
     sums over them of quantities linear in their keys, as a class's total less the candidates'
     and the left-out items' parts (the totals come from the cache's per-class key sums)."""
 
-    def __init__(self, features: torch.Tensor, cache: CacheTensors, ids: torch.Tensor, labels: torch.Tensor,
-                 invalid: torch.Tensor, out_ids: torch.Tensor | None, out_mask: torch.Tensor | None) -> None:
-        self.features, self.cache, self.ids, self.labels, self.invalid = features, cache, ids, labels, invalid
+    def __init__(self, features: torch.Tensor, cache: CacheTensors, labels: torch.Tensor, invalid: torch.Tensor,
+                 out_ids: torch.Tensor | None, out_mask: torch.Tensor | None) -> None:
+        self.features, self.cache, self.labels, self.invalid = features, cache, labels, invalid
         self.out_ids, self.out_mask = out_ids, out_mask
         self.out_labels = None if out_ids is None else cache.label_ids[out_ids]
         self.counts = cache.class_counts.view(1, -1) - self._out_sums(None)  # items that take part

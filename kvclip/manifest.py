@@ -14,7 +14,7 @@ served by this code loses nothing. Only a change of meaning needs a new schema v
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,7 +112,7 @@ class Calibration(_Part):
         "per method: 'logit' (score = softmax(logit / T), the default), 'log-gap' "
         "(score = softmax(-log(1 + max(logit) - logit) / T)) or 'log-mix' (score = softmax(((1 - m) "
         "* -log(1 + max(logit) - logit) + m * log(1 + logit - min(logit))) / T), m in mixes)"))
-    mixes: dict[str, float] = Field(default_factory=dict, description=(
+    mixes: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict, description=(
         "per log-mix method: the share m of the log(1 + logit - min(logit)) feature"))
     target_precision: float | None = Field(None, description="--target-precision of the build, if any")
     min_score: dict[str, float] = Field(default_factory=dict, description=(

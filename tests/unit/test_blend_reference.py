@@ -355,6 +355,19 @@ def test_candidates_subset_matches_reference(method, params):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_candidates_none_valid_give_finite_logits(method):
+    """No candidate left (all -1 or left out): the KL term has no range to rescale by and adds 0."""
+    feats, tw, keys, labels, caps = make_data(seed=47)
+    cache = make_cache(tw, keys, labels, caps)
+    params = BlendParams(alpha=4.0, beta=10.0, gamma=1.5, delta=0.4)
+    got = blend_candidates(feats, cache, params, method, torch.full((Q, 5), -1))
+    assert torch.isfinite(got).all()
+    no_kl = blend_candidates(feats, cache, BlendParams(alpha=4.0, beta=10.0, delta=0.4), method,
+                             torch.full((Q, 5), -1))
+    assert float((got - no_kl).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_candidates_of_all_other_items_with_self_left_out_equal_leave_one_out(method):
     feats, tw, keys, labels, caps = make_data(seed=43)
     cache = make_cache(tw, keys, labels, caps)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from kvclip import artifact as store
 from kvclip.calibration import (
@@ -23,6 +24,7 @@ from kvclip.calibration import (
     served,
     threshold_for_precision,
 )
+from kvclip.manifest import Calibration
 from tests.manifests import V1_CACHES
 
 
@@ -107,6 +109,9 @@ def test_few_queries_choose_in_sample_and_bad_shares_are_refused():
     assert nlls[score_map.transform] == min(nlls.values()) == pytest.approx(map_nll(logits, truth, score_map))
     with pytest.raises(ValueError, match="share"):
         probabilities(logits, 1.0, "log-mix", 1.5)
+    assert Calibration(transforms={"tip": "log-mix"}, mixes={"tip": 0.25}).mix("tip") == 0.25
+    with pytest.raises(ValidationError, match="mixes"):
+        Calibration(transforms={"tip": "log-mix"}, mixes={"tip": 1.5})
 
 
 def test_ece_brier_and_risk_coverage_on_hand_made_cases():
