@@ -338,8 +338,8 @@ def topk_agreement(
         p = params[method].for_method(method)
         dense = blend(queries, cache, p, method, exclude)
         candidates = search_candidates(queries, image_index, caption_index, k + 1, p.delta)
-        candidates = candidates.masked_fill(candidates == ids.view(-1, 1), -1)  # leave self out
-        approx = blend_candidates(queries, cache, p, method, candidates)
+        # Self out of the candidates and of the estimate for the unretrieved items, as dense excludes it.
+        approx = blend_candidates(queries, cache, p, method, candidates, left_out=ids.view(-1, 1))
         report["methods"][method] = {
             "top1_agreement": float((dense.argmax(1) == approx.argmax(1)).float().mean()),
             "max_abs_logit_diff": float((dense - approx).abs().max()),

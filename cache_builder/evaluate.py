@@ -71,7 +71,7 @@ def evaluate(
         logits = blend(features, cache, artifact.params(method), method)
         threshold = artifact.default_min_score(method) if min_score is None else min_score
         methods[method] = _topk_accuracy(logits, truth) | calibration_report(
-            logits, truth, artifact.score_temperature(method), artifact.score_transform(method), threshold)
+            logits, truth, artifact.score_map(method), threshold)
         if faiss is not None and method != "zeroshot":
             approx = _faiss_logits(artifact, cache, features, method, faiss_k)
             faiss["methods"][method] = {

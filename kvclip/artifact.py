@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from kvclip import index as key_index
 from kvclip.blend import BlendParams, CacheTensors, check_method
-from kvclip.calibration import probabilities
+from kvclip.calibration import ScoreMap, served
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
 from kvclip.manifest import SCHEMA_VERSION, Manifest
@@ -111,14 +111,19 @@ class CacheArtifact:
         return 1.0 if calibration is None else calibration.temperature(method)
 
     def score_transform(self, method: str) -> str:
-        """What the temperature divides for `method`: "logit" or "log-gap" (kvclip/calibration.py)."""
+        """What the temperature divides for `method`: "logit", "log-gap" or "log-mix" (kvclip/calibration.py)."""
         calibration = self.manifest.calibration
         return "logit" if calibration is None else calibration.transform(method)
 
+    def score_map(self, method: str) -> ScoreMap:
+        """`method`'s fitted score map: transform, temperature and log-mix share (T = 1 logits for older manifests)."""
+        calibration = self.manifest.calibration
+        mix = 0.0 if calibration is None else calibration.mix(method)
+        return ScoreMap(self.score_transform(method), self.score_temperature(method), mix)
+
     def calibrated(self, logits: torch.Tensor, method: str) -> torch.Tensor:
-        """The served scores of `method`'s raw logits: kvclip.calibration.probabilities with the
-        build's temperature and transform."""
-        return probabilities(logits, self.score_temperature(method), self.score_transform(method))
+        """The served scores of `method`'s raw logits: kvclip.calibration.served with the build's map."""
+        return served(logits, self.score_map(method))
 
     def default_min_score(self, method: str) -> float | None:
         """The build's abstention threshold for `method` (None: the build set no target precision)."""

@@ -10,6 +10,8 @@ it for leave-one-out, where query i must not see support item i.
 Class balance: both cache terms are sums over items, so by default each class's sum is
 scaled by n̄ / n_c (n̄ the mean size of the non-empty classes, n_c the class's items that
 take part): a per-class mean, times a constant. Equal class sizes give exactly the old sums.
+The FAISS top-k blend (blend_candidates) keeps every item in those sums: candidates exactly,
+the rest through per-class key sums.
 """
 from __future__ import annotations
 
@@ -59,6 +61,11 @@ class CacheTensors:
     label_ids: torch.Tensor  # N int64: each item's class (sums per class are index_add_, O(N), not N x C)
     key_log_partitions: torch.Tensor  # N, log-mean-exp of each key's centred logits (see kl_divergence)
     class_counts: torch.Tensor  # C, support items per class (float32)
+    # C x D: Σ_{j∈c} k_j per class, image and caption keys: f · it is a class's summed affinity,
+    # which the candidate blend needs for the items it did not retrieve (blend_candidates).
+    class_image_sums: torch.Tensor
+    class_caption_sums: torch.Tensor | None
+    class_log_partition_sums: torch.Tensor  # C: Σ_{j∈c} key_log_partitions_j, for the same reason
     temperature: float = DEFAULT_TEMPERATURE
     balanced: bool = True  # per-class mean of the cache terms (module docstring); False: plain sums
 
@@ -90,13 +97,17 @@ class CacheTensors:
             )
         if label_ids.numel() and (label_ids.min() < 0 or label_ids.max() >= num_classes):
             raise ValueError(f"label ids must lie in [0, {num_classes})")
+        log_partitions = key_log_partitions(image_keys, text_weights, temperature)
         return cls(
             text_weights=text_weights,
             image_keys=image_keys,
             caption_keys=caption_keys,
             label_ids=label_ids,
-            key_log_partitions=key_log_partitions(image_keys, text_weights, temperature),
+            key_log_partitions=log_partitions,
             class_counts=torch.bincount(label_ids, minlength=num_classes).to(torch.float32),
+            class_image_sums=class_key_sums(image_keys, label_ids, num_classes),
+            class_caption_sums=None if caption_keys is None else class_key_sums(caption_keys, label_ids, num_classes),
+            class_log_partition_sums=class_key_sums(log_partitions.view(-1, 1), label_ids, num_classes).view(-1),
             temperature=temperature,
             balanced=balanced,
         )
@@ -122,7 +133,18 @@ class CacheTensors:
             label_ids=self.label_ids.to(device),
             key_log_partitions=self.key_log_partitions.to(device),
             class_counts=self.class_counts.to(device),
+            class_image_sums=self.class_image_sums.to(device),
+            class_caption_sums=None if self.class_caption_sums is None else self.class_caption_sums.to(device),
+            class_log_partition_sums=self.class_log_partition_sums.to(device),
         )
+
+
+def class_key_sums(keys: torch.Tensor, label_ids: torch.Tensor, num_classes: int, chunk: int = 8192) -> torch.Tensor:
+    """Σ_{j∈c} k_j per class (C x D; keys N x D), accumulated in float64 over chunks, stored as float32."""
+    sums = torch.zeros(num_classes, keys.shape[1], dtype=torch.float64, device=keys.device)
+    for start in range(0, keys.shape[0], chunk):
+        sums.index_add_(0, label_ids[start:start + chunk], keys[start:start + chunk].double())
+    return sums.to(torch.float32)
 
 
 def check_method(method: str) -> None:
@@ -178,12 +200,17 @@ def class_scale(cache: CacheTensors, exclude: torch.Tensor | None = None) -> tor
     exactly 1, and leave-one-out (n_c − 1 items) scores a mean on the same scale as serving.
     A class with no items left gets 0, as its empty sum does. All ones when not balanced.
     """
+    if exclude is None:
+        return scale_for_counts(cache, cache.class_counts.view(1, -1))
+    return scale_for_counts(cache, class_sums((~exclude).to(torch.float32), cache.label_ids, cache.num_classes))
+
+
+def scale_for_counts(cache: CacheTensors, counts: torch.Tensor) -> torch.Tensor:
+    """n̄ / n_c for the items per class that take part (`counts`, 1 x C or queries x C); 0 for a
+    class with none; all ones when the cache is not balanced (see class_scale)."""
     if not cache.balanced:
         return torch.ones(1, cache.num_classes, device=cache.device)
-    counts = cache.class_counts.view(1, -1)
-    mean_size = cache.num_items / max(1, int((counts > 0).sum()))
-    if exclude is not None:
-        counts = class_sums((~exclude).to(torch.float32), cache.label_ids, cache.num_classes)
+    mean_size = cache.num_items / max(1, int((cache.class_counts > 0).sum()))
     return torch.where(counts > 0, mean_size / counts.clamp_min(1.0), 0.0)
 
 
@@ -223,18 +250,32 @@ def kl_divergence(
     p = s(f) − 1/C (computed as expm1(ũ − lme(ũ)) / C), so the item term is one matmul,
     (p W_tᵀ / T) k_jᵀ, and lme(ṽ_j) is precomputed per key. O(queries × N) memory.
     """
-    logits = features @ cache.text_weights / cache.temperature
-    centred = logits - logits.mean(dim=-1, keepdim=True)
-    log_partition = centred_log_partition(logits).unsqueeze(-1)
-    excess = torch.expm1(centred - log_partition) / cache.num_classes  # s(f) − 1/C
-    own = (excess * centred).sum(dim=-1, keepdim=True) - log_partition
-    direction = excess @ cache.text_weights.T / cache.temperature  # queries x D
+    own, direction = _query_kl_terms(features, cache)
     if ids is None:
         cross = direction @ cache.image_keys.T - cache.key_log_partitions
     else:
         keys = cache.image_keys[ids]  # queries x M x D
         cross = torch.einsum("qd,qmd->qm", direction, keys) - cache.key_log_partitions[ids]
     return own - cross
+
+
+def _query_kl_terms(features: torch.Tensor, cache: CacheTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query's parts of kl_divergence: s(f)·ũ − lme(ũ) (queries x 1) and p W_tᵀ / T (queries x D),
+    so that KL_j = own − (direction · k_j − lme(ṽ_j)): linear in the key k_j."""
+    logits = features @ cache.text_weights / cache.temperature
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    log_partition = centred_log_partition(logits).unsqueeze(-1)
+    excess = torch.expm1(centred - log_partition) / cache.num_classes  # s(f) − 1/C
+    own = (excess * centred).sum(dim=-1, keepdim=True) - log_partition
+    return own, excess @ cache.text_weights.T / cache.temperature
+
+
+def row_range(x: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's min and max (queries x 1 each) over the entries not excluded."""
+    if exclude is None:
+        return x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    inf = torch.finfo(x.dtype).max
+    return x.masked_fill(exclude, inf).amin(dim=-1, keepdim=True), x.masked_fill(exclude, -inf).amax(dim=-1, keepdim=True)
 
 
 def rescale_rows(
@@ -245,15 +286,7 @@ def rescale_rows(
     Per row, so one query's result never depends on another's; excluded entries take no
     part in either range.
     """
-    if exclude is None:
-        x_min, x_max = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-        t_min, t_max = target.amin(dim=-1, keepdim=True), target.amax(dim=-1, keepdim=True)
-    else:
-        inf = torch.finfo(x.dtype).max
-        x_min = x.masked_fill(exclude, inf).amin(dim=-1, keepdim=True)
-        x_max = x.masked_fill(exclude, -inf).amax(dim=-1, keepdim=True)
-        t_min = target.masked_fill(exclude, inf).amin(dim=-1, keepdim=True)
-        t_max = target.masked_fill(exclude, -inf).amax(dim=-1, keepdim=True)
+    (x_min, x_max), (t_min, t_max) = row_range(x, exclude), row_range(target, exclude)
     span = (x_max - x_min).clamp_min(1e-12)
     return (x - x_min) / span * (t_max - t_min) + t_min
 
@@ -302,15 +335,24 @@ def blend_candidates(
     params: BlendParams,
     method: str,
     candidates: torch.Tensor,
+    left_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits where only each query's candidate items (queries x M ids) enter the cache sums.
+    """Logits where each query's candidate items (queries x M ids) enter the cache sums exactly
+    and its other items through their class's key sums.
 
     The top-k approximation for caches too large for a dense pass: candidates come from a
-    FAISS search (kvclip.index). Ids of -1 and repeated ids are ignored. Affinities of the
-    candidates are exact; items outside them contribute nothing, and the KL term is rescaled
-    over the candidates only. Class balance divides by the cache's class sizes, not by the
-    candidates per class: the candidates stand in for the whole sum. With every item as a
-    candidate this equals `blend`.
+    FAISS search (kvclip.index). Ids of -1 and repeated ids are ignored. Per class, the Tip term
+    is the candidates' exact weights plus, for the class's items not retrieved, their number
+    times the weight at their mean affinity; that mean is exact, since affinities are linear in
+    the keys (f · Σ_{j∈c} k_j less the candidates'). The KL term is linear in each KL_j, and KL_j
+    in the key, so its class sums are exact for every item, given the rescaling range, which
+    only the candidates set. Without these estimates a class keeps only its retrieved part, at
+    small β a smaller share of a big class than of a small one, and class balance (n̄ / n_c)
+    would favour the small classes (docs/methods.md, "Exactness and FAISS").
+
+    `left_out` (queries x E distinct ids, -1 padding) removes items from the whole sum, as
+    `blend`'s `exclude` does (leave-one-out); the class sizes then count the rest.
+    With every item a candidate this equals `blend`.
     """
     check_method(method)
     features = features.to(device=cache.device, dtype=torch.float32)
@@ -318,19 +360,77 @@ def blend_candidates(
     if method == "zeroshot":
         return logits
     p = params.for_method(method)
-    candidates = candidates.to(device=cache.device, dtype=torch.long)
-    ids, invalid = _dedupe_candidates(candidates)
+    ids, invalid = _dedupe_candidates(candidates.to(device=cache.device, dtype=torch.long))
+    out_ids, out_mask = None, None
+    if left_out is not None:
+        left_out = left_out.to(device=cache.device, dtype=torch.long)
+        out_ids, out_mask = left_out.clamp_min(0), left_out < 0  # out_mask: padding
+        invalid = invalid | ((ids.unsqueeze(-1) == left_out.unsqueeze(1)) & ~out_mask.unsqueeze(1)).any(dim=-1)
     affinity = candidate_affinities(features, cache, ids, p.delta)
     labels = cache.label_ids[ids]  # queries x M
-    scale = class_scale(cache)
+    unretrieved = _Unretrieved(features, cache, labels, invalid, out_ids, out_mask)
+    scale = scale_for_counts(cache, unretrieved.counts)
     if p.alpha != 0.0:
         weights = torch.exp(-p.beta * (1.0 - affinity)).masked_fill(invalid, 0.0)
-        logits = logits + p.alpha * scale * class_sums(weights, labels, cache.num_classes)
+        rest_affinity = unretrieved.affinity_sums(p.delta, affinity)
+        mean_affinity = (rest_affinity / unretrieved.rest.clamp_min(1.0)).clamp(-1.0, 1.0)
+        rest = torch.where(unretrieved.rest > 0, unretrieved.rest * torch.exp(-p.beta * (1.0 - mean_affinity)), 0.0)
+        logits = logits + p.alpha * scale * (class_sums(weights, labels, cache.num_classes) + rest)
     if p.gamma != 0.0:
         kl = kl_divergence(features, cache, ids)
-        weights = (-rescale_rows(kl, affinity, invalid)).masked_fill(invalid, 0.0)
-        logits = logits + p.gamma * scale * class_sums(weights, labels, cache.num_classes)
+        (kl_min, kl_max), (a_min, a_max) = row_range(kl, invalid), row_range(affinity, invalid)
+        ratio = (a_max - a_min) / (kl_max - kl_min).clamp_min(1e-12)  # rescale_rows' map: a_min + (kl − kl_min) · ratio
+        # A query with no candidate left has no range to rescale by: its KL term is 0, as its empty sum was.
+        some = (~invalid).any(dim=-1, keepdim=True)
+        kl_min, a_min, ratio = (torch.where(some, x, 0.0) for x in (kl_min, a_min, ratio))
+        weights = (-(a_min + (kl - kl_min) * ratio)).masked_fill(invalid, 0.0)
+        rest = -(unretrieved.kl_sums(kl) - unretrieved.rest * kl_min) * ratio - unretrieved.rest * a_min
+        rest = torch.where(unretrieved.rest > 0, rest, 0.0)
+        logits = logits + p.gamma * scale * (class_sums(weights, labels, cache.num_classes) + rest)
     return logits
+
+
+class _Unretrieved:
+    """Per query and class, the items that are neither candidates nor left out: how many, and the
+    sums over them of quantities linear in their keys, as a class's total less the candidates'
+    and the left-out items' parts (the totals come from the cache's per-class key sums)."""
+
+    def __init__(self, features: torch.Tensor, cache: CacheTensors, labels: torch.Tensor, invalid: torch.Tensor,
+                 out_ids: torch.Tensor | None, out_mask: torch.Tensor | None) -> None:
+        self.features, self.cache, self.labels, self.invalid = features, cache, labels, invalid
+        self.out_ids, self.out_mask = out_ids, out_mask
+        self.out_labels = None if out_ids is None else cache.label_ids[out_ids]
+        self.counts = cache.class_counts.view(1, -1) - self._out_sums(None)  # items that take part
+        self.rest = (self.counts - class_sums((~invalid).to(torch.float32), labels, cache.num_classes)).clamp_min(0.0)
+
+    def _out_sums(self, values: torch.Tensor | None) -> torch.Tensor:
+        """Σ over each query's left-out items of `values` (queries x E; None: count them)."""
+        if self.out_ids is None or self.out_mask is None or self.out_labels is None:
+            return torch.zeros(1, self.cache.num_classes, device=self.cache.device)
+        values = torch.ones_like(self.out_mask, dtype=torch.float32) if values is None else values
+        return class_sums(values.masked_fill(self.out_mask, 0.0), self.out_labels, self.cache.num_classes)
+
+    def _rest(self, totals: torch.Tensor, candidate_values: torch.Tensor, out_values: torch.Tensor | None) -> torch.Tensor:
+        retrieved = class_sums(candidate_values.masked_fill(self.invalid, 0.0), self.labels, self.cache.num_classes)
+        return totals - retrieved - (0.0 if out_values is None else self._out_sums(out_values))
+
+    def affinity_sums(self, delta: float, candidate_affinity: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        totals = self.features @ cache.class_image_sums.T
+        if delta != 0.0:
+            if cache.class_caption_sums is None:
+                raise ValueError("delta > 0 needs caption keys, and this cache has none")
+            totals = (1.0 - delta) * totals + delta * (self.features @ cache.class_caption_sums.T)
+        out = None if self.out_ids is None else candidate_affinities(self.features, cache, self.out_ids, delta)
+        return self._rest(totals, candidate_affinity, out)
+
+    def kl_sums(self, candidate_kl: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        own, direction = _query_kl_terms(self.features, cache)
+        totals = cache.class_counts.view(1, -1) * own - (direction @ cache.class_image_sums.T
+                                                          - cache.class_log_partition_sums.view(1, -1))
+        out = None if self.out_ids is None else kl_divergence(self.features, cache, self.out_ids)
+        return self._rest(totals, candidate_kl, out)
 
 
 def candidate_affinities(

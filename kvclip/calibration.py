@@ -1,23 +1,26 @@
-"""Calibrated scores and abstention: a temperature per method, the threshold for a target
+"""Calibrated scores and abstention: a score map per method, the threshold for a target
 precision, and the metrics that judge them (docs/methods.md, "Calibration" and "Abstention").
 
 The blended logits are sums of up to α·N exponentials, so `softmax(logits)` is nearly one-hot
-whatever the accuracy. One temperature T per method, fitted by minimising the NLL on the
-builder's balanced leave-one-out logits, makes the top score a probability. Two forms, each
-with T as its only parameter, and the one with the lower leave-one-out NLL is kept:
+whatever the accuracy. Each method gets a map `softmax(transformed(logit) / T)`, fitted by
+minimising the NLL on the builder's balanced leave-one-out logits. Three transforms:
 
-- "logit": `softmax(logit / T)`, plain temperature scaling;
-- "log-gap": `softmax(−log(1 + gap) / T)`, `gap_c = max(logit) − logit_c`, i.e. p_c ∝ (1 + gap_c)^(−1/T).
-  The cache term's gaps span decades from query to query (a query near many support items
-  gets gaps ~100× larger than one near few), and their size says little more about being right
-  than their order of magnitude does; on such logits one temperature is either overconfident at
-  large gaps or underconfident at small ones (docs/methods.md has the figures).
+- "logit": the logit itself, plain temperature scaling (T only);
+- "log-gap": `−log(1 + gap)`, `gap_c = max(logit) − logit_c` (T only). The cache term's gaps span
+  decades from query to query and their size says little beyond their order of magnitude;
+- "log-mix": `−(1 − m)·log(1 + gap) + m·log(1 + lift)`, `lift_c = logit_c − min(logit)` (T and the
+  share m ∈ [0, 1]). `(1 + lift)^(1/T)` is each class's cache mass above the weakest class, the
+  vote share of a kernel (Parzen) classifier, sharpened: a query far from every support item has
+  small gaps and can still be sure if one class holds most of the little mass there is.
 
-Both are increasing in the logit, so the argmax, and accuracy, never change.
+Which transform a method serves is chosen by the NLL on held-out folds of the leave-one-out
+queries (log-mix has two parameters, so its in-sample NLL would always win), then refitted on
+all of them. Every transform is increasing in the logit, so the argmax, and accuracy, never change.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +31,38 @@ MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e5
 ECE_BINS = 15
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-TRANSFORMS = ("logit", "log-gap")
+TRANSFORMS = ("logit", "log-gap", "log-mix")  # simplest first: ties keep the simpler map
+CV_FOLDS = 5  # held-out folds that choose the transform; fewer queries than 2 per fold: in-sample
 
 
-def transformed(logits: torch.Tensor, transform: str = "logit") -> torch.Tensor:
-    """What the temperature divides: the logits, or −log(1 + gap to the top logit)."""
+@dataclass(frozen=True)
+class ScoreMap:
+    """A method's served scores: softmax(transformed(logits, transform, mix) / temperature)."""
+
+    transform: str = "logit"
+    temperature: float = 1.0
+    mix: float = 0.0  # log-mix only: the share of the log-lift feature
+
+
+def _gap_feature(logits: torch.Tensor) -> torch.Tensor:
+    return -torch.log1p(logits.max(dim=-1, keepdim=True).values - logits)
+
+
+def _lift_feature(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(logits - logits.min(dim=-1, keepdim=True).values)
+
+
+def transformed(logits: torch.Tensor, transform: str = "logit", mix: float = 0.0) -> torch.Tensor:
+    """What the temperature divides: the logits, −log(1 + gap to the top logit), or the log-mix
+    (module docstring). log-mix with mix = 0 is log-gap."""
     if transform == "logit":
         return logits
     if transform == "log-gap":
-        return -torch.log1p(logits.max(dim=-1, keepdim=True).values - logits)
+        return _gap_feature(logits)
+    if transform == "log-mix":
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"log-mix share must lie in [0, 1], got {mix}")
+        return (1.0 - mix) * _gap_feature(logits) + mix * _lift_feature(logits)
     raise ValueError(f"unknown score transform {transform!r}")
 
 
@@ -73,17 +99,108 @@ def fit_temperature(logits: torch.Tensor, truth: torch.Tensor, iterations: int =
     return float(f"{math.exp((lo + hi) / 2):.6g}")
 
 
-def probabilities(logits: torch.Tensor, temperature: float = 1.0, transform: str = "logit") -> torch.Tensor:
+def probabilities(logits: torch.Tensor, temperature: float = 1.0, transform: str = "logit",
+                  mix: float = 0.0) -> torch.Tensor:
     """The served scores over the cache's labels: softmax(transformed(logits) / T)."""
-    return (transformed(logits, transform) / temperature).softmax(dim=-1)
+    return (transformed(logits, transform, mix) / temperature).softmax(dim=-1)
 
 
-def fit_score_map(logits: torch.Tensor, truth: torch.Tensor) -> tuple[str, float]:
-    """(transform, T) with the lowest NLL: T fitted for each of TRANSFORMS; "logit" on ties."""
-    fits = [(nll(transformed(logits, name), truth, t), name, t)
-            for name in TRANSFORMS for t in [fit_temperature(transformed(logits, name), truth)]]
-    _, name, t = min(fits, key=lambda fit: fit[0])
-    return name, t
+def served(logits: torch.Tensor, score_map: ScoreMap) -> torch.Tensor:
+    """probabilities() with a method's fitted map."""
+    return probabilities(logits, score_map.temperature, score_map.transform, score_map.mix)
+
+
+def map_nll(logits: torch.Tensor, truth: torch.Tensor, score_map: ScoreMap) -> float:
+    """The NLL of the true class under the served scores of `score_map`."""
+    return nll(transformed(logits, score_map.transform, score_map.mix), truth, score_map.temperature)
+
+
+def fit_log_mix(logits: torch.Tensor, truth: torch.Tensor, iterations: int = 50, edge_iterations: int = 60) -> ScoreMap:
+    """The log-mix map (T, m) minimising the NLL. With a = (1 − m)/T and b = m/T the scores are
+    softmax(a·gap_feature + b·lift_feature): the NLL is convex in (a, b) ≥ 0, so its minimum is
+    either on an edge (b = 0: log-gap, a = 0: log-lift, each a 1-D temperature fit) or a
+    stationary point inside, which damped Newton steps from the better edge reach while staying
+    in the quadrant (a + b ≤ 1 / MIN_TEMPERATURE)."""
+    if len(truth) == 0:
+        return ScoreMap("log-mix", 1.0, 0.0)
+    logits, truth = logits.double(), truth.to(logits.device)
+    features = torch.stack([_gap_feature(logits), _lift_feature(logits)])  # 2 x n x C
+    true_values = features.gather(2, truth.view(1, -1, 1).expand(2, -1, 1)).squeeze(2)  # 2 x n
+
+    def loss(w: torch.Tensor) -> float:
+        return float(F.cross_entropy(torch.einsum("k,knc->nc", w, features), truth))
+
+    edges = []
+    for k in range(2):
+        w = torch.zeros(2, dtype=torch.float64, device=logits.device)
+        w[k] = 1.0 / fit_temperature(features[k], truth, edge_iterations)
+        edges.append((loss(w), w))
+    value, w = min(edges, key=lambda edge: edge[0])
+    for _ in range(iterations):
+        p = torch.einsum("k,knc->nc", w, features).softmax(dim=-1)
+        expected = torch.einsum("nc,knc->kn", p, features)  # E_p[feature] per query
+        grad = (expected - true_values).mean(dim=1)
+        hessian = torch.einsum("nc,knc,lnc->kl", p, features, features) / len(truth) \
+            - expected @ expected.T / len(truth)
+        step = -torch.linalg.solve(hessian + 1e-12 * torch.eye(2, dtype=w.dtype, device=w.device), grad)
+        if float(grad @ step) > -1e-12:  # stationary (or no descent direction left)
+            break
+        # The longest step that keeps a, b >= 0 and a + b <= 1/MIN_TEMPERATURE, then halve until the NLL drops.
+        room = [float(-w[k] / step[k]) for k in range(2) if step[k] < 0]
+        if float(step.sum()) > 0:
+            room.append(float((1.0 / MIN_TEMPERATURE - w.sum()) / step.sum()))
+        t = min([1.0, *room])
+        while t > 1e-10 and loss((w + t * step).clamp_min(0.0)) >= value:
+            t /= 2
+        if t <= 1e-10:
+            break
+        w = (w + t * step).clamp_min(0.0)
+        value = loss(w)
+    total = float(w.sum())
+    return ScoreMap("log-mix", float(f"{1.0 / total:.6g}"), float(f"{float(w[1]) / total:.6g}"))
+
+
+def fit_map(logits: torch.Tensor, truth: torch.Tensor, transform: str, iterations: int = 60) -> ScoreMap:
+    """The NLL-minimising map with the given transform (`iterations`: of each temperature search)."""
+    if transform == "log-mix":
+        return fit_log_mix(logits, truth, edge_iterations=iterations)
+    return ScoreMap(transform, fit_temperature(transformed(logits, transform), truth, iterations))
+
+
+def cv_folds(truth: torch.Tensor, folds: int = CV_FOLDS) -> torch.Tensor:
+    """Each query's fold, stratified: the i-th query of each class goes to fold i mod `folds`."""
+    fold = torch.empty_like(truth)
+    for c in truth.unique():
+        members = (truth == c).nonzero().flatten()
+        fold[members] = torch.arange(len(members), device=truth.device) % folds
+    return fold
+
+
+def held_out_nll(logits: torch.Tensor, truth: torch.Tensor, transform: str, folds: int = CV_FOLDS) -> float:
+    """Mean NLL of each query under the map fitted on the other folds (cross-validation)."""
+    fold = cv_folds(truth, folds)
+    total = 0.0
+    for k in range(folds):
+        held, fit_on = fold == k, fold != k
+        if held.any():
+            # 30 golden steps leave log T within 16 · 0.618^30 ~ 1e-5: plenty to compare transforms.
+            score_map = fit_map(logits[fit_on], truth[fit_on], transform, iterations=30)
+            total += map_nll(logits[held], truth[held], score_map) * int(held.sum())
+    return total / len(truth)
+
+
+def fit_score_map(logits: torch.Tensor, truth: torch.Tensor) -> tuple[ScoreMap, dict[str, float]]:
+    """The map of the transform with the lowest held-out NLL (cross-validated over CV_FOLDS; in-sample
+    with fewer than 2 queries per fold), refitted on every query; and the NLL each transform got.
+    The simpler transform on ties."""
+    logits = logits.double()
+    if len(truth) >= 2 * CV_FOLDS:
+        scores = {name: held_out_nll(logits, truth, name) for name in TRANSFORMS}
+        best = min(TRANSFORMS, key=lambda name: scores[name])
+        return fit_map(logits, truth, best), scores
+    maps = {name: fit_map(logits, truth, name) for name in TRANSFORMS}
+    scores = {name: map_nll(logits, truth, maps[name]) for name in TRANSFORMS}
+    return maps[min(TRANSFORMS, key=lambda name: scores[name])], scores
 
 
 def ece(probs: torch.Tensor, truth: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -147,21 +264,21 @@ def threshold_for_precision(probs: torch.Tensor, truth: torch.Tensor, target: fl
     return float(sorted_conf[int(ok[-1])])
 
 
-def calibration_report(logits: torch.Tensor, truth: torch.Tensor, temperature: float, transform: str,
+def calibration_report(logits: torch.Tensor, truth: torch.Tensor, score_map: ScoreMap,
                        min_score: float | None) -> dict[str, float | str | None]:
     """Everything `kvclip eval` reports per method about its served scores."""
     logits = logits.double()
-    probs = probabilities(logits, temperature, transform)
-    return {"temperature": temperature, "transform": transform, "ece": ece(probs, truth),
-            "nll": nll(transformed(logits, transform), truth, temperature),
+    probs = served(logits, score_map)
+    return {"temperature": score_map.temperature, "transform": score_map.transform, "mix": score_map.mix,
+            "ece": ece(probs, truth), "nll": map_nll(logits, truth, score_map),
             "brier": brier(probs, truth), "aurc": risk_coverage_auc(probs, truth),
             **selective(probs, truth, min_score)}
 
 
-CALIBRATION_PROTOCOL = ("per method, the temperature T (and transform: softmax(logit / T), or "
-                        "softmax(-log(1 + gap) / T)) minimising the NLL on the tuned parameters' balanced "
-                        "leave-one-out logits; min_score: the lowest top-score threshold whose leave-one-out "
-                        "precision reaches target_precision")
+CALIBRATION_PROTOCOL = ("per method, the score map softmax(transformed(logit) / T) minimising the NLL on the tuned "
+                        "parameters' balanced leave-one-out logits; the transform (logit, log-gap, log-mix) chosen "
+                        f"by the NLL on {CV_FOLDS} held-out folds of those queries; min_score: the lowest top-score "
+                        "threshold whose leave-one-out precision reaches target_precision")
 
 
 def fit_calibration(loo_logits: dict[str, torch.Tensor], truth: torch.Tensor,
@@ -170,20 +287,24 @@ def fit_calibration(loo_logits: dict[str, torch.Tensor], truth: torch.Tensor,
     logits; the manifest's `calibration` (kvclip.manifest.Calibration) as a dict."""
     temperatures: dict[str, float] = {}
     transforms: dict[str, str] = {}
+    mixes: dict[str, float] = {}
     min_score: dict[str, float] = {}
     loo: dict[str, dict[str, float | None]] = {}
     for method, logits in loo_logits.items():
         logits = logits.double()
-        transform, t = fit_score_map(logits, truth)
-        temperatures[method], transforms[method] = t, transform
-        probs = probabilities(logits, t, transform)
+        score_map, chosen_by = fit_score_map(logits, truth)
+        temperatures[method], transforms[method] = score_map.temperature, score_map.transform
+        if score_map.transform == "log-mix":
+            mixes[method] = score_map.mix
+        probs = served(logits, score_map)
         if target_precision is not None:
             min_score[method] = threshold_for_precision(probs, truth, target_precision)
         loo[method] = {"nll_raw": nll(logits, truth), "ece_raw": ece(probabilities(logits), truth),
-                       "nll": nll(transformed(logits, transform), truth, t), "ece": ece(probs, truth),
+                       "nll": map_nll(logits, truth, score_map), "ece": ece(probs, truth),
+                       **{f"selection_nll_{name}": value for name, value in chosen_by.items()},
                        **{k: v for k, v in selective(probs, truth, min_score.get(method)).items() if k != "min_score"}}
     return {"protocol": CALIBRATION_PROTOCOL, "temperatures": temperatures, "transforms": transforms,
-            "target_precision": target_precision,
+            "mixes": mixes, "target_precision": target_precision,
             "min_score": min_score, "loo": loo}
 
 

@@ -14,7 +14,7 @@ served by this code loses nothing. Only a change of meaning needs a new schema v
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,7 +22,7 @@ from kvclip.blend import DEFAULT_TEMPERATURE, BlendParams
 
 SCHEMA_VERSION = 1
 BuildMode = Literal["labelled", "labels-only", "pool"]
-ScoreTransform = Literal["logit", "log-gap"]  # kvclip.calibration.TRANSFORMS
+ScoreTransform = Literal["logit", "log-gap", "log-mix"]  # kvclip.calibration.TRANSFORMS
 
 
 def _absent_when_none(value: object) -> bool:
@@ -112,8 +112,11 @@ class Calibration(_Part):
     temperatures: dict[str, float] = Field(default_factory=dict, description=(
         "per method: the T of its served scores; a method not listed has T = 1"))
     transforms: dict[str, ScoreTransform] = Field(default_factory=dict, description=(
-        "per method: 'logit' (score = softmax(logit / T), the default) or 'log-gap' "
-        "(score = softmax(-log(1 + max(logit) - logit) / T))"))
+        "per method: 'logit' (score = softmax(logit / T), the default), 'log-gap' "
+        "(score = softmax(-log(1 + max(logit) - logit) / T)) or 'log-mix' (score = softmax(((1 - m) "
+        "* -log(1 + max(logit) - logit) + m * log(1 + logit - min(logit))) / T), m in mixes)"))
+    mixes: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict, description=(
+        "per log-mix method: the share m of the log(1 + logit - min(logit)) feature"))
     target_precision: float | None = Field(None, description="--target-precision of the build, if any")
     min_score: dict[str, float] = Field(default_factory=dict, description=(
         "per method: the default threshold below which a result abstains (from target_precision)"))
@@ -125,6 +128,9 @@ class Calibration(_Part):
 
     def transform(self, method: str) -> ScoreTransform:
         return self.transforms.get(method, "logit")
+
+    def mix(self, method: str) -> float:
+        return self.mixes.get(method, 0.0)
 
 
 class GridReport(_Part):

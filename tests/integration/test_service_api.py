@@ -134,16 +134,17 @@ async def test_top_k_clamped_and_scores_are_probabilities(client, fashion_test, 
         assert scores == sorted(scores, reverse=True)
         assert [lb["label"] for lb in b["labels"]] == [lb["label"] for lb in a["labels"]]
         assert c["labels"][0]["label"] == a["labels"][0]["label"]
-        # calibrated softmax: the score ratio of two labels is the cache's map of their logits
+        # calibrated softmax: the score ratio of two labels is the cache's map of the logits (all
+        # of them: the log-mix transform reads the lowest logit too)
         p0, p1 = a["labels"][0], a["labels"][1]
         if p1["score"] > 1e-6:
             import torch
 
             from kvclip.artifact import load_cache
 
-            pair = load_cache(served_caches / "fashion").calibrated(
-                torch.tensor([[p0["logit"], p1["logit"]]], dtype=torch.float64), "tip")[0]
-            assert np.log(p0["score"] / p1["score"]) == pytest.approx(float(pair[0].log() - pair[1].log()),
+            row = torch.tensor([[lb["logit"] for lb in a["labels"]]], dtype=torch.float64)
+            mapped = load_cache(served_caches / "fashion").calibrated(row, "tip")[0]
+            assert np.log(p0["score"] / p1["score"]) == pytest.approx(float(mapped[0].log() - mapped[1].log()),
                                                                       rel=1e-3, abs=1e-3)
 
 
@@ -964,3 +965,21 @@ def test_config_env_values_are_validated_like_flags(clean_env):
     clean_env.setenv("KVCLIP_LOG_FORMAT", "xml")
     with pytest.raises((SystemExit, ValueError)):
         parse(REQUIRED)
+
+
+async def test_large_cache_path_blends_over_faiss_candidates(served_caches, fashion_test, tiny_encoder):
+    """A cache above --dense-max-keys is served over each query's --faiss-k nearest keys (8 of its
+    80 here, the cache tensors' per-class key sums standing in for the rest): the logits differ
+    from the dense ones, the scores are still probabilities, and the top label is the dense one for
+    nearly every image."""
+    files = image_files(fashion_test, 24)
+    answers = {}
+    for name, overrides in (("dense", {}), ("faiss", {"dense_max_keys": 10, "faiss_k": 8})):
+        async with running_app(make_config(served_caches, **overrides), tiny_encoder) as (_, client):
+            body = await classify(client, files, cache="fashion", top_k=10, method="tip")
+        answers[name] = [{lb["label"]: lb["logit"] for lb in r["labels"]} for r in body["results"]]
+        for result in body["results"]:
+            assert sum(lb["score"] for lb in result["labels"]) == pytest.approx(1.0, abs=1e-4)
+    pairs = list(zip(answers["dense"], answers["faiss"]))
+    assert max(abs(d[label] - f[label]) for d, f in pairs for label in d) > 1.0  # the candidate path ran
+    assert sum(max(d, key=d.get) == max(f, key=f.get) for d, f in pairs) >= 22

@@ -13,7 +13,10 @@ from kvclip/blend.py:
 
 Only the support items that are "active" for a query (not excluded / among its candidates)
 enter the sums and the min / max of the rescaling. n_c counts a query's active items of
-class c after exclusion, but the whole cache's for candidates (they stand in for all items).
+class c after exclusion, but the whole cache's (less any left-out items) for candidates. For
+candidates, each class's items that are neither candidates nor left out add to the Tip sum
+their number times exp(-beta (1 - their mean affinity)), and to the KL sum their own rescaled
+KL, through the candidates' min / max (docs/methods.md, "Exactness and FAISS").
 """
 
 from __future__ import annotations
@@ -74,9 +77,13 @@ def ref_logits(
     active=None,
     balanced: bool = True,
     class_sizes: str = "active",
+    unretrieved: bool = False,
+    left_out=None,
 ):
     """Q x C float64 logits. `active[i]` is the list of support ids used by query i;
-    `class_sizes` "active" or "cache" says which items n_c counts when `balanced`."""
+    `class_sizes` "active" or "cache" says which items n_c counts when `balanced`;
+    `unretrieved` adds the candidate blend's estimate for the items outside `active[i]`, and
+    `left_out[i]` lists items that take no part at all (nor count in n_c)."""
     f_all = np.asarray(features, dtype=np.float64)
     w = np.asarray(text_weights, dtype=np.float64)
     k_img = np.asarray(image_keys, dtype=np.float64)
@@ -98,9 +105,10 @@ def ref_logits(
             out[i, cls] = 100.0 * _dot(f, w[:, cls])
         if method == "zeroshot":
             continue
-        items = list(range(n_items)) if active is None else sorted(set(active[i]))
+        gone = set() if left_out is None else set(left_out[i])
+        items = [j for j in (range(n_items) if active is None else sorted(set(active[i]))) if j not in gone]
         aff = {}
-        for j in items:
+        for j in range(n_items):
             a = (1.0 - delta) * _dot(f, k_img[j])
             if delta != 0.0:
                 a += delta * _dot(f, k_cap[j])
@@ -108,15 +116,25 @@ def ref_logits(
         sums = [0.0] * n_cls
         for j in items:
             sums[labels[j]] += alpha * math.exp(-beta * (1.0 - aff[j]))
+        if unretrieved:
+            for cls in range(n_cls):
+                rest = [j for j in range(n_items) if labels[j] == cls and j not in items and j not in gone]
+                if rest:
+                    mean_aff = sum(aff[j] for j in rest) / len(rest)
+                    sums[cls] += alpha * len(rest) * math.exp(-beta * (1.0 - mean_aff))
         if gamma != 0.0:
             sf = ref_signature(f, w, temperature)
             kl = {j: ref_kl(sf, key_sigs[j]) for j in items}
             kl_min, kl_max = min(kl.values()), max(kl.values())
-            a_min, a_max = min(aff.values()), max(aff.values())
-            for j in items:
+            a_min, a_max = min(aff[j] for j in items), max(aff[j] for j in items)
+            others = [j for j in range(n_items) if j not in items and j not in gone] if unretrieved else []
+            for j in others:
+                kl[j] = ref_kl(sf, key_sigs[j])
+            # The candidates set the range; the unretrieved items go through the same linear map.
+            for j in items + others:
                 scaled = a_min + (kl[j] - kl_min) / (kl_max - kl_min) * (a_max - a_min)
                 sums[labels[j]] += gamma * (-scaled)
-        counted = items if class_sizes == "active" else range(n_items)
+        counted = items if class_sizes == "active" else [j for j in range(n_items) if j not in gone]
         size = [sum(1 for j in counted if labels[j] == cls) for cls in range(n_cls)]
         mean_size = n_items / len(set(labels))
         for cls in range(n_cls):
@@ -319,11 +337,47 @@ def test_candidates_subset_matches_reference(method, params):
         rows.append(row)
     cand = torch.tensor(rows, dtype=torch.long)
     got = blend_candidates(feats, cache, params, method, cand)
-    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active, class_sizes="cache")
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active, class_sizes="cache",
+                     unretrieved=True)
     assert _maxdiff(got, ref) <= TOL
     if _has_cache_term(method, params):
         ref_all = ref_logits(feats, tw, keys, labels, caps, params, method)
         assert np.max(np.abs(ref_all - ref)) > 1e-3
+        # The estimate for the unretrieved items matters where the kernel is wide (at β = 20 it is ~1e-5).
+        ref_bare = ref_logits(feats, tw, keys, labels, caps, params, method, active=active, class_sizes="cache")
+        assert params.alpha == 0 or params.beta > 10 or np.max(np.abs(ref_bare - ref)) > 1e-3
+    # Leaving items out removes them from candidates, estimate and class sizes alike.
+    gone = [[(i * 5 + t) % N for t in range(3)] for i in range(Q)]
+    got = blend_candidates(feats, cache, params, method, cand, left_out=torch.tensor(gone))
+    ref = ref_logits(feats, tw, keys, labels, caps, params, method, active=active, class_sizes="cache",
+                     unretrieved=True, left_out=gone)
+    assert _maxdiff(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_candidates_none_valid_give_finite_logits(method):
+    """No candidate left (all -1 or left out): the KL term has no range to rescale by and adds 0."""
+    feats, tw, keys, labels, caps = make_data(seed=47)
+    cache = make_cache(tw, keys, labels, caps)
+    params = BlendParams(alpha=4.0, beta=10.0, gamma=1.5, delta=0.4)
+    got = blend_candidates(feats, cache, params, method, torch.full((Q, 5), -1))
+    assert torch.isfinite(got).all()
+    no_kl = blend_candidates(feats, cache, BlendParams(alpha=4.0, beta=10.0, delta=0.4), method,
+                             torch.full((Q, 5), -1))
+    assert float((got - no_kl).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_candidates_of_all_other_items_with_self_left_out_equal_leave_one_out(method):
+    feats, tw, keys, labels, caps = make_data(seed=43)
+    cache = make_cache(tw, keys, labels, caps)
+    params = BlendParams(alpha=4.0, beta=10.0, gamma=1.5, delta=0.4)
+    own = torch.arange(Q)
+    exclude = torch.zeros(Q, N, dtype=torch.bool)
+    exclude[own, own] = True
+    every = torch.arange(N).repeat(Q, 1)
+    got = blend_candidates(feats, cache, params, method, every, left_out=own.view(-1, 1))
+    assert float((got - blend(feats, cache, params, method, exclude)).abs().max()) <= TOL
 
 
 # --------------------------------------------------------------------------------------

@@ -6,20 +6,25 @@ import shutil
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from kvclip import artifact as store
 from kvclip.calibration import (
     brier,
     ece,
     fit_calibration,
+    fit_map,
     fit_score_map,
     fit_temperature,
+    map_nll,
     nll,
     probabilities,
     risk_coverage_auc,
     selective,
+    served,
     threshold_for_precision,
 )
+from kvclip.manifest import Calibration
 from tests.manifests import V1_CACHES
 
 
@@ -48,20 +53,65 @@ def test_fitted_temperature_beats_raw_softmax_and_keeps_the_argmax():
     assert ece(calibrated, truth) < 0.03 < 0.2 < ece(raw, truth)
 
 
-def test_log_gap_scores_keep_the_order_and_win_when_gap_size_varies_by_decades():
+def test_log_maps_keep_the_order_and_win_when_gap_size_varies_by_decades():
     # The gap's scale varies 100x per query but says nothing more about being right: plain
-    # temperature scaling cannot serve both ends; the log-gap map can.
+    # temperature scaling cannot serve both ends; a map of the log gaps can.
     g = torch.Generator().manual_seed(1)
     base, truth = sampled(8000, 10, 1.0, scale=1.0, seed=1)
     spread = 10 ** (torch.rand(8000, 1, generator=g, dtype=torch.float64) * 2)
     logits = base * spread * 10
-    transform, t = fit_score_map(logits, truth)
-    assert transform == "log-gap"
-    probs = probabilities(logits, t, transform)
+    score_map, _ = fit_score_map(logits, truth)
+    assert score_map.transform in ("log-gap", "log-mix")
+    probs = served(logits, score_map)
     assert torch.equal(probs.argsort(1), logits.argsort(1))
     plain = fit_temperature(logits, truth)
     assert ece(probs, truth) < ece(probabilities(logits, plain), truth)
-    assert fit_score_map(*sampled(8000, 10, 4.0, scale=8.0))[0] == "logit"  # plain logits: plain scaling
+    assert fit_score_map(*sampled(8000, 10, 4.0, scale=8.0))[0].transform == "logit"  # plain logits: plain scaling
+
+
+def kernel_masses(n: int, classes: int, seed: int):
+    """Non-negative class masses, like a cache term's, whose overall scale varies by 1000x per query."""
+    g = torch.Generator().manual_seed(seed)
+    masses = torch.rand(n, classes, generator=g, dtype=torch.float64) ** 4
+    return masses * 10 ** (torch.rand(n, 1, generator=g, dtype=torch.float64) * 3), g
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_log_mix_recovers_the_map_labels_were_drawn_at_and_is_chosen_on_held_out_folds(seed):
+    logits, g = kernel_masses(4000, 10, seed)
+    truth = torch.multinomial(probabilities(logits, 0.8, "log-mix", 0.7), 1, generator=g).flatten()
+    score_map, held_out = fit_score_map(logits, truth)
+    assert score_map.transform == "log-mix"
+    assert score_map.temperature == pytest.approx(0.8, rel=0.05) and score_map.mix == pytest.approx(0.7, abs=0.05)
+    assert held_out["log-mix"] < held_out["log-gap"] - 0.05 and held_out["log-mix"] < held_out["logit"] - 0.05
+    probs = served(logits, score_map)
+    assert torch.equal(probs.argmax(1), logits.argmax(1))
+    assert ece(probs, truth) < 0.03 < ece(served(logits, fit_map(logits, truth, "log-gap")), truth)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_folds_keep_log_gap_when_the_second_parameter_adds_nothing(seed):
+    """log-mix contains log-gap (m = 0), so its in-sample NLL never loses; held out, it must."""
+    logits, g = kernel_masses(4000, 10, seed)
+    truth = torch.multinomial(probabilities(logits, 2.0, "log-gap"), 1, generator=g).flatten()
+    score_map, held_out = fit_score_map(logits, truth)
+    assert score_map.transform == "log-gap" and score_map.temperature == pytest.approx(2.0, rel=0.05)
+    in_sample = fit_map(logits, truth, "log-mix")
+    assert map_nll(logits, truth, in_sample) <= map_nll(logits, truth, score_map) + 1e-9
+    assert held_out["log-gap"] <= held_out["log-mix"]
+
+
+def test_few_queries_choose_in_sample_and_bad_shares_are_refused():
+    logits, g = kernel_masses(6, 10, 0)
+    truth = torch.multinomial(probabilities(logits, 0.8, "log-mix", 0.7), 1, generator=g).flatten()
+    score_map, nlls = fit_score_map(logits, truth)
+    assert set(nlls) == {"logit", "log-gap", "log-mix"}
+    assert nlls[score_map.transform] == min(nlls.values()) == pytest.approx(map_nll(logits, truth, score_map))
+    with pytest.raises(ValueError, match="share"):
+        probabilities(logits, 1.0, "log-mix", 1.5)
+    assert Calibration(transforms={"tip": "log-mix"}, mixes={"tip": 0.25}).mix("tip") == 0.25
+    with pytest.raises(ValidationError, match="mixes"):
+        Calibration(transforms={"tip": "log-mix"}, mixes={"tip": 1.5})
 
 
 def test_ece_brier_and_risk_coverage_on_hand_made_cases():
