@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from serving import free_port  # noqa: E402
+from serving import start_server as serve  # noqa: E402
 
 from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
 from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
@@ -66,31 +68,10 @@ def bench_cache(arch: str, tmp: Path, device) -> str:
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, caches: Path, port: int, args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kvclip.cli", "serve", "--caches", str(caches), "--model", model,
-           "--port", str(port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", "4096", "--log-level", "WARNING"]
-    if args.device:
-        cmd += ["--device", args.device]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become ready in 300 s")
+    flags = ["--model", model, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+             "--max-queue", "4096", "--log-level", "WARNING", *(["--device", args.device] if args.device else [])]
+    return serve(caches, port, *flags)
 
 
 async def load_run(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict:
