@@ -1,5 +1,6 @@
 """The light install for real: kvclip's wheel in a fresh venv with its base dependencies only
-(no torch, open_clip, faiss, fastapi), classifying against a real `kvclip serve`.
+(no torch, open_clip, faiss, fastapi), classifying over HTTP against the
+server (its app under uvicorn in a thread of the test process).
 
 No network: the wheel is built from a copy of the sources (`pip wheel --no-deps`), and the
 base dependencies (httpx, tqdm and theirs) come from this machine's local package index
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from kvclip.vocabulary import VERSION
-from tests.server_process import base_env, serve_process
+from tests.live_server import serve_in_thread
+from tests.server_process import base_env
 from tests.service_helpers import copy_caches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,10 +110,11 @@ def test_light_server_commands_name_the_extra_in_one_line(light_venv, args):
     assert "pip install 'kvclip[server]'" in done.stderr
 
 
-def test_light_client_classifies_against_a_served_cache(light_venv, served_caches, fashion_test, tmp_path):
+def test_light_client_classifies_against_a_served_cache(light_venv, served_caches, fashion_test, tmp_path,
+                                                       tiny_encoder):
     images = sorted(fashion_test.rglob("*.png"))[:2]
     caches = copy_caches(served_caches, tmp_path / "caches")
-    with serve_process(caches, tmp_path) as server:
+    with serve_in_thread(caches, tmp_path, encoder=tiny_encoder) as server:
         done = light(light_venv, "classify", *map(str, images), "--cache", "fashion", "--top-k", "2",
                      "--server", server.url, "--json")
         assert done.returncode == 0, done.stderr

@@ -1,4 +1,6 @@
-"""The Python client and the `kvclip` client commands against a real `kvclip serve` process.
+"""The Python client and the `kvclip` client commands against a real server over HTTP (the
+server's app under uvicorn in a thread of the test process: these tests are about the client,
+the server's own process is tested in test_service_uvicorn.py).
 
 One server (tiny random model, API keys on) serves the whole module; it gets its own copy
 of the session's caches, because some tests activate and delete versions. Accuracy is
@@ -21,18 +23,18 @@ from PIL import Image
 
 from kvclip.clients import ApiError, AsyncKvclipClient, Job, KvclipClient, ServerUnreachable
 from tests.client_fakes import run_cli
-from tests.server_process import base_env, free_port, kvclip_cmd, serve_process
+from tests.live_server import serve_in_thread
+from tests.server_process import base_env, free_port, kvclip_cmd
 from tests.service_helpers import copy_caches
 
 READ_KEY, ADMIN_KEY = "reader", "boss"
 
 
 @pytest.fixture(scope="module")
-def server(served_caches, tmp_path_factory):
+def server(served_caches, tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("client")
     caches = copy_caches(served_caches, root / "caches")
-    with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read,{ADMIN_KEY}:admin"},
-                       build_worker="warm") as srv:
+    with serve_in_thread(caches, root, keys={READ_KEY: "read", ADMIN_KEY: "admin"}, encoder=tiny_encoder) as srv:
         yield srv
 
 

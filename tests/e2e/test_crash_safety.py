@@ -5,14 +5,15 @@ or never-activated version is left, and the restarted server reports the job as 
 Kill points are conditions (a file the paused builder writes, the job's step), never sleeps."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import multiprocessing
+import os
 import shutil
-import subprocess
-import sys
-import textwrap
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,18 +21,26 @@ import httpx
 from kvclip import artifact as store
 from kvclip.cache_builder.build import BuildConfig, build_cache
 from kvclip.service.jobs import INTERRUPTED
-from tests.server_process import REPO, base_env, start_server, stop_server, wait_ready
+from tests.server_process import start_server, stop_server, wait_ready
+from tests.service_helpers import make_config, running_app
 
 FAST = ["--model", "tiny-random", "--shots", "2", "--views", "2", "--captioner", "none"]
 TIMEOUT_S = 240
 
-# The builder runs as `kvclip build`, except that at `point` it says so in a file and stops
-# there, so the test kills it exactly at that point.
-PAUSED_BUILD = textwrap.dedent("""
-    import pathlib, sys, threading
-    from kvclip import artifact as store
+def paused_build(point: str, here: Path, argv: list[str]) -> None:
+    """`kvclip build ARGV` in a forked child, except that at `point` it says so in a file and
+    stops there, so the test kills it (-9) exactly at that point.
+
+    Forked from the test process, torch already imported: the kill, not the interpreter's
+    start, is what the test is about."""
+    import threading
+
+    import torch
+
     import kvclip.cache_builder.build as build
-    point, here = sys.argv[1], pathlib.Path(sys.argv[2])
+    from kvclip.cli import main
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork; one thread needs none
 
     def pause(*args, **kwargs):
         here.write_text(point)
@@ -50,19 +59,18 @@ PAUSED_BUILD = textwrap.dedent("""
         store._write_files = after(store._write_files)
     elif point == "renamed":  # the version is in versions/, CURRENT not yet moved
         store.set_current = pause
-    from kvclip.cli import main
-    sys.exit(main(sys.argv[3:]))
-""")
+    os._exit(main(argv))
 
 
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT_S):
+def wait_for(condition, what: str, alive: Callable[[], bool] = lambda: True, timeout: float = TIMEOUT_S):
+    """condition()'s first true value; fails once `alive()` (the process that should get there) is false."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended ({proc.returncode}) before {what}")
+        if not alive():
+            raise AssertionError(f"the process ended before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
@@ -81,23 +89,21 @@ def next_build(cache: Path, data: Path, encoder) -> None:
 
 
 def test_kill_9_of_kvclip_build_at_three_points(served_caches, fashion_train, tiny_encoder, tmp_path):
-    script = tmp_path / "paused_build.py"
-    script.write_text(PAUSED_BUILD)
     points = ("encoding", "staged", "renamed")
     caches, procs = {}, {}
+    fork = multiprocessing.get_context("fork")
     try:
         for point in points:  # three builds, each of its own copy of a cache, killed at once
             caches[point] = shutil.copytree(served_caches / "fashion", tmp_path / point / "fashion")
-            procs[point] = subprocess.Popen(
-                [sys.executable, str(script), point, str(tmp_path / f"at-{point}"), "build", str(fashion_train),
-                 "--out", str(caches[point]), *FAST, "--seed", "7"],
-                cwd=REPO, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            argv = ["build", str(fashion_train), "--out", str(caches[point]), *FAST, "--seed", "7"]
+            procs[point] = fork.Process(target=paused_build, args=(point, tmp_path / f"at-{point}", argv))
+            procs[point].start()
         for point in points:
-            wait_for((tmp_path / f"at-{point}").exists, f"the build to reach {point}", procs[point])
+            wait_for((tmp_path / f"at-{point}").exists, f"the build to reach {point}", procs[point].is_alive)
     finally:
         for proc in procs.values():
             proc.kill()
-            proc.wait(30)
+            proc.join(30)
     for point in points:
         cache = caches[point]
         before = store.list_versions(served_caches / "fashion")
@@ -115,12 +121,30 @@ def zipped(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-KILL_POINTS = {  # each holds once the job is past its point, ended included (warm workers are quick)
-    "at once": lambda job: True,  # queued, or the worker just starting
-    "building": lambda job: job["step"] not in (None, "starting") or job["state"] not in ("queued", "running"),
-    "late": lambda job: job["step"] in ("tuning", "indexing", "publishing", "activating")
-    or job["state"] not in ("queued", "running"),
+# kill point -> (the condition it waits for, the server's build worker). Each condition holds
+# once the job is past its point, ended included (warm workers are quick). One server builds in
+# a warm worker, whose process must die with the server; the others build on a thread.
+KILL_POINTS = {
+    "at once": (lambda job: True, "thread"),  # queued, or just starting
+    "building": (lambda job: job["step"] not in (None, "starting") or job["state"] not in ("queued", "running"),
+                 "warm"),
+    "late": (lambda job: job["step"] in ("tuning", "indexing", "publishing", "activating")
+             or job["state"] not in ("queued", "running"), "thread"),
 }
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(child) for children in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in children.read_text().split()]
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child that nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def job_when(url: str, job_id: str, reached):
@@ -131,6 +155,21 @@ def job_when(url: str, job_id: str, reached):
     return check
 
 
+async def restarted(caches: Path, job_id: str, seen: dict, before: list[str]) -> bool:
+    """Start the server again, in-process (the restart's recovery is not about the process), on
+    what the kill left; True when the job was interrupted by the kill."""
+    async with running_app(make_config(caches)) as (_, client):
+        after = (await client.get(f"/v1/jobs/{job_id}")).json()
+    interrupted = seen["state"] in ("queued", "running")
+    if interrupted:
+        assert after["state"] == "failed" and after["error"] == INTERRUPTED, after
+    else:  # it ended before the kill landed: reported as it ended
+        assert after["state"] == seen["state"], after
+    assert [p.name for p in (caches / ".jobs").iterdir()] == ["records"]
+    assert_clean(caches / "fashion", before + ([after["version"]] if after["state"] == "succeeded" else []))
+    return interrupted
+
+
 def test_kill_9_of_the_server_mid_job_at_three_points(served_caches, fashion_train, tmp_path):
     """Three servers side by side, each with its own copy of the caches, killed at one point
     of a build job each; then each restarted on what the kill left."""
@@ -139,31 +178,26 @@ def test_kill_9_of_the_server_mid_job_at_three_points(served_caches, fashion_tra
     folders = {name: shutil.copytree(served_caches, tmp_path / name.replace(" ", "-") / "caches")
                for name in KILL_POINTS}
     before = store.list_versions(served_caches / "fashion")
-    servers = {name: start_server(folders[name], folders[name].parent / "run0", build_worker="warm") for name in KILL_POINTS}
-    seen, jobs = {}, {}
+    servers = {name: start_server(folders[name], folders[name].parent / "run0", build_worker=worker)
+               for name, (_, worker) in KILL_POINTS.items()}
+    seen, jobs, workers = {}, {}, []
     try:
-        for name, reached in KILL_POINTS.items():
+        for name, (reached, _) in KILL_POINTS.items():
             srv = wait_ready(servers[name])
             response = httpx.post(f"{srv.url}/v1/caches/fashion/builds", data={"options": options},
                                   files={"data": ("data.zip", upload, "application/zip")}, timeout=60)
             assert response.status_code == 202, response.text
             jobs[name] = response.json()["id"]
-            seen[name] = wait_for(job_when(srv.url, jobs[name], reached), f"the job {name}", srv.proc)
+            seen[name] = wait_for(job_when(srv.url, jobs[name], reached), f"the job {name}",
+                                  lambda proc=srv.proc: proc.poll() is None)
+            workers += child_pids(srv.proc.pid)
             srv.proc.kill()  # kill -9, its build worker with it
             srv.proc.wait(30)
-        servers = {name: start_server(folders[name], folders[name].parent / "run1") for name in KILL_POINTS}
-        interrupted = []
-        for name in KILL_POINTS:
-            srv, caches = wait_ready(servers[name]), folders[name]
-            after = httpx.get(f"{srv.url}/v1/jobs/{jobs[name]}", timeout=30).json()
-            if seen[name]["state"] in ("queued", "running"):
-                assert after["state"] == "failed" and after["error"] == INTERRUPTED, (name, after)
-                interrupted.append(name)
-            else:  # it ended before the kill landed: reported as it ended
-                assert after["state"] == seen[name]["state"], (name, after)
-            assert [p.name for p in (caches / ".jobs").iterdir()] == ["records"], name
-            assert_clean(caches / "fashion", before + ([after["version"]] if after["state"] == "succeeded" else []))
-        assert interrupted, "no kill landed while a job ran"
     finally:
         for srv in servers.values():
             stop_server(srv)
+    assert workers, "the warm server had no build worker"
+    wait_for(lambda: not any(map(running, workers)), "the killed servers' build workers to exit")
+    interrupted = [name for name in KILL_POINTS
+                   if asyncio.run(restarted(folders[name], jobs[name], seen[name], before))]
+    assert interrupted, "no kill landed while a job ran"

@@ -1,4 +1,5 @@
-"""Slow clients against a real `kvclip serve` (uvicorn, sockets): a request whose headers or
+"""Slow clients against a real server (the app under uvicorn with kvclip's protocol, on a
+socket, in a thread of the test process): a request whose headers or
 body trickle in past --header-timeout-s / --body-timeout-s gets a 408 and its connection is
 closed, instead of holding it (and a --max-concurrency slot) for ever. A connection idle
 between requests is closed by the keep-alive timeout only, and not before clients' pools
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.server_process import serve_process
+from tests.live_server import serve_in_thread
 
 TRICKLE_S = 0.5  # one byte every half second, as in the issue
 GIVE_UP_S = 60.0  # the test fails, rather than hangs, if the server never closes
@@ -21,9 +22,9 @@ HEADER_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def server(served_caches, tmp_path_factory):
-    with serve_process(served_caches, tmp_path_factory.mktemp("slow"), "--header-timeout-s", str(HEADER_TIMEOUT_S),
-                       "--body-timeout-s", "2", "--max-concurrency", "1") as srv:
+def server(served_caches, tmp_path_factory, tiny_encoder):
+    with serve_in_thread(served_caches, tmp_path_factory.mktemp("slow"), encoder=tiny_encoder,
+                         header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=2.0, max_concurrency=1) as srv:
         yield srv
 
 

@@ -13,13 +13,19 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e import test_web_page as web
 from tests.e2e.test_web_page import READ, READ_KEY, _by_testid, _open_with_key, _submit, _wait, first_image
 from tests.service_helpers import make_config, running_app
 
-# The same Chromium and `kvclip serve` (API keys on) as the page's own tests.
-browser = web.browser
-server = web.server
+# `browser` and `web_server` (tests/e2e/conftest.py): the same Chromium and server, API keys
+# on, as the page's own tests.
+
+
+@pytest.fixture
+def sized(browser, width):
+    """The browser at `width`, put back to its usual size for the next test (the session shares it)."""
+    browser.set_window_size(width, 1000)
+    yield browser
+    browser.set_window_size(1200, 1000)
 
 
 @pytest.mark.anyio
@@ -53,13 +59,13 @@ def _methods(driver) -> list[str]:
 
 
 @pytest.mark.parametrize("width", [1200, 390])
-def test_page_at_desktop_and_phone_width(browser, server, fashion_test, tmp_path, width):
+def test_page_at_desktop_and_phone_width(sized, web_server, fashion_test, tmp_path, width):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    browser.set_window_size(width, 1000)
-    _open_with_key(browser, server.url)
-    served = {c["name"]: c for c in httpx.get(server.url + "/v1/caches", headers=READ, timeout=10).json()}
+    browser = sized
+    _open_with_key(browser, web_server.url)
+    served = {c["name"]: c for c in httpx.get(web_server.url + "/v1/caches", headers=READ, timeout=10).json()}
 
     # Method selector: auto plus exactly what the chosen cache serves.
     Select(browser.find_element(By.ID, "cache")).select_by_value("fashion-caps")

@@ -1,6 +1,7 @@
 """The web page at `/`: served in-process without an API key, and used in a real headless
-Chromium (Debian's chromium and chromedriver, driven by Selenium) against a real
-`kvclip serve` process with API keys, where what it renders must match the API.
+Chromium (Debian's chromium and chromedriver, driven by Selenium) against a real server over
+HTTP with API keys (the app under uvicorn in a thread of the test process), where what it
+renders must match the API.
 
 The browser comes from `bash scripts/install_browser.sh` (.ci/run calls it). Without it
 these browser tests fail, saying how to install it; set KVCLIP_SKIP_BROWSER=1 to skip them
@@ -8,18 +9,14 @@ on a machine that cannot have it.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server_process import serve_process
-from tests.service_helpers import copy_caches, make_config, running_app
+from tests.e2e.conftest import READ_KEY
+from tests.service_helpers import make_config, running_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-READ_KEY = "web-reader"
 READ = {"Authorization": f"Bearer {READ_KEY}"}
 WAIT_S = 30
 
@@ -64,69 +61,6 @@ def test_page_never_parses_server_text_as_html():
 
 
 # In a real browser -----------------------------------------------------------------------
-
-
-def _require_browser() -> None:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the selenium package")
-    if not missing:
-        return
-    why = (f"{', '.join(missing)} missing: run `bash scripts/install_browser.sh` (Debian's chromium "
-           "and chromium-driver) and `bash scripts/install.sh` (selenium)")
-    if os.environ.get("KVCLIP_SKIP_BROWSER") == "1":
-        pytest.skip(f"{why}; skipped because KVCLIP_SKIP_BROWSER=1")
-    pytest.fail(f"{why}; or set KVCLIP_SKIP_BROWSER=1 to skip the browser tests on this machine",
-                pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def server(served_caches, tmp_path_factory, tiny_encoder):
-    root = tmp_path_factory.mktemp("web")
-    caches = copy_caches(served_caches, root / "caches")
-    build_rendered_cache(caches / "rendered", root, tiny_encoder)
-    with serve_process(caches, root, env={"KVCLIP_API_KEYS": f"{READ_KEY}:read"}) as srv:
-        yield srv
-
-
-def build_rendered_cache(out: Path, root: Path, encoder) -> None:
-    """Labels only, 2 Stable Diffusion images per class (a tiny random pipeline): 4 synthetic items."""
-    import torch
-
-    from kvclip.cache_builder.build import BuildConfig, build_cache
-    from tests.tiny_hf import save_tiny_stable_diffusion
-
-    torch.manual_seed(0)
-    sd = save_tiny_stable_diffusion(root / "models")
-    build_cache(BuildConfig(out=out, labels=["cat", "dog"], model="tiny-random", views=1, captioner="none",
-                            synthesize=2, support="synthetic", sd_model=str(sd), sd_steps=2, progress=False,
-                            device="cpu"), encoder)
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    _require_browser()  # tests ask for `browser` before `server`: no browser fails in seconds
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    root = tmp_path_factory.mktemp("chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    # Root in a container: no sandbox; no GPU; /dev/shm may be tiny. Own profile directory,
-    # so parallel runs on one machine never share one.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,1000", f"--user-data-dir={root / 'profile'}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager is never run, so nothing is downloaded.
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(root / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver, condition, what: str):
@@ -183,7 +117,7 @@ def _submit(driver, files: list[Path], *, top_k: int, explain: bool, cache: str 
     return results.get_attribute("data-state")
 
 
-def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_path):
+def test_page_renders_what_the_api_answers(browser, web_server, fashion_test, tmp_path):
     from selenium.webdriver.common.by import By
 
     good = first_image(fashion_test)
@@ -193,12 +127,12 @@ def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_pa
     # server tries to decode it and reports it as this one image's error.
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image either")
-    api = httpx.post(server.url + "/v1/classify", params={"cache": "fashion", "top_k": 3, "explain": "true"},
+    api = httpx.post(web_server.url + "/v1/classify", params={"cache": "fashion", "top_k": 3, "explain": "true"},
                      files=[("file", (good.name, good.read_bytes(), "image/png"))], headers=READ, timeout=30)
     assert api.status_code == 200, api.text
     expected = api.json()["results"][0]
 
-    _open_with_key(browser, server.url)
+    _open_with_key(browser, web_server.url)
     option = browser.find_element(By.CSS_SELECTOR, '#cache option[value="fashion"]')
     assert "10 labels" in option.text and "v0001" in option.text
     assert _submit(browser, [good, broken, notes], top_k=3, explain=True) == "done"
@@ -246,15 +180,15 @@ def test_page_renders_what_the_api_answers(browser, server, fashion_test, tmp_pa
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == READ_KEY
 
 
-def test_page_shows_where_each_neighbour_came_from(browser, server, fashion_test):
+def test_page_shows_where_each_neighbour_came_from(browser, web_server, fashion_test):
     good = first_image(fashion_test)
-    api = httpx.post(server.url + "/v1/classify", params={"cache": "rendered", "explain": "true"},
+    api = httpx.post(web_server.url + "/v1/classify", params={"cache": "rendered", "explain": "true"},
                      files=[("file", (good.name, good.read_bytes(), "image/png"))], headers=READ, timeout=30)
     assert api.status_code == 200, api.text
     expected = api.json()["results"][0]["neighbors"]
     assert len(expected) == 4 and {n["origin"] for n in expected} == {"synthetic"}
 
-    _open_with_key(browser, server.url)
+    _open_with_key(browser, web_server.url)
     assert _submit(browser, [good], top_k=2, explain=True, cache="rendered") == "done"
     rows = _by_testid(_by_testid(browser, "result")[0], "neighbor")
     origins = [_by_testid(row, "neighbor-origin")[0] for row in rows]
@@ -266,10 +200,10 @@ def test_page_shows_where_each_neighbour_came_from(browser, server, fashion_test
     assert [_by_testid(row, "neighbor-caption")[0].text for row in rows] == [n["prompt"] for n in expected]
 
 
-def test_page_shows_a_refused_request(browser, server, fashion_test):
+def test_page_shows_a_refused_request(browser, web_server, fashion_test):
     from selenium.webdriver.common.by import By
 
-    _open_with_key(browser, server.url)
+    _open_with_key(browser, web_server.url)
     # The key goes bad after the caches were listed: the classify request itself gets 401.
     browser.execute_script("document.getElementById('api-key').value = 'not-a-key'")
     good = first_image(fashion_test)
@@ -281,10 +215,10 @@ def test_page_shows_a_refused_request(browser, server, fashion_test):
     assert not _by_testid(browser, "result")
 
 
-def test_drop_zone_takes_dropped_files(browser, server):
+def test_drop_zone_takes_dropped_files(browser, web_server):
     from selenium.webdriver.common.by import By
 
-    _open_with_key(browser, server.url)
+    _open_with_key(browser, web_server.url)
     # What a drag from the desktop delivers: a drop event whose DataTransfer holds files.
     browser.execute_script("""
         const data = new DataTransfer();

@@ -118,14 +118,21 @@ def worker_processes(app_client):
     jobs.runner = ThreadRunner()
 
 
+@pytest.fixture(scope="module")
+def warm_runner():
+    """One warm worker for the module's warm tests (a test that kills it leaves its replacement)."""
+    runner = WarmRunner()
+    runner.warm()
+    yield runner
+    runner.close()
+
+
 @pytest.fixture
-def warm_worker(app_client):
-    """This test's builds run in one warm worker process, as in the server by default."""
+def warm_worker(app_client, warm_runner):
+    """This test's builds run in the warm worker process, as in the server by default."""
     jobs = app_client[0].state.kv.jobs
-    jobs.runner = WarmRunner()
-    jobs.runner.warm()
-    yield jobs.runner
-    jobs.runner.close()
+    jobs.runner = warm_runner
+    yield warm_runner
     jobs.runner = ThreadRunner()
 
 
