@@ -9,6 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # test sets keys itself.
 for _name in ("KVCLIP_API_KEYS", "KVCLIP_API_KEYS_FILE"):
     os.environ.pop(_name, None)
+# As `kvclip serve` does (kvclip/threads.py), before torch loads: OpenMP threads that spin at
+# every barrier starve the other process on a busy machine (tests/unit/test_class_balance.py
+# under load: 152-170 s with spinning threads, 59-73 s waiting passively).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
