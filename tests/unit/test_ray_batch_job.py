@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[ray]'")
 
-from kvclip.deploy.ray import app as ray_app  # noqa: E402
-from kvclip.service.batcher import BatchJob, Scoring  # noqa: E402
+from kvclip.deploy.ray import app as ray_app
+from kvclip.service.batcher import BatchJob, Scoring
 
 pytestmark = pytest.mark.anyio
 WAIT_S = 30
