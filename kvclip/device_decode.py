@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +27,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from kvclip.errors import ImageDecodeError
 from kvclip.images import check_pixels
+
+if TYPE_CHECKING:
+    from kvclip.models import Encoder
 
 _EXIF_ORIENTATION = 0x0112
 _DEVICE_MODES = ("RGB", "L")  # nvJPEG's RGB output; CMYK/YCCK JPEGs stay with Pillow
@@ -76,15 +80,13 @@ def resize_crop(image: torch.Tensor, size: int, interpolation: str) -> torch.Ten
 class DeviceJpegDecoder:
     """Decodes a batch of JPEGs in one decode_jpeg call on `device` and preprocesses them there."""
 
-    def __init__(self, device: torch.device, size: int, interpolation: str = "bicubic",
-                 resize_mode: str = "shortest") -> None:
+    def __init__(self, device: torch.device, size: int, interpolation: str = "bicubic") -> None:
         self.device = device
         self.size = size
         self.interpolation = interpolation
-        self.resize_mode = resize_mode
 
     @classmethod
-    def for_encoder(cls, encoder) -> DeviceJpegDecoder | None:
+    def for_encoder(cls, encoder: Encoder) -> DeviceJpegDecoder | None:
         """The decoder for an encoder on CUDA whose model resizes by the short side; None otherwise."""
         if encoder.device.type != "cuda" or encoder.preprocess.resize_mode != "shortest":
             return None
@@ -92,7 +94,7 @@ class DeviceJpegDecoder:
 
     def accepts(self, data: bytes, max_pixels: int, name: str) -> JpegHeader | None:
         """The header when this decoder takes the image (see the module docstring)."""
-        return jpeg_header(data, max_pixels, name) if self.resize_mode == "shortest" else None
+        return jpeg_header(data, max_pixels, name)
 
     def __call__(self, datas: Sequence[bytes], headers: Sequence[JpegHeader],
                  names: Sequence[str]) -> list[torch.Tensor | ImageDecodeError]:
@@ -107,7 +109,9 @@ class DeviceJpegDecoder:
                 for image, header in zip(decoded, headers)]
 
     def _decode(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Orientation is applied by `orient`: decode_jpeg applies it on the CPU only.
+        # Orientation is applied by `orient`: decode_jpeg applies it on the CPU only. The work
+        # goes on the device's default stream, which the device thread's encoder batch also
+        # uses, so it is ordered before the batch that reads these pixels without events.
         return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
 
     def _decode_one(self, raw: torch.Tensor, name: str) -> torch.Tensor | ImageDecodeError:

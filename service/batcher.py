@@ -89,15 +89,13 @@ class BatchJob:
     def __call__(self, jobs: Sequence[tuple[torch.Tensor, Scoring | None]]) -> list[Any]:
         """One outcome per (pixels, scoring) job: its features (no scoring), its results, or Failed."""
         outcomes: list[Any] = self._encode([pixels for pixels, _ in jobs])
-        groups: dict[Hashable, list[int]] = {}
+        groups: dict[Hashable, tuple[Scoring, list[int]]] = {}
         for i, (_, scoring) in enumerate(jobs):
             if scoring is not None:
-                groups.setdefault(scoring.key, []).append(i)
-        for members in groups.values():
+                groups.setdefault(scoring.key, (scoring, []))[1].append(i)
+        for scoring, members in groups.values():
             parts = [outcomes[i] for i in members]
             features = parts[0] if len(parts) == 1 else torch.cat(parts)
-            scoring = jobs[members[0]][1]
-            assert scoring is not None
             try:
                 results = scoring.score(features)
             except Exception as exc:  # one group's failure (a bad cache) fails only that group

@@ -94,8 +94,8 @@ class ClassifyPipeline:
         )
 
     async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
-        """bytes -> image -> tensor, one image per decode-pool task (Overloaded when the
-        decode backlog cannot take them all)."""
+        """bytes -> image -> tensor, one image per decode-pool task, or one task per request
+        with a device JPEG decoder (Overloaded when the decode backlog cannot take them all)."""
         prepare_one = functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
                                         min_size=self.decode_size)
         if self.jpeg_decoder is None:
