@@ -83,7 +83,7 @@ class BatchJob:
 
     encode: Callable[[torch.Tensor], torch.Tensor]
     # Parts (k x 3 x H x W) -> one batch; Encoder.pixel_batch puts it in pinned memory on CUDA.
-    collate: Callable[[Sequence[torch.Tensor]], torch.Tensor] = torch.cat
+    collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
     metrics: Metrics | None = None
 
     def __call__(self, jobs: Sequence[tuple[torch.Tensor, Scoring | None]]) -> list[Any]:
@@ -130,7 +130,7 @@ class Batcher:
         metrics: Metrics | None = None,
         max_queue_wait_s: float | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
-        collate: Callable[[Sequence[torch.Tensor]], torch.Tensor] = torch.cat,
+        collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
     ) -> None:
         self.encode = encode
         self.collate = collate

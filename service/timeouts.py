@@ -44,7 +44,7 @@ def header_timeout_protocol(timeout_s: float) -> type[HttpToolsProtocol]:
         _header_timer: asyncio.TimerHandle | None = None
         _in_request = False  # from a request's first byte to its last
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 
