@@ -85,3 +85,15 @@ def test_an_unreadable_jpeg_in_a_batch_fails_alone():
 
 def test_encoded_bytes_round_trip():  # the helper writes what Pillow reads back
     assert Image.open(io.BytesIO(encoded(smooth_image(8, 8), "JPEG"))).format == "JPEG"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_gives_the_cpu_decoders_pixels():
+    datas = [encoded(smooth_image(640, 480, seed=s), "JPEG", quality=90, exif=exif_bytes(1 + s)) for s in range(4)]
+    headers = [jpeg_header(d, 10**8, "x") for d in datas]
+    names = [f"{i}.jpg" for i in range(4)]
+    on_gpu = DeviceJpegDecoder(torch.device("cuda"), 224)(datas, headers, names)  # type: ignore[arg-type]
+    on_cpu = DeviceJpegDecoder(torch.device("cpu"), 224)(datas, headers, names)  # type: ignore[arg-type]
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        assert isinstance(gpu, torch.Tensor) and gpu.is_cuda and isinstance(cpu, torch.Tensor)
+        assert (gpu.cpu().float() - cpu.float()).abs().mean() < 1  # IDCT and resampling kernels differ
