@@ -14,14 +14,10 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip instal
 
 from kvclip.deploy.ray import app as ray_app
 from kvclip.service.batcher import BatchJob, Scoring
+from tests.unit.test_batcher_batch_job import pixels
 
 pytestmark = pytest.mark.anyio
 WAIT_S = 30
-
-
-def pixels(request: int, k: int) -> torch.Tensor:
-    """k fake images; image i of request r holds the value 1000 r + i."""
-    return (1000.0 * request + torch.arange(k, dtype=torch.float32)).view(k, 1, 1, 1).expand(k, 3, 2, 2).contiguous()
 
 
 class Recording:
