@@ -25,13 +25,13 @@ _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.Interpol
 
 
 def random_view_transform(encoder: Encoder) -> T.Compose:
-    """Tip-Adapter's augmentation: random crop (scale 0.5-1, bicubic) and horizontal flip."""
+    """Tip-Adapter's augmentation: random crop (scale 0.5-1, bicubic) and horizontal flip; uint8
+    pixels, which the encoder normalises on its device (as Encoder.preprocess)."""
     return T.Compose([
         T.RandomResizedCrop(encoder.image_size, scale=(0.5, 1.0),
                             interpolation=_INTERPOLATION.get(encoder.interpolation, T.InterpolationMode.BICUBIC)),
         T.RandomHorizontalFlip(p=0.5),
-        T.ToTensor(),
-        T.Normalize(encoder.mean, encoder.std),
+        T.PILToTensor(),
     ])
 
 
@@ -81,9 +81,9 @@ def encode_support(
             chunk = items[start : start + batch_size]
             t0 = time.perf_counter()
             images = list(pool.map(open_image, chunk))
-            view_pixels = torch.stack([augment(im) for im in images for _ in range(views)])
+            view_pixels = encoder.pixel_batch([augment(im) for im in images for _ in range(views)])
             if query_features is None:
-                plain_pixels = torch.stack([encoder.preprocess(im) for im in images])
+                plain_pixels = encoder.pixel_batch([encoder.preprocess(im) for im in images])
             t1 = time.perf_counter()
             view_features = encoder.encode_images(view_pixels).view(len(chunk), views, -1)
             keys.append(F.normalize(view_features.mean(dim=1), dim=-1).cpu())
@@ -159,7 +159,7 @@ def encode_image_files(
                     pixels.append(result)
                     kept.append(start + offset)
             if pixels:
-                features.append(encoder.encode_images(torch.stack(pixels)).cpu())
+                features.append(encoder.encode_images(encoder.pixel_batch(pixels)).cpu())
             bar.update(min(batch_size, len(paths) - start))
             monitor.advance(min(batch_size, len(paths) - start))
     bar.close()

@@ -6,6 +6,7 @@ building and serving need `kvclip[server]`. Standard library only: this runs in 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from kvclip.errors import KvclipError
 
@@ -14,7 +15,8 @@ CAPS = "caps"  # hf:/openai: captioners, Stable Diffusion support images, kvclip
 # The top-level modules each extra's distributions install (tests/unit/test_extras.py holds
 # this to pyproject.toml's list).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    SERVER: ("torch", "torchvision", "open_clip", "faiss", "numpy", "PIL", "fastapi", "uvicorn",
+    SERVER: ("torch", "torchvision", "open_clip", "faiss", "numpy", "PIL", "fastapi", "uvicorn", "httptools",
+             *(() if sys.platform == "win32" else ("uvloop",)),  # pyproject's marker: no uvloop on Windows
              "multipart", "pydantic", "prometheus_client", "swagger_ui_bundle"),
     CAPS: ("transformers", "openai", "diffusers"),
 }

@@ -29,11 +29,7 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}"
-                )
+            check_pixels(image.size, max_pixels, name)
             if min_size is not None and image.format in ("JPEG", "MPO"):
                 # JPEG decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, several times faster
                 # than a full decode; draft keeps both sides at least min_size, and the model
@@ -50,6 +46,13 @@ def decode_image(
         ) from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    """ImageDecodeError when a picture of `size` (from its header) is over the pixel limit."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}")
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:

@@ -40,7 +40,7 @@ from kvclip.model_names import (  # noqa: F401
     ModelSpec,
     parse_model_spec,
 )
-from kvclip.preprocess import BoundedPreprocess
+from kvclip.preprocess import BoundedPreprocess, channel_tensor, normalize
 
 log = logging.getLogger("kvclip.models")
 TINY_SEED = 0
@@ -67,12 +67,15 @@ class Encoder:
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = cfg.get("size", getattr(model.visual, "image_size", 224))
         self.image_size: int = size if isinstance(size, int) else int(size[0])
-        self.mean: tuple[float, ...] = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        self.std: tuple[float, ...] = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
         self.interpolation: str = cfg.get("interpolation", "bicubic")
-        # PIL image -> 3 x S x S float tensor (deterministic), its cost bounded by S (kvclip/preprocess.py).
+        # PIL image -> 3 x S x S uint8 tensor (deterministic), its cost bounded by S (kvclip/preprocess.py).
         self.preprocess = BoundedPreprocess(preprocess, self.image_size, cfg.get("resize_mode", "shortest"),
                                             self.interpolation)
+        # The model's own Normalize (open_clip builds it from the model's config), run on the device.
+        self.mean: tuple[float, ...] = self.preprocess.mean
+        self.std: tuple[float, ...] = self.preprocess.std
+        self._mean = channel_tensor(self.mean, device)
+        self._std = channel_tensor(self.std, device)
 
     @property
     def _clip(self) -> Any:
@@ -84,11 +87,34 @@ class Encoder:
     def model_id(self) -> str:
         return self.spec.name
 
+    def pixel_batch(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One uint8 batch of preprocessed pixels: 3 x S x S images stacked, k x 3 x S x S parts
+        concatenated. In page-locked memory when the encoder runs on CUDA, so that the copy in
+        encode_images is asynchronous (from pageable memory CUDA stages it through a
+        pinned buffer, synchronously)."""
+        parts = [part.unsqueeze(0) if part.dim() == 3 else part for part in parts]
+        if not parts:
+            raise ValueError("pixel_batch needs at least one image")
+        if any(part.device.type != "cpu" for part in parts):  # decoded on the device (kvclip/device_decode.py)
+            return torch.cat([part.to(self.device) for part in parts])
+        if len(parts) == 1 and not pins_host_memory(self.device):
+            return parts[0]
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=pins_host_memory(self.device))
+        return torch.cat(parts, out=out)
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """B x 3 x H x W preprocessed pixels -> B x D L2-normalised float32 features."""
-        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        return F.normalize(self._clip.encode_image(pixels).float(), dim=-1)
+        """B x 3 x S x S uint8 pixels (preprocess, pixel_batch) -> B x D L2-normalised float32
+        features. The pixels go to the device as 8 bits and are normalised there, in float32 as
+        on the host before, then cast to the model's dtype (fp16 on CUDA)."""
+        size = self.image_size
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"encode_images takes B x 3 x {size} x {size} uint8 pixels (Encoder.preprocess), "
+                             f"got {tuple(pixels.shape)} {pixels.dtype}")
+        pixels = pixels.to(self.device, non_blocking=True)
+        inputs = normalize(pixels, self._mean, self._std).to(self.dtype)
+        return F.normalize(self._clip.encode_image(inputs).float(), dim=-1)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -111,6 +137,12 @@ class Encoder:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+def pins_host_memory(device: torch.device) -> bool:
+    """Whether batches for `device` are built in page-locked host memory: only a CUDA device
+    copies from it asynchronously (and pinning needs a CUDA runtime)."""
+    return device.type == "cuda"
 
 
 def default_device() -> torch.device:

@@ -13,20 +13,30 @@ do nothing to an S x S image). The result equals the transform applied to the wh
 
 Other resize modes ("squash", "longest") already resample the whole image straight to S and
 keep it all; they go to the transform as they are.
+
+The host stops at 8-bit pixels. open_clip's transform ends with ToTensor (8-bit PIL pixels
+/ 255) and Normalize (mean, std); BoundedPreprocess runs the transform's steps before those
+(resize, crop, RGB: the rounding to 8 bits happens here, in Pillow, on both paths) and hands
+out uint8 3 x S x S tensors; `normalize` is the last two steps, which the encoder runs on its
+device (kvclip/models.py), with the same float32 arithmetic, so the model input is the same
+to the bit: a quarter of the bytes cross to the device, and the host does no float work.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
 class BoundedPreprocess:
-    """Wraps a model's deterministic transform (PIL image -> 3 x S x S tensor)."""
+    """A model's deterministic transform, as PIL image -> 3 x S x S uint8 tensor (the pixels
+    before ToTensor and Normalize; `mean` and `std` are that Normalize's, for `normalize`)."""
 
     def __init__(
         self,
@@ -35,13 +45,17 @@ class BoundedPreprocess:
         resize_mode: str = "shortest",
         interpolation: str = "bicubic",
     ) -> None:
-        self.transform = transform
+        self.transform = transform  # the reference: bound, then this, equals normalize(self(image))
+        self.geometry, self.mean, self.std = split_transform(transform)
         self.size = size
         self.resize_mode = resize_mode
         self.resample = _RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(self.bound(image))
+        pixels = pil_to_tensor(self.geometry(self.bound(image)))
+        if pixels.shape != (3, self.size, self.size):  # e.g. a transform that keeps a mode other than RGB
+            raise ValueError(f"preprocessing made a {tuple(pixels.shape)} tensor, not 3 x {self.size} x {self.size}")
+        return pixels
 
     def bound(self, image: Image.Image) -> Image.Image:
         """The S x S picture the transform would cut out of `image`, computed from that region only."""
@@ -64,3 +78,29 @@ def center_crop_box(size: tuple[int, int], out: int) -> tuple[float, float, floa
     left, top = int(round((new_w - out) / 2.0)), int(round((new_h - out) / 2.0))
     scale_x, scale_y = width / new_w, height / new_h
     return (left * scale_x, top * scale_y, (left + out) * scale_x, (top + out) * scale_y)
+
+
+def split_transform(transform: Callable[[Image.Image], torch.Tensor]) -> tuple[T.Compose, tuple[float, ...], tuple[float, ...]]:
+    """(the steps before ToTensor, Normalize's mean, its std) of an open_clip eval transform.
+
+    Any other shape of transform is refused: its float steps could not move to the device
+    unchanged.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        raise ValueError(f"expected a transform ending in ToTensor, Normalize (open_clip's eval transform), got {transform!r}")
+    norm = steps[-1]
+    return T.Compose(steps[:-2]), tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ... x 3 x H x W pixels -> float32, as ToTensor then Normalize compute it (mean and
+    std: float32, 3 x 1 x 1, on the pixels' device)."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels (BoundedPreprocess), got {pixels.dtype}")
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def channel_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-channel constants shaped to broadcast over ... x 3 x H x W."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)

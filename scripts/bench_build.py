@@ -58,7 +58,7 @@ def main() -> None:
         result = encode_support(encoder, items, NoCaptioner(), args.views, args.batch_size, progress=False)
         build_s = time.perf_counter() - t0
     n_views = len(items) * args.views
-    pixels = torch.randn(crops, 3, encoder.image_size, encoder.image_size)
+    pixels = torch.randint(0, 256, (crops, 3, encoder.image_size, encoder.image_size), dtype=torch.uint8)
     encoder.encode_images(pixels)  # warm-up
     batches = max(1, n_views // crops)
     if device.type == "cuda":

@@ -7,7 +7,8 @@ memory. Each round times, interleaved on the same images:
   full     decode the whole JPEG, then open_clip's eval transform on the whole picture
            (what kvclip did before: decode_image + the model transform);
   bounded  decode at the reduced DCT scale the model needs (decode_image(min_size=S)), then
-           BoundedPreprocess, which resamples only the centre-crop region.
+           BoundedPreprocess, which resamples only the centre-crop region (8-bit pixels out; the
+           encoder normalises on its device, so the difference is taken after normalising them).
 It prints per-image milliseconds per round and the median of the per-round ratios full/bounded
 with their min and max, and how far the two paths' model inputs differ.
 """
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from kvclip.images import decode_image
-from kvclip.preprocess import BoundedPreprocess
+from kvclip.preprocess import BoundedPreprocess, channel_tensor, normalize
 
 
 def photo_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -58,7 +59,11 @@ def main() -> None:
     def fast(data: bytes) -> torch.Tensor:
         return bounded(decode_image(data, min_size=args.input_size))
 
-    diff = max(float((full(p) - fast(p)).abs().mean()) for p in photos[:2])
+    def fast_input(data: bytes) -> torch.Tensor:  # bounded's uint8 pixels as the model sees them
+        return normalize(fast(data), channel_tensor(bounded.mean, torch.device("cpu")),
+                         channel_tensor(bounded.std, torch.device("cpu")))
+
+    diff = max(float((full(p) - fast_input(p)).abs().mean()) for p in photos[:2])
     rows = []
     for r in range(args.rounds):
         timings = {}

@@ -8,6 +8,7 @@ A client that hangs up cancels its request: images not yet started are never dec
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -22,8 +23,9 @@ R = TypeVar("R")
 
 
 class BoundedDecoder:
-    """Runs one task per image on `pool`, with at most `limit` images being or waiting to be
-    decoded across all requests; a request is admitted whole or refused whole."""
+    """Runs one task per image (or one per request's batch) on `pool`, with at most `limit`
+    images being or waiting to be decoded across all requests; a request is admitted whole or
+    refused whole."""
 
     def __init__(self, pool: Executor, limit: int) -> None:
         self.pool = pool
@@ -36,19 +38,34 @@ class BoundedDecoder:
         return self._pending
 
     async def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """[fn(item) for item in items], one pool task per item."""
+        return await self._run([(functools.partial(fn, item), 1) for item in items])
+
+    async def map_batch(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+        """fn(items) as one pool task (a batched decode), counted as len(items) images."""
+        if not items:
+            return []
+        (results,) = await self._run([(functools.partial(fn, items), len(items))])
+        return results
+
+    async def _run(self, tasks: list[tuple[Callable[[], R], int]]) -> list[R]:
+        """Admit the tasks' images (the int of each) whole or refuse them, then run the tasks."""
+        total = sum(images for _, images in tasks)
         with self._lock:
-            if self._pending + len(items) > self.limit:
+            if self._pending + total > self.limit:
                 raise Overloaded(f"server overloaded: {self._pending} images are being decoded or waiting "
                                  f"for it (limit {self.limit}); retry later")
-            self._pending += len(items)
+            self._pending += total
         futures: list[Future] = []
         try:
-            for item in items:
-                future = self.pool.submit(fn, item)
-                future.add_done_callback(self._release)  # also when cancelled before it ran
+            for task, images in tasks:
+                future = self.pool.submit(task)
+                # Released also when cancelled before it ran.
+                future.add_done_callback(functools.partial(self._release, images))
                 futures.append(future)
+                total -= images
         except RuntimeError as exc:  # the pool shut down: the server is stopping
-            self._release_many(len(items) - len(futures))
+            self._release_many(total)
             _cancel(futures)
             raise Stopped("the server is shutting down") from exc
         try:
@@ -57,8 +74,8 @@ class BoundedDecoder:
             _cancel(futures)  # the client left, or the request failed: drop what has not started
             raise
 
-    def _release(self, _future: Future) -> None:
-        self._release_many(1)
+    def _release(self, images: int, _future: Future) -> None:
+        self._release_many(images)
 
     def _release_many(self, count: int) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from kvclip.device_decode import DeviceJpegDecoder
 from kvclip.service.admission import until_disconnected
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.deps import ready_state, require
@@ -59,7 +60,8 @@ async def classify(request: Request, query: dict = Depends(classify_query),
     cache = state.registry.get(parsed.params.cache)
     state.batcher.check_room(len(parsed.images))  # admitted (or refused) before any decoding
     pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decoder, state.batcher,
-                                decode_size=state.encoder.image_size)
+                                decode_size=state.encoder.image_size,
+                                jpeg_decoder=DeviceJpegDecoder.for_encoder(state.encoder))
     response = await until_disconnected(request, pipeline.run(cache, parsed))
     state.metrics.cache_requests.labels(cache.name, response.method).inc()
     state.metrics.images.labels(cache.name).inc(sum(r.error is None for r in response.results))

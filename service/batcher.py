@@ -9,10 +9,11 @@ encoder normalises each row on its own, so a request's features do not depend on
 batch-mates beyond floating-point kernel choice (tests/integration/test_service_batching.py
 checks results agree).
 
-A job may carry a `Scoring` (the blend against its cache snapshot). The batch job scores
-its jobs on the device thread right after the encoder, one call per group of jobs with the
-same `Scoring.key` (snapshot, method, options), so a request is answered with its own batch,
-blends run batched, and each group is copied to the host once.
+A job may carry a `Scoring` (the blend against its cache snapshot). The batch job
+(`BatchJob`, also the Ray Serve app's) scores its jobs on the device thread right after the
+encoder, one call per group of jobs with the same `Scoring.key` (snapshot, method, options),
+so a request is answered with its own batch, blends run batched, and each group is copied to
+the host once. Its pixels are collated by the encoder's `pixel_batch` (uint8, pinned on CUDA).
 
 A request whose client went away leaves the queue at once (its coroutine is cancelled), and
 one that waited longer than `max_queue_wait` is answered Overloaded instead of being encoded
@@ -24,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,58 @@ class _Job:
         return self.pixels.shape[0]
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A job's outcome when its group's scoring raised."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One encoder batch on the device thread: collate the jobs' pixels, encode them once,
+    then score each group of jobs that share a Scoring.key in one call."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    # Parts (k x 3 x H x W) -> one batch; Encoder.pixel_batch puts it in pinned memory on CUDA.
+    collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
+    metrics: Metrics | None = None
+
+    def __call__(self, jobs: Sequence[tuple[torch.Tensor, Scoring | None]]) -> list[Any]:
+        """One outcome per (pixels, scoring) job: its features (no scoring), its results, or Failed."""
+        outcomes: list[Any] = self._encode([pixels for pixels, _ in jobs])
+        groups: dict[Hashable, tuple[Scoring, list[int]]] = {}
+        for i, (_, scoring) in enumerate(jobs):
+            if scoring is not None:
+                groups.setdefault(scoring.key, (scoring, []))[1].append(i)
+        for scoring, members in groups.values():
+            parts = [outcomes[i] for i in members]
+            features = parts[0] if len(parts) == 1 else torch.cat(parts)
+            try:
+                results = scoring.score(features)
+            except Exception as exc:  # one group's failure (a bad cache) fails only that group
+                log.exception("scoring %d images failed", features.shape[0])
+                for i in members:
+                    outcomes[i] = Failed(exc)
+                continue
+            start = 0
+            for i, part in zip(members, parts):
+                outcomes[i] = results[start:start + part.shape[0]]
+                start += part.shape[0]
+        return outcomes
+
+    def _encode(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        pixels = self.collate(parts)
+        features = self.encode(pixels)
+        if features.is_cuda:
+            torch.cuda.synchronize(features.device)
+        if self.metrics:
+            self.metrics.batch_images.observe(pixels.shape[0])
+            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        return list(features.split([part.shape[0] for part in parts]))
+
+
 class Batcher:
     def __init__(
         self,
@@ -77,8 +130,10 @@ class Batcher:
         metrics: Metrics | None = None,
         max_queue_wait_s: float | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
     ) -> None:
         self.encode = encode
+        self.collate = collate
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
@@ -224,7 +279,7 @@ class Batcher:
         for job, outcome in zip(batch, outcomes):
             if job.future.done():
                 continue
-            if isinstance(outcome, _Failed):
+            if isinstance(outcome, Failed):
                 job.future.set_exception(outcome.error)
             else:
                 job.future.set_result(outcome)
@@ -241,49 +296,12 @@ class Batcher:
                 f"the request waited {waited:.1f} s for the encoder (limit {self.max_queue_wait_s:g} s)"))
         return job
 
-    def _encode_batch(self, batch: list[_Job]) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        pixels = batch[0].pixels if len(batch) == 1 else torch.cat([job.pixels for job in batch])
-        features = self.encode(pixels)
-        if features.is_cuda:
-            torch.cuda.synchronize(features.device)
-        if self.metrics:
-            self.metrics.batch_images.observe(pixels.shape[0])
-            self.metrics.batch_seconds.observe(time.perf_counter() - start)
-        return list(features.split([job.size for job in batch]))
-
     def _run_on_device(self, batch: list[_Job]) -> list[Any]:
-        """Encode the batch, then score each group of jobs that share a Scoring.key in one call;
-        one outcome per job (its features, its results, or _Failed)."""
-        outcomes: list[Any] = self._encode_batch(batch)
-        groups: dict[Hashable, list[int]] = {}
-        for i, job in enumerate(batch):
-            if job.scoring is not None:
-                groups.setdefault(job.scoring.key, []).append(i)
-        for members in groups.values():
-            parts = [outcomes[i] for i in members]
-            features = parts[0] if len(parts) == 1 else torch.cat(parts)
-            try:
-                results = batch[members[0]].scoring.score(features)
-            except Exception as exc:  # one group's failure (a bad cache) fails only that group
-                log.exception("scoring %d images failed", features.shape[0])
-                for i in members:
-                    outcomes[i] = _Failed(exc)
-                continue
-            start = 0
-            for i in members:
-                outcomes[i] = results[start:start + batch[i].size]
-                start += batch[i].size
-        return outcomes
+        return BatchJob(self.encode, self.collate, self.metrics)([(job.pixels, job.scoring) for job in batch])
 
     def _report_queue(self) -> None:
         if self.metrics:
             self.metrics.queue_images.set(self._queued)
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: Exception
 
 
 def _fail(jobs, exc: Exception) -> None:

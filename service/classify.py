@@ -1,7 +1,7 @@
 """The classify pipeline, written once for the plain server and the Ray Serve app:
 request bytes -> image -> tensor (decode pool) -> feature -> logits -> top-k labels and
 nearest support items (the injected encoding: the Batcher encodes and blends in one batch
-job; on Ray, @serve.batch encodes and the blend follows on the device thread) ->
+job; on Ray, @serve.batch runs the same batch job) ->
 ClassifyResponse.
 
 Reading the body is service/parsing.py; finding the cache is the caller's (the registry, or
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
+from kvclip.device_decode import DeviceJpegDecoder, JpegHeader
+from kvclip.errors import ImageDecodeError
 from kvclip.images import decode_image
 from kvclip.index import search_candidates
 from kvclip.manifest import GeneratorInfo
@@ -75,6 +77,8 @@ class ClassifyPipeline:
     decoder: BoundedDecoder  # the decode pool, with its bound on images in flight
     encoding: ImageEncoding
     decode_size: int | None = None  # the model's input size: large JPEGs decode at reduced DCT scale
+    # A CUDA encoder's: a request's JPEGs decode in one batch on the device (kvclip/device_decode.py).
+    jpeg_decoder: DeviceJpegDecoder | None = None
 
     async def run(self, cache: LoadedCache, request: ClassifyRequest) -> ClassifyResponse:
         """Classify the request's images against one cache snapshot."""
@@ -90,11 +94,15 @@ class ClassifyPipeline:
         )
 
     async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
-        """bytes -> image -> tensor, one image per decode-pool task (Overloaded when the
-        decode backlog cannot take them all)."""
-        return await self.decoder.map(
-            functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
-                              min_size=self.decode_size), images)
+        """bytes -> image -> tensor, one image per decode-pool task, or one task per request
+        with a device JPEG decoder (Overloaded when the decode backlog cannot take them all)."""
+        prepare_one = functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
+                                        min_size=self.decode_size)
+        if self.jpeg_decoder is None:
+            return await self.decoder.map(prepare_one, images)
+        return await self.decoder.map_batch(
+            functools.partial(prepare_batch, prepare_one=prepare_one, jpegs=self.jpeg_decoder,
+                              max_pixels=self.config.max_pixels), images)
 
     async def score_images(self, usable: list[Prepared], cache: LoadedCache, options: ScoreOptions) -> dict[int, Scored]:
         """tensor -> feature -> logits, batched with other requests; by image index."""
@@ -141,6 +149,39 @@ def prepare(
     except Exception as exc:  # MemoryError included: this image is too much, the others may not be
         log.warning("preprocessing image %d (%s) failed", item.index, item.name, exc_info=True)
         return Prepared(item.index, item.name, None, f"{item.name}: could not be preprocessed ({type(exc).__name__})")
+
+
+def prepare_batch(
+    items: Sequence[RequestImage],
+    prepare_one: Callable[[RequestImage], Prepared],
+    jpegs: DeviceJpegDecoder,
+    max_pixels: int,
+) -> list[Prepared]:
+    """A request's images with a device decoder: the JPEGs it accepts in one batched decode on
+    the device, the others through `prepare_one` (Pillow); all pixels end on that device."""
+    out: list[Prepared | None] = [None] * len(items)
+    on_device: list[tuple[int, RequestImage, JpegHeader]] = []
+    for i, item in enumerate(items):
+        try:
+            header = None if item.refused else jpegs.accepts(item.data, max_pixels, item.name)
+        except ImageDecodeError as exc:  # over the pixel limit
+            out[i] = Prepared(item.index, item.name, None, str(exc))
+            continue
+        if header is None:
+            out[i] = prepare_one(item)
+        else:
+            on_device.append((i, item, header))
+    if on_device:
+        decoded = jpegs([item.data for _, item, _ in on_device], [h for _, _, h in on_device],
+                        [item.name for _, item, _ in on_device])
+        for (i, item, _), pixels in zip(on_device, decoded):
+            out[i] = (Prepared(item.index, item.name, None, str(pixels)) if isinstance(pixels, ImageDecodeError)
+                      else Prepared(item.index, item.name, pixels))
+    prepared = [p for p in out if p is not None]
+    for p in prepared:  # one request's pixels stack on one device
+        if p.pixels is not None:
+            p.pixels = p.pixels.to(jpegs.device)
+    return prepared
 
 
 def usable_images(prepared: list[Prepared], partial: bool) -> list[Prepared]:

@@ -108,6 +108,7 @@ class ServerState:
             self.batcher = Batcher(
                 self.encoder.encode_images, self.config.max_batch, self.config.max_queue, self.metrics,
                 max_queue_wait_s=self.config.max_queue_wait_s, on_failure=self._batcher_failed,
+                collate=self.encoder.pixel_batch,  # uint8, pinned on CUDA
             )
             await self.batcher.start()
             self.jobs.start()

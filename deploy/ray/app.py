@@ -10,10 +10,12 @@ Two deployments:
   It holds no model; it calls the classifier through a handle with the cache name as the
   multiplexed model id.
 - `KvclipClassifier`: one encoder per replica (`num_gpus` may be a fraction). Images from
-  concurrent requests share encoder calls through @serve.batch (preprocessed pixels in,
-  features out, sized in images), injected into the plain server's ClassifyPipeline in
-  place of its Batcher; each request blends on its own cache snapshot. Caches are @serve.multiplexed by name, so Serve routes a cache's
-  requests to replicas that already hold it; each replica checks the cache's CURRENT file
+  concurrent requests share encoder calls through @serve.batch (preprocessed pixels and
+  their Scoring in, results out, sized in images), injected into the plain server's
+  ClassifyPipeline in place of its Batcher; the batch function runs the Batcher's own
+  BatchJob, so a batch's blends are grouped by cache snapshot, method and options as there.
+  Caches are @serve.multiplexed by name, so Serve routes a cache's requests to replicas
+  that already hold it; each replica checks the cache's CURRENT file
   at most every `refresh_interval_s` and swaps in a new version when it changed, so an
   activation written by any replica (or by `kvclip.artifact.set_current`, a build, or a
   plain server sharing the folder) reaches every replica. A request takes its snapshot
@@ -33,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request, Response
@@ -40,13 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from kvclip import artifact as store
+from kvclip.device_decode import DeviceJpegDecoder
 from kvclip.errors import KvclipError
 from kvclip.models import load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.api_caches import CacheName, summary
 from kvclip.service.api_classify import BODY_DOC, ERROR_DOC, OPENAPI_SCHEMAS, classify_query
 from kvclip.service.app import add_openapi_schemas
-from kvclip.service.batcher import Scoring
+from kvclip.service.batcher import BatchJob, Failed, Scoring
 from kvclip.service.classify import ClassifyPipeline
 from kvclip.service.config import ENV_PREFIX, ServerConfig, from_namespace
 from kvclip.service.deps import require
@@ -116,9 +120,9 @@ def build_app(args: dict) -> serve.Application:
 
 # Classifier replicas ---------------------------------------------------------------------
 
-def _images_in(chunks: list[torch.Tensor]) -> int:
+def _images_in(jobs: list[tuple[torch.Tensor, Scoring]]) -> int:
     """@serve.batch sizes batches in images, not requests."""
-    return sum(chunk.shape[0] for chunk in chunks)
+    return sum(pixels.shape[0] for pixels, _ in jobs)
 
 
 class CacheSlot:
@@ -167,22 +171,21 @@ def _unwrap(outcome: dict, response: Response) -> dict:
 
 class ReplicaEncoding:
     """The pipeline's ImageEncoding on a replica, for one request: the replica's @serve.batch
-    encoder, blends on its device thread; remembers the largest batch the request rode in."""
+    batch job (encode, then blend per cache snapshot and options, on its device thread, as the
+    plain server's Batcher does); remembers the largest batch the request rode in."""
 
-    def __init__(self, encode_batch, device: ThreadPoolExecutor, max_batch: int) -> None:
-        self.encode_batch, self.device, self.max_batch = encode_batch, device, max_batch
+    def __init__(self, run_batch, max_batch: int) -> None:
+        self.run_batch, self.max_batch = run_batch, max_batch
         self.batch_images = 0
 
-    async def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # Chunks of at most max_batch join other requests' batches.
-        parts = await asyncio.gather(*(self.encode_batch(chunk) for chunk in pixels.split(self.max_batch)))
-        self.batch_images = max(n for _, n in parts)
-        return parts[0][0] if len(parts) == 1 else torch.cat([f for f, _ in parts])
-
     async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list:
-        # serve.batch returns features only, so the blend follows per request on the device thread.
-        features = await self.encode_images(pixels)
-        return await asyncio.get_running_loop().run_in_executor(self.device, scoring.score, features)
+        # Chunks of at most max_batch join other requests' batches.
+        parts = await asyncio.gather(*(self.run_batch((chunk, scoring)) for chunk in pixels.split(self.max_batch)))
+        self.batch_images = max(n for _, n in parts)
+        for outcome, _ in parts:
+            if isinstance(outcome, Failed):
+                raise outcome.error
+        return [result for outcome, _ in parts for result in outcome]
 
 
 @serve.deployment(name="KvclipClassifier")
@@ -198,8 +201,9 @@ class KvclipClassifier:
         self._decoder = BoundedDecoder(ThreadPoolExecutor(max_workers=config.decode_workers,
                                                           thread_name_prefix="kvclip-decode"),
                                        config.max_decode_backlog)
-        self._encode_batch.set_max_batch_size(config.max_batch)
-        self._encode_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
+        self._batch_job = BatchJob(self.encoder.encode_images, self.encoder.pixel_batch)
+        self._run_batch.set_max_batch_size(config.max_batch)
+        self._run_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000.0)
 
         self._opened: set[str] = set()  # caches this replica has loaded at least once
 
@@ -215,9 +219,10 @@ class KvclipClassifier:
     async def classify(self, request: ClassifyRequest) -> dict:
         try:
             cache = await self._snapshot(request.params.cache)
-            encoding = ReplicaEncoding(self._encode_batch, self._device, self.config.max_batch)
+            encoding = ReplicaEncoding(self._run_batch, self.config.max_batch)
             pipeline = ClassifyPipeline(self.config, self.encoder.preprocess, self._decoder, encoding,
-                                        decode_size=self.encoder.image_size)
+                                        decode_size=self.encoder.image_size,
+                                        jpeg_decoder=DeviceJpegDecoder.for_encoder(self.encoder))
             response = await pipeline.run(cache, request)
         except Exception as exc:
             return self._error(exc)
@@ -274,18 +279,10 @@ class KvclipClassifier:
         return {"response": summary(loaded), "replica": self.replica}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def _encode_batch(self, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        sizes = [chunk.shape[0] for chunk in chunks]
-        pixels = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        features = await asyncio.get_running_loop().run_in_executor(self._device, self._run_encoder, pixels)
-        return [(part, pixels.shape[0]) for part in features.split(sizes)]
-
-    def _run_encoder(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.encoder.encode_images(pixels)
-        if features.is_cuda:
-            torch.cuda.synchronize(features.device)
-        return features
-
+    async def _run_batch(self, jobs: list[tuple[torch.Tensor, Scoring]]) -> list[tuple[Any, int]]:
+        """(each job's results or Failed, the batch's images): the plain server's batch job."""
+        outcomes = await asyncio.get_running_loop().run_in_executor(self._device, self._batch_job, jobs)
+        return [(outcome, _images_in(jobs)) for outcome in outcomes]
 
 
 # HTTP ingress ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_given_query_features_are_used_not_encoded_again(tiny_encoder, tmp_path)
         def __getattr__(self, name):
             return getattr(tiny_encoder, name)
 
-    given = torch.randn(3, tiny_encoder.encode_images(torch.zeros(1, 3, 32, 32)).shape[1])
+    given = torch.randn(3, tiny_encoder.encode_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[1])
     support = encode_support(Counting(), items, NoCaptioner(), views=4, batch_size=2, seed=7, progress=False,
                              query_features=given)
     assert torch.equal(support.query_features, given)

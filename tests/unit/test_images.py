@@ -11,7 +11,7 @@ from PIL import Image
 
 from kvclip.errors import ImageDecodeError
 from kvclip.images import decode_image
-from kvclip.preprocess import BoundedPreprocess
+from kvclip.preprocess import BoundedPreprocess, channel_tensor, normalize
 
 SIZE = 32
 
@@ -64,31 +64,43 @@ def test_eps_is_never_handed_to_ghostscript():
 
 
 class Recorder:
-    """The model transform, recording the size it was handed."""
+    """The model transform with a first step recording the size it was handed."""
 
     def __init__(self) -> None:
         self.transform = open_clip.image_transform(SIZE, is_train=False)
+        self.transforms = [self._record, *self.transform.transforms]
         self.sizes: list[tuple[int, int]] = []
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def _record(self, image: Image.Image) -> Image.Image:
         self.sizes.append(image.size)
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
+
+
+def normalized(preprocess: BoundedPreprocess, pixels: torch.Tensor) -> torch.Tensor:
+    """The float input the model sees, as the encoder computes it on its device."""
+    return normalize(pixels, channel_tensor(preprocess.mean, pixels.device), channel_tensor(preprocess.std, pixels.device))
 
 
 def test_an_elongated_image_reaches_the_transform_cropped():
     recorder = Recorder()
     line = Image.new("RGB", (300_000, 1), (200, 10, 10))  # decodes from a few hundred bytes of PNG
-    pixels = BoundedPreprocess(recorder, SIZE)(line)
-    assert pixels.shape == (3, SIZE, SIZE)
+    preprocess = BoundedPreprocess(recorder, SIZE)
+    pixels = preprocess(line)
+    assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8
     assert recorder.sizes == [(SIZE, SIZE)]  # the transform's upscale costs O(S^2), not O(S^2 * 300000)
-    assert torch.allclose(pixels, recorder.transform(Image.new("RGB", (SIZE, SIZE), (200, 10, 10))), atol=1e-6)
+    reference = recorder.transform(Image.new("RGB", (SIZE, SIZE), (200, 10, 10)))
+    assert torch.allclose(normalized(preprocess, pixels), reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [(40, 220), (260, 48), (4000, 3000), (1200, 6000), (33, 31), (7, 5000)])
 def test_bounded_preprocess_equals_the_model_transform_on_the_whole_image(size):
     image = smooth_image(*size)
     recorder = Recorder()
-    bounded = BoundedPreprocess(recorder, SIZE)(image)
+    preprocess = BoundedPreprocess(recorder, SIZE)
+    bounded = normalized(preprocess, preprocess(image))
     assert recorder.sizes == [(SIZE, SIZE)]
     reference = recorder.transform(image)
     # One 8-bit level is 1/255/std ≈ 0.015 in normalised units: the same pixels up to rounding.
@@ -110,7 +122,8 @@ def test_the_encoder_preprocess_is_bounded(tiny_encoder):
     assert pixels.shape == (3, size, size)
     assert isinstance(tiny_encoder.preprocess, BoundedPreprocess)
     square = Image.new("RGB", (size, size), (10, 200, 10))
-    assert torch.allclose(pixels, tiny_encoder.preprocess.transform(square), atol=1e-6)
+    assert torch.allclose(normalized(tiny_encoder.preprocess, pixels), tiny_encoder.preprocess.transform(square),
+                          atol=1e-6)
 
 
 def test_large_jpegs_decode_at_reduced_scale_when_the_model_needs_less():
@@ -120,10 +133,9 @@ def test_large_jpegs_decode_at_reduced_scale_when_the_model_needs_less():
     assert reduced.size == (500, 375)  # 1/8 scale: the smallest DCT scale with both sides >= 224
     assert decode_image(data).size == (4000, 3000)  # without a size, the full picture
     assert decode_image(encoded(photo, "PNG"), min_size=224).size == (4000, 3000)  # only JPEG has DCT scaling
-    recorder = Recorder()
-    bounded = BoundedPreprocess(recorder, SIZE)
-    full = bounded(decode_image(data))
-    assert (bounded(decode_image(data, min_size=SIZE)) - full).abs().mean() < 0.05  # the same picture
+    bounded = BoundedPreprocess(Recorder(), SIZE)
+    full = normalized(bounded, bounded(decode_image(data)))
+    assert (normalized(bounded, bounded(decode_image(data, min_size=SIZE))) - full).abs().mean() < 0.05  # the same picture
 
 
 def test_reduced_scale_decoding_keeps_exif_orientation():

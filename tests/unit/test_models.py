@@ -7,6 +7,11 @@ from kvclip.errors import ModelLoadError
 from kvclip.models import load_encoder, parse_model_spec, state_dict_sha256
 
 
+def random_pixels(n: int, size: int) -> torch.Tensor:
+    """n preprocessed-looking images: uint8, 3 x size x size."""
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+
+
 def test_model_names_parse():
     assert parse_model_spec("ViT-B-32:openai").kind == "tag"
     assert parse_model_spec("ViT-B-32:laion2b_s34b_b79k").source == "laion2b_s34b_b79k"
@@ -19,7 +24,7 @@ def test_model_names_parse():
 def test_tiny_random_is_seeded_and_encodes(tiny_encoder):
     again = load_encoder("tiny-random", device="cpu")
     assert again.weights_sha256 == tiny_encoder.weights_sha256
-    pixels = torch.randn(3, 3, tiny_encoder.image_size, tiny_encoder.image_size)
+    pixels = random_pixels(3, tiny_encoder.image_size)
     feats = tiny_encoder.encode_images(pixels)
     assert feats.dtype == torch.float32 and feats.shape[0] == 3
     assert torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -70,7 +75,7 @@ def test_local_checkpoint_file_loads_the_same_weights(tmp_path, tiny_encoder):
     loaded = load_encoder(f"kvclip-tiny:{path}", device="cpu")
     assert state_dict_sha256(loaded.model) == tiny_encoder.weights_sha256
     assert loaded.weights_sha256 != tiny_encoder.weights_sha256  # the file's own checksum
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = random_pixels(2, 32)
     assert torch.allclose(loaded.encode_images(pixels), tiny_encoder.encode_images(pixels))
 
 
@@ -78,4 +83,4 @@ def test_local_checkpoint_file_loads_the_same_weights(tmp_path, tiny_encoder):
 def test_cuda_runs_fp16():
     enc = load_encoder("tiny-random")
     assert enc.device.type == "cuda" and enc.dtype == torch.float16
-    assert enc.encode_images(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+    assert enc.encode_images(enc.pixel_batch([random_pixels(2, 32)])).dtype == torch.float32
