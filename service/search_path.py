@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,13 @@ log = logging.getLogger("kvclip.search_path")
 SearchPath = Literal["dense", "faiss"]
 # Why a path was chosen; docs/server.md "Search path" explains each.
 Reason = Literal["forced", "no_index", "small", "too_large", "low_agreement", "measured"]
+AgreementSource = Literal["build", "probe"]  # the manifest's leave-one-out report, or a probe at load
 
 FASTER_RATIO = 0.9  # FAISS must take at most this share of dense's time: near parity the exact path wins
 ROUNDS = 3  # rounds of dense and FAISS timed alternately
 MIN_RUN_S = 0.05  # per timing: torch.utils.benchmark repeats the call for at least this long
 PROBE_QUERIES = 256  # leave-one-out agreement probe, when the build's report does not cover --faiss-k
+_TIMING = threading.Lock()  # caches loaded in parallel are timed one at a time, not against each other
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,8 @@ class PathProbe:
     """What one timing needs: the cache on its device and its indexes, the method served, probe queries."""
 
     tensors: CacheTensors
-    image_index: object  # faiss.Index
-    caption_index: object | None
+    image_index: Any  # faiss.Index (CacheArtifact keeps it untyped: faiss loads lazily)
+    caption_index: Any
     method: str
     params: BlendParams  # for_method(method) applied
     k: int
@@ -112,7 +115,7 @@ class SearchDecision:
     method: str | None = None  # the method the candidate path was measured with
     index: str | None = None  # the FAISS index kind, when the cache has one
     agreement: float | None = None  # top-1 agreement of the candidate blend with dense
-    agreement_source: Literal["build", "probe"] | None = None
+    agreement_source: AgreementSource | None = None
     timings: list[PathTiming] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -163,29 +166,33 @@ def choose(artifact: CacheArtifact, tensors: CacheTensors, policy: SearchPolicy)
     return judge(probe, methods, kind, agreement, source, policy)
 
 
-def judge(probe: PathProbe, methods: list[str], kind: str | None, agreement: float, source: Literal["build", "probe"],
+def judge(probe: PathProbe, methods: list[str], kind: str | None, agreement: float, source: AgreementSource,
           policy: SearchPolicy) -> SearchDecision:
     """auto's verdict on a cache that may use either path: FAISS when it agrees with dense at least
     --faiss-min-agreement and is measured faster at every probed batch; timed only if it agrees."""
-    found = {"method": probe.method, "index": kind, "agreement": agreement, "agreement_source": source}
+    found = SearchDecision("dense", "low_agreement", f"FAISS top-1 agreement {agreement:.3f} ({source}) is below "
+                           f"--faiss-min-agreement {policy.min_agreement}", method=probe.method, index=kind,
+                           agreement=agreement, agreement_source=source)
     if agreement < policy.min_agreement:
-        return SearchDecision("dense", "low_agreement", f"FAISS top-1 agreement {agreement:.3f} ({source}) is below "
-                              f"--faiss-min-agreement {policy.min_agreement}", **found)
-    timings = measure_paths(probe, policy.batches, policy.measure or time_path, policy.rounds)
+        return found
+    with _TIMING:
+        timings = measure_paths(probe, policy.batches, policy.measure or time_path, policy.rounds)
     faster = faiss_faster(timings)
     figures = ", ".join(f"batch {t.batch}: FAISS {t.faiss_ms_per_image:.3g} vs dense {t.dense_ms_per_image:.3g} "
                         f"ms/image" for t in timings)
     verdict = "faster" if faster else "not faster"
-    return SearchDecision("faiss" if faster else "dense", "measured",
-                          f"FAISS ({kind}) measured {verdict} than dense ({figures}); agreement {agreement:.3f}",
-                          methods if faster else [], timings=timings, **found)
+    return dataclasses.replace(found, path="faiss" if faster else "dense", reason="measured",
+                               detail=f"FAISS ({kind}) measured {verdict} than dense ({figures}); "
+                                      f"agreement {agreement:.3f}",
+                               methods=methods if faster else [], timings=timings)
 
 
 def faiss_faster(timings: list[PathTiming]) -> bool:
     return all(t.faiss_over_dense <= FASTER_RATIO for t in timings)
 
 
-def top1_agreement(artifact: CacheArtifact, tensors: CacheTensors, methods: list[str], k: int) -> tuple[float, str]:
+def top1_agreement(artifact: CacheArtifact, tensors: CacheTensors, methods: list[str],
+                   k: int) -> tuple[float, AgreementSource]:
     """The lowest top-1 agreement with dense over `methods`: the build's report (leave-one-out on the
     support images' plain views) when it was measured with this k, else a leave-one-out probe of
     the cache's own image keys on this device (the tuner's query features are not loaded)."""
