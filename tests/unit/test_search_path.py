@@ -181,3 +181,16 @@ def test_policy_from_config_probes_batch_one_and_the_full_batch():
         dataclasses.replace(config, search_path="fast")
     with pytest.raises(ValueError, match="faiss_min_agreement must lie in 0..1"):
         dataclasses.replace(config, faiss_min_agreement=1.5)
+
+
+def test_the_client_reads_and_prints_the_decision():
+    from kvclip.clients.models import CacheInfo
+    from kvclip.clients.render import cache_detail
+
+    artifact = make_artifact()
+    decision = choose(artifact, artifact.tensors("cpu"), policy(FakeTimes(dense=0.004, faiss=0.001)))
+    info = CacheInfo.from_json({"name": "demo", "version": "v0001", "model": "m", "classes": 3, "items": N,
+                                "methods": artifact.methods, "best_method": "tip", "captions": True,
+                                "search": decision.as_dict()})
+    assert info.search.timings[0].faiss_over_dense == pytest.approx(0.25)
+    assert "search path  faiss (measured: FAISS (flat) measured faster than dense" in cache_detail(info)
