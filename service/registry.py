@@ -21,8 +21,7 @@ from kvclip.artifact import SERVING_ARRAYS, CacheArtifact, check_model_matches, 
 from kvclip.blend import BlendParams, CacheTensors
 from kvclip.errors import ArtifactError, KvclipError
 from kvclip.models import Encoder
-from kvclip.service import search_path
-from kvclip.service.search_path import SearchDecision, SearchPolicy
+from kvclip.service.search_path import DENSE_ONLY, SearchDecision, SearchPolicy, decide
 
 log = logging.getLogger("kvclip.registry")
 
@@ -49,7 +48,7 @@ class LoadedCache:
     version: str
     artifact: CacheArtifact
     tensors: CacheTensors  # resident on the encoder's device
-    search: SearchDecision = search_path.DENSE_ONLY  # dense or FAISS candidates, chosen at load
+    search: SearchDecision = DENSE_ONLY  # dense or FAISS candidates, chosen at load
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -209,7 +208,7 @@ def load_version(
     tensors = artifact.tensors(encoder.device)
     if encoder.device.type == "cuda":
         torch.cuda.synchronize(encoder.device)
-    artifact, decision = search_path.apply(name, artifact, tensors, search)
+    artifact, decision = decide(name, artifact, tensors, search)
     log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
              len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
     return LoadedCache(name, version, artifact, tensors, decision)

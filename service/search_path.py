@@ -253,8 +253,8 @@ def time_path(probe: PathProbe, path: SearchPath, batch: int) -> float:
     return timer.blocked_autorange(min_run_time=MIN_RUN_S).median
 
 
-def apply(name: str, artifact: CacheArtifact, tensors: CacheTensors,
-          policy: SearchPolicy) -> tuple[CacheArtifact, SearchDecision]:
+def decide(name: str, artifact: CacheArtifact, tensors: CacheTensors,
+           policy: SearchPolicy) -> tuple[CacheArtifact, SearchDecision]:
     """Choose the path of a freshly loaded cache, log it, and drop the indexes dense will never search."""
     decision = choose(artifact, tensors, policy)
     log.info("cache %s %s: search path %s (%s): %s", name, artifact.version, decision.path, decision.reason,

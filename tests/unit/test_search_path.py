@@ -80,7 +80,7 @@ def test_faiss_is_chosen_when_measured_faster_at_every_batch_and_agreeing():
 def test_dense_stays_when_faiss_is_slower_at_one_batch_and_the_unused_indexes_are_dropped():
     artifact = make_artifact()
     times = FakeTimes(dense=0.004, faiss={1: 0.001, 32: 0.02})  # faster alone, 5x slower in a full batch
-    served, decision = search_path.apply("demo", artifact, artifact.tensors("cpu"), policy(times))
+    served, decision = search_path.decide("demo", artifact, artifact.tensors("cpu"), policy(times))
     assert (decision.path, decision.reason, decision.methods) == ("dense", "measured", [])
     assert [t.batch for t in decision.timings] == [1, 32] and decision.timings[1].faiss_over_dense == pytest.approx(5)
     assert "not faster" in decision.detail
