@@ -194,3 +194,18 @@ def test_the_client_reads_and_prints_the_decision():
                                 "search": decision.as_dict()})
     assert info.search.timings[0].faiss_over_dense == pytest.approx(0.25)
     assert "search path  faiss (measured: FAISS (flat) measured faster than dense" in cache_detail(info)
+
+
+def test_the_agreement_probe_goes_in_chunks_with_the_same_answer():
+    """topk_agreement bounds its dense pass to `chunk` queries; the report does not depend on it."""
+    from kvclip.cache_builder.build import topk_agreement
+
+    artifact = make_artifact()
+    tensors = artifact.tensors("cpu")
+    params = {m: artifact.params(m) for m in ("tip", "tipx", "caps")}
+    reports = [topk_agreement(tensors, tensors.image_keys, tensors.label_ids, params, artifact.image_index,
+                              artifact.caption_index, 4, chunk=chunk) for chunk in (7, N)]
+    assert reports[0]["n_queries"] == N and reports[0]["methods"].keys() == {"tip", "tipx", "caps"}
+    for method, whole in reports[1]["methods"].items():
+        chunked = reports[0]["methods"][method]
+        assert chunked == {name: pytest.approx(value, abs=1e-4) for name, value in whole.items()}
