@@ -52,7 +52,15 @@ import torch.nn.functional as F  # noqa: E402
 from kvclip.blend import CACHE_METHODS, BlendParams, CacheTensors, blend, blend_candidates, zeroshot_logits  # noqa: E402
 from kvclip.index import INDEX_KINDS, build_index, search_candidates  # noqa: E402
 from kvclip.service.config import DEFAULT_MIN_AGREEMENT, DEFAULT_PROBE_MIN_KEYS  # noqa: E402
-from kvclip.service.search_path import FASTER_RATIO, ROUNDS, PathProbe, SearchDecision, SearchPolicy, judge  # noqa: E402
+from kvclip.service.search_path import (  # noqa: E402
+    FASTER_RATIO,
+    ROUNDS,
+    PathProbe,
+    SearchDecision,
+    SearchPolicy,
+    judge,
+    probe_queries,
+)
 
 # Representative values, not tuned ones; for_method() zeroes what a method ignores
 # (delta for tip/tipx, gamma for tip).
@@ -158,11 +166,9 @@ def make_cache(size: int, dim: int, classes: int, with_captions: bool, generator
 
 
 def make_queries(cache: CacheTensors, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Noisy copies of random cache keys, so every query has a meaningful nearest neighbour."""
-    keys = cache.image_keys.cpu()
-    picks = torch.randint(0, keys.shape[0], (count,), generator=generator)
-    noise = unit_rows(torch.randn(count, keys.shape[1], generator=generator))
-    return unit_rows(keys[picks] + QUERY_NOISE * noise).to(cache.device)
+    """Noisy copies of random cache keys, so every query has a meaningful nearest neighbour
+    (the server's probe queries, from this run's generator)."""
+    return probe_queries(cache.image_keys, count, generator, QUERY_NOISE)
 
 
 def cache_megabytes(cache: CacheTensors) -> float:
@@ -390,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"hnsw: {hnsw_settings(args.dim)} (kvclip.index defaults, unchanged)")
     lines += ["", "## Time per call", "", *timing_table(timing_rows), "",
               "## Indexes and agreement", "", *index_table(index_rows, cache_mb, args.agreement_queries),
-              *(["", "## Search path (--search-path auto)", "", *auto_table(auto_rows, args.min_agreement)]
-                if auto_rows else []),
+              "", "## Search path (--search-path auto)", "",
+              *(auto_table(auto_rows, args.min_agreement) if auto_rows else
+                [f"{args.method} with γ = {params.gamma} has a KL term: the server always blends it densely"]),
               "", f"benchmark wall time {elapsed:.1f} s; 1-min load average {load_before:.2f} before, "
               f"{os.getloadavg()[0]:.2f} after (this run adds up to {torch.get_num_threads()}: "
               "more means other work shared the CPU and the times are inflated)"]

@@ -207,13 +207,14 @@ def top1_agreement(artifact: CacheArtifact, tensors: CacheTensors, methods: list
     return min(r["top1_agreement"] for r in probed["methods"].values()), "probe"
 
 
-def probe_queries(keys: torch.Tensor, count: int) -> torch.Tensor:
-    """Noisy copies of seeded random keys (cosine about 0.9), so each query has real neighbours:
-    a graph search costs more or less with them."""
-    generator = torch.Generator().manual_seed(0)
+def probe_queries(keys: torch.Tensor, count: int, generator: torch.Generator | None = None,
+                  noise: float = 0.5) -> torch.Tensor:
+    """Noisy copies of random keys (seed 0 by default; noise 0.5: cosine about 0.9 to the copied
+    key), so each query has real neighbours: a graph search costs more or less with them."""
+    generator = generator or torch.Generator().manual_seed(0)
     picks = torch.randint(0, keys.shape[0], (count,), generator=generator)
-    noise = F.normalize(torch.randn(count, keys.shape[1], generator=generator), dim=-1)
-    return F.normalize(keys[picks].cpu() + 0.5 * noise, dim=-1).to(keys.device)
+    offsets = F.normalize(torch.randn(count, keys.shape[1], generator=generator), dim=-1)
+    return F.normalize(keys.cpu()[picks] + noise * offsets, dim=-1).to(keys.device)
 
 
 def measure_paths(probe: PathProbe, batches: tuple[int, ...], measure: Measure,
