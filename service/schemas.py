@@ -10,6 +10,7 @@ from kvclip.errors import DataError, ModelLoadError
 from kvclip.manifest import BuildReport, TunedParams
 from kvclip.model_names import check_model_name, parse_model_spec
 from kvclip.prompts import check_templates
+from kvclip.service.search_path import AgreementSource, Reason, SearchPath
 from kvclip.vocabulary import (
     AUTO_METHOD,
     DEFAULT_CAPTIONER,
@@ -153,8 +154,8 @@ class PathTiming(BaseModel):
 class SearchPathInfo(BaseModel):
     """How the cache blends, chosen when it was loaded (service/search_path.py, docs/server.md "Search path")."""
 
-    path: Literal["dense", "faiss"] = Field(description="dense: every key; faiss: each query's FAISS candidates")
-    reason: Literal["forced", "no_index", "small", "too_large", "low_agreement", "measured"] = Field(description=(
+    path: SearchPath = Field(description="dense: every key; faiss: each query's FAISS candidates")
+    reason: Reason = Field(description=(
         "forced: --search-path; no_index: no FAISS index, or no method can use one; small: fewer keys than "
         "--probe-min-keys; too_large: more than --dense-max-keys; low_agreement: below --faiss-min-agreement; "
         "measured: the faster path on this device (timings)"))
@@ -163,7 +164,7 @@ class SearchPathInfo(BaseModel):
     method: str | None = Field(description="the method the candidate path was measured with")
     index: str | None = Field(description="the cache's FAISS index kind (flat, hnsw), when loaded")
     agreement: float | None = Field(description="top-1 agreement of the candidate blend with dense")
-    agreement_source: Literal["build", "probe"] | None = Field(description=(
+    agreement_source: AgreementSource | None = Field(description=(
         "build: the manifest's leave-one-out report (same --faiss-k); probe: leave-one-out on the cache's keys at load"))
     timings: list[PathTiming] = Field(description="measured on the serving device, per probed batch size")
 
