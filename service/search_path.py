@@ -1,9 +1,9 @@
 """Which search path a loaded cache blends on: dense (every key) or FAISS candidates (top-k).
 
 Chosen once per cache version, at load, on the serving device. The candidate path is an
-approximation, and on most hardware it is not even faster: exhaustive FAISS ("flat") plus the
-candidate blend measured 1.6-2.4x slower than dense at batch 1 and 7-11x at batch 32 on 100k
-keys; only an HNSW index beat dense. So under `auto` FAISS serves only when, on this device,
+approximation, and often not even faster: exhaustive FAISS ("flat") plus the candidate blend
+was slower than dense at 100k keys at batch 1 and 32 (docs/server.md, Benchmarks); only an
+HNSW index beat dense. So under `auto` FAISS serves only when, on this device,
 it is measured faster than dense at every probed batch (1 and the server's --max-batch) AND
 its top-1 agreement with dense reaches --faiss-min-agreement. Otherwise dense, and the FAISS
 indexes are dropped (memory). The decision and its figures are served in GET /v1/caches/{name}.
