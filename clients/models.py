@@ -95,6 +95,50 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class PathTiming:
+    """One probed batch size: ms per image of each path on the server's device."""
+
+    batch: int
+    dense_ms_per_image: float
+    faiss_ms_per_image: float
+    faiss_over_dense: float  # median over interleaved rounds of FAISS time / dense time
+    ratio_min: float | None = None  # the spread of that ratio over the rounds
+    ratio_max: float | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> PathTiming:
+        low, high = data.get("ratio_min"), data.get("ratio_max")
+        return cls(batch=int(data["batch"]), dense_ms_per_image=float(data["dense_ms_per_image"]),
+                   faiss_ms_per_image=float(data["faiss_ms_per_image"]),
+                   faiss_over_dense=float(data["faiss_over_dense"]),
+                   ratio_min=None if low is None else float(low), ratio_max=None if high is None else float(high))
+
+
+@dataclass(frozen=True)
+class SearchPath:
+    """How the server blends a cache: dense or FAISS candidates, and why (chosen at load)."""
+
+    path: str  # "dense" or "faiss"
+    reason: str  # forced, no_index, small, too_large, low_agreement, measured
+    detail: str
+    methods: list[str] = field(default_factory=list)  # served from FAISS candidates
+    method: str | None = None  # the method measured
+    index: str | None = None
+    agreement: float | None = None
+    agreement_source: str | None = None  # "build" or "probe"
+    timings: list[PathTiming] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchPath:
+        agreement = data.get("agreement")
+        return cls(path=data["path"], reason=data["reason"], detail=data.get("detail", ""),
+                   methods=list(data.get("methods") or []), method=data.get("method"), index=data.get("index"),
+                   agreement=None if agreement is None else float(agreement),
+                   agreement_source=data.get("agreement_source"),
+                   timings=[PathTiming.from_json(t) for t in data.get("timings") or []])
+
+
+@dataclass(frozen=True)
 class CacheInfo:
     """A served cache. The detail fields are filled by `cache(name)` only, None in `caches()`."""
 
@@ -112,9 +156,11 @@ class CacheInfo:
     params: dict | None = None  # tuned parameters per method
     report: dict | None = None  # the build report
     created: str | None = None
+    search: SearchPath | None = None  # the search path the server chose
 
     @classmethod
     def from_json(cls, data: dict) -> CacheInfo:
+        search = data.get("search")
         return cls(
             name=data["name"], version=data["version"], model=data["model"],
             classes=int(data["classes"]), items=int(data["items"]), methods=list(data["methods"]),
@@ -122,6 +168,7 @@ class CacheInfo:
             labels=data.get("labels"), versions=data.get("versions"),
             current_version=data.get("current_version"), params=data.get("params"),
             report=data.get("report"), created=data.get("created"),
+            search=None if search is None else SearchPath.from_json(search),
         )
 
 

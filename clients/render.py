@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvclip.build_summary import report_lines
-from kvclip.clients.models import CacheInfo, Classification, Job, Neighbor
+from kvclip.clients.models import CacheInfo, Classification, Job, Neighbor, SearchPath
 from kvclip.clients.progress import format_seconds
 
 
@@ -84,9 +84,16 @@ def cache_detail(info: CacheInfo) -> str:
         f"classes      {info.classes}",
         f"items        {info.items}" + (" with captions" if info.captions else ""),
         f"created      {info.created or '-'}",
+        f"search path  {search_text(info.search)}",
         f"labels       {', '.join(info.labels or [])}",
     ]
     return "\n".join(lines)
+
+
+def search_text(search: SearchPath | None) -> str:
+    if search is None:
+        return "-"
+    return f"{search.path} ({search.reason}: {search.detail})"
 
 
 def jobs(items: list[Job]) -> str:

@@ -14,6 +14,12 @@ the full logits and for the cache term alone (the logits minus zero-shot), becau
 random text weights the zero-shot term dominates the full logits and hides the
 approximation.
 
+Last, per cache size and index, the server's own search-path decision
+(kvclip.service.search_path.judge, as `--search-path auto` runs it at load): dense and FAISS
+timed alternately in --rounds rounds per batch, the median FAISS / dense ratio with its
+spread over the rounds, and the path auto picks given the full-logit agreement and
+--min-agreement. Caches below the server's --probe-min-keys are never measured by auto (dense).
+
 Only the project's engine is exercised; nothing here re-implements a blend. Progress goes to
 stderr, the report (markdown tables) to stdout.
 """
@@ -32,13 +38,29 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import faiss
-import numpy as np
-import torch
-import torch.nn.functional as F
+from kvclip.threads import cpu_thread_defaults
 
-from kvclip.blend import CACHE_METHODS, BlendParams, CacheTensors, blend, blend_candidates, zeroshot_logits
-from kvclip.index import INDEX_KINDS, build_index, search_candidates
+# As `kvclip serve` does, before torch and faiss load: passive OpenMP waits, threads = CPU quota.
+# Without it faiss's spinning OpenMP threads steal the cores from the blend that follows a search.
+SERVER_THREADS = cpu_thread_defaults()
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kvclip.blend import CACHE_METHODS, BlendParams, CacheTensors, blend, blend_candidates, zeroshot_logits  # noqa: E402
+from kvclip.index import INDEX_KINDS, build_index, search_candidates  # noqa: E402
+from kvclip.service.config import DEFAULT_MIN_AGREEMENT, DEFAULT_PROBE_MIN_KEYS  # noqa: E402
+from kvclip.service.search_path import (  # noqa: E402
+    FASTER_RATIO,
+    ROUNDS,
+    PathProbe,
+    SearchDecision,
+    SearchPolicy,
+    judge,
+    probe_queries,
+)
 
 # Representative values, not tuned ones; for_method() zeroes what a method ignores
 # (delta for tip/tipx, gamma for tip).
@@ -57,6 +79,13 @@ class TimingRow:
     total_ms: float
     us_per_image: float
     speedup_vs_dense: float | None
+
+
+@dataclass
+class AutoRow:
+    size: int
+    index: str
+    decision: SearchDecision
 
 
 @dataclass
@@ -102,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="faiss OpenMP threads (default: faiss's own). faiss ships its own libgomp, whose "
                          "idle threads spin against torch's between a search and the blend")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help="search-path decision: rounds of dense and FAISS timed alternately per batch")
+    ap.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                    help="search-path decision: the server's --faiss-min-agreement")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     return ap.parse_args(argv)
 
@@ -133,11 +166,9 @@ def make_cache(size: int, dim: int, classes: int, with_captions: bool, generator
 
 
 def make_queries(cache: CacheTensors, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Noisy copies of random cache keys, so every query has a meaningful nearest neighbour."""
-    keys = cache.image_keys.cpu()
-    picks = torch.randint(0, keys.shape[0], (count,), generator=generator)
-    noise = unit_rows(torch.randn(count, keys.shape[1], generator=generator))
-    return unit_rows(keys[picks] + QUERY_NOISE * noise).to(cache.device)
+    """Noisy copies of random cache keys, so every query has a meaningful nearest neighbour
+    (the server's probe queries, from this run's generator)."""
+    return probe_queries(cache.image_keys, count, generator, QUERY_NOISE)
 
 
 def cache_megabytes(cache: CacheTensors) -> float:
@@ -210,7 +241,7 @@ def build_indexes(cache: CacheTensors, kind: str, with_captions: bool) -> tuple[
 
 
 def bench_size(size: int, args: argparse.Namespace, params: BlendParams, device: torch.device,
-               sync: Callable[[], None]) -> tuple[list[TimingRow], list[IndexRow], float]:
+               sync: Callable[[], None]) -> tuple[list[TimingRow], list[IndexRow], list[AutoRow], float]:
     """All cells of one cache size; indexes are built one kind at a time and freed after."""
     generator = torch.Generator().manual_seed(args.seed + size)
     with_captions = params.delta > 0.0
@@ -229,6 +260,7 @@ def bench_size(size: int, args: argparse.Namespace, params: BlendParams, device:
                                      seconds * 1e6 / batch, None))
 
     index_rows: list[IndexRow] = []
+    auto_rows: list[AutoRow] = []
     for kind in args.index:
         log(f"  N={size}: building {kind} index{'es (image + caption)' if with_captions else ''}")
         image_index, caption_index, build_s = build_indexes(cache, kind, with_captions)
@@ -241,8 +273,15 @@ def bench_size(size: int, args: argparse.Namespace, params: BlendParams, device:
             log(f"  N={size} batch={batch}: {kind}")
             timing_rows.append(time_faiss(kind, size, batch, queries[:batch], cache, params, args,
                                           image_index, caption_index, sync, dense_s[batch]))
+        if params.gamma == 0.0:  # the server never serves a KL term from candidates
+            log(f"  N={size}: {kind} search-path decision, {args.rounds} rounds")
+            probe = PathProbe(cache, image_index, caption_index, args.method, params, args.k, queries[: max(args.batch)])
+            policy = SearchPolicy(faiss_k=args.k, batches=tuple(args.batch), min_agreement=args.min_agreement,
+                                  rounds=args.rounds)
+            auto_rows.append(AutoRow(size, kind, judge(probe, [args.method], kind, index_rows[-1].top1_agreement,
+                                                       "probe", policy)))
         del image_index, caption_index
-    return timing_rows, index_rows, cache_megabytes(cache)
+    return timing_rows, index_rows, auto_rows, cache_megabytes(cache)
 
 
 def time_faiss(kind: str, size: int, batch: int, features: torch.Tensor, cache: CacheTensors, params: BlendParams,
@@ -271,7 +310,8 @@ def header_lines(args: argparse.Namespace, device: torch.device, params: BlendPa
     return [
         f"command: `{command}`",
         f"torch {torch.__version__}, faiss {faiss.__version__}, device {device} ({device_name(device)}), "
-        f"torch threads {torch.get_num_threads()}, faiss threads {faiss.omp_get_max_threads()}",
+        f"torch threads {torch.get_num_threads()}, faiss threads {faiss.omp_get_max_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (set as kvclip serve does: {SERVER_THREADS or 'none'})",
         f"method {args.method}, params {params.as_dict()}, D={args.dim}, C={args.classes}, k={args.k} per index"
         f"{' (image + caption: up to 2k candidates)' if params.delta > 0 else ''}, "
         f"repeats {args.repeats or f'auto (~{args.target_s:g} s per cell)'}, seed {args.seed}",
@@ -311,6 +351,24 @@ def index_table(rows: list[IndexRow], cache_mb: dict[int, float], agreement_quer
     return lines
 
 
+def auto_table(rows: list[AutoRow], min_agreement: float) -> list[str]:
+    lines = ["| N | index | batch | dense ms/image | FAISS ms/image | FAISS / dense (min–max) | top-1 agree | auto picks |",
+             "|---:|:---|---:|---:|---:|---:|---:|:---|"]
+    for r in rows:
+        d = r.decision
+        pick = f"{d.path} ({d.reason})" if r.size >= DEFAULT_PROBE_MIN_KEYS else \
+            f"dense (small: not measured; measured here: {d.path})"
+        for t in d.timings or [None]:
+            figures = "| — | — | — |" if t is None else (
+                f"| {t.batch} | {t.dense_ms_per_image:.3f} | {t.faiss_ms_per_image:.3f} | "
+                f"{t.faiss_over_dense:.2f} ({t.ratio_min:.2f}–{t.ratio_max:.2f}) |")
+            lines.append(f"| {r.size} | {r.index} {figures} {d.agreement:.3f} | {pick} |")
+    lines.append(f"\nauto: FAISS only when top-1 agreement >= {min_agreement} and FAISS takes at most "
+                 f"{FASTER_RATIO} x dense's time at every batch (kvclip.service.search_path.judge); low agreement "
+                 f"is decided without timing, and caches below {DEFAULT_PROBE_MIN_KEYS} keys are not measured")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -323,12 +381,14 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     timing_rows: list[TimingRow] = []
     index_rows: list[IndexRow] = []
+    auto_rows: list[AutoRow] = []
     cache_mb: dict[int, float] = {}
     for size in args.sizes:
         log(f"N={size}")
-        rows, irows, cache_mb[size] = bench_size(size, args, params, device, sync)
+        rows, irows, arows, cache_mb[size] = bench_size(size, args, params, device, sync)
         timing_rows += rows
         index_rows += irows
+        auto_rows += arows
     elapsed = time.perf_counter() - started
 
     lines = header_lines(args, device, params)
@@ -336,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"hnsw: {hnsw_settings(args.dim)} (kvclip.index defaults, unchanged)")
     lines += ["", "## Time per call", "", *timing_table(timing_rows), "",
               "## Indexes and agreement", "", *index_table(index_rows, cache_mb, args.agreement_queries),
+              "", "## Search path (--search-path auto)", "",
+              *(auto_table(auto_rows, args.min_agreement) if auto_rows else
+                [f"{args.method} with γ = {params.gamma} has a KL term: the server always blends it densely"]),
               "", f"benchmark wall time {elapsed:.1f} s; 1-min load average {load_before:.2f} before, "
               f"{os.getloadavg()[0]:.2f} after (this run adds up to {torch.get_num_threads()}: "
               "more means other work shared the CPU and the times are inflated)"]
@@ -344,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as fh:
             json.dump({"header": header_lines(args, device, params), "timings": [asdict(r) for r in timing_rows],
                        "indexes": [asdict(r) for r in index_rows], "cache_mb": cache_mb,
+                       "search_path": [asdict(r) for r in auto_rows],
                        "wall_s": elapsed}, fh, indent=2)
 
 

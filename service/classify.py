@@ -58,7 +58,6 @@ class ScoreOptions:
     method: str
     top_k: int
     explain_k: int  # 0: no neighbours
-    dense_max_keys: int
     faiss_k: int
     min_score: float | None = None  # abstain when the top calibrated score is below it
 
@@ -200,7 +199,7 @@ def score_options(config: ServerConfig, method: str, params: ClassifyParams,
     """The request's options; without a min_score the cache's default for the method (if any)."""
     min_score = default_min_score if params.min_score is None else params.min_score
     return ScoreOptions(method=method, top_k=params.top_k, explain_k=config.explain_k if params.explain else 0,
-                        dense_max_keys=config.dense_max_keys, faiss_k=config.faiss_k, min_score=min_score)
+                        faiss_k=config.faiss_k, min_score=min_score)
 
 
 def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> list[Scored]:
@@ -209,7 +208,7 @@ def score(features: torch.Tensor, cache: LoadedCache, options: ScoreOptions) -> 
     features = features.to(device=tensors.device, dtype=torch.float32)
     params = cache.params(options.method)
     ids = None
-    if _use_candidates(cache, options, params.gamma):
+    if _use_candidates(cache, options.method):
         ids = search_candidates(features, cache.artifact.image_index, cache.artifact.caption_index,
                                 options.faiss_k, params.delta)
         logits = blend_candidates(features, tensors, params, options.method, ids)
@@ -245,19 +244,13 @@ def to_result(p: Prepared, scored: Scored | None) -> ImageResult:
     )
 
 
-def _use_candidates(cache: LoadedCache, options: ScoreOptions, gamma: float) -> bool:
-    """Blend over FAISS candidates only where that approximates the dense blend faithfully.
-
-    The Tip term exp(−β(1 − A)) is negligible far from the query, so the nearest keys carry it.
-    The KL term (γ ≠ 0, Tip-X and CapS) gives every support item a weight rescaled over the
-    whole cache, so a top-k subset changes the answer (docs/methods.md); those stay dense.
-    """
-    return (
-        options.method != "zeroshot"
-        and gamma == 0.0
-        and cache.num_items > options.dense_max_keys
-        and cache.artifact.image_index is not None
-    )
+def _use_candidates(cache: LoadedCache, method: str) -> bool:
+    """Blend over FAISS candidates where the cache's search path, chosen at load, is FAISS for
+    this method (service/search_path.py): only methods without a KL term qualify. The Tip term
+    exp(−β(1 − A)) is negligible far from the query, so the nearest keys carry it; the KL term
+    (γ ≠ 0, Tip-X and CapS) gives every support item a weight rescaled over the whole cache, so
+    a top-k subset changes the answer (docs/methods.md)."""
+    return cache.search.path == "faiss" and method in cache.search.methods
 
 
 def _neighbors(

@@ -14,6 +14,11 @@ from pathlib import Path
 from kvclip.vocabulary import DEFAULT_FAISS_K, MAX_PIXELS
 
 ENV_PREFIX = "KVCLIP_"
+SEARCH_PATHS = ("auto", "dense", "faiss")  # --search-path; service/search_path.py
+# Why these defaults: docs/server.md "Search path".
+DEFAULT_DENSE_MAX_KEYS = 2**21
+DEFAULT_PROBE_MIN_KEYS = 16_384
+DEFAULT_MIN_AGREEMENT = 0.99
 
 
 def _opt(help: str, default=MISSING, **kw):
@@ -51,8 +56,18 @@ class ServerConfig:
     max_image_bytes: int = _opt("largest single image (encoded bytes)", 16 * 2**20)
     max_images: int = _opt("most images in one request", 64)
     max_pixels: int = _opt("most pixels in one decoded image (decompression bombs)", MAX_PIXELS)
-    dense_max_keys: int = _opt("caches with more keys blend over FAISS candidates, not densely", 65_536)
-    faiss_k: int = _opt("FAISS candidates per query for large caches", DEFAULT_FAISS_K)
+    search_path: str = _opt("how caches blend: auto (dense, unless FAISS candidates are measured faster on this "
+                            "device at batch 1 and --max-batch and agree with dense at least --faiss-min-agreement), "
+                            "dense (every key, exact), faiss (a cache's FAISS candidates whenever it has an index)",
+                            "auto", choices=SEARCH_PATHS)
+    dense_max_keys: int = _opt("auto: caches with more keys never blend densely (memory: dense scans every key and "
+                               "holds max-batch x keys intermediates); they use their FAISS index",
+                               DEFAULT_DENSE_MAX_KEYS)
+    probe_min_keys: int = _opt("auto: caches with fewer keys blend densely without being measured",
+                               DEFAULT_PROBE_MIN_KEYS)
+    faiss_min_agreement: float = _opt("auto: the least top-1 agreement with the dense blend for which FAISS "
+                                      "candidates may serve", DEFAULT_MIN_AGREEMENT)
+    faiss_k: int = _opt("FAISS candidates per query on the FAISS search path", DEFAULT_FAISS_K)
     explain_k: int = _opt("nearest support items returned with explain=true", 5)
     reload_interval_s: float = _opt("poll the caches folder for new versions every N s (0: off)", 0.0)
     retry_after_s: int = _opt("Retry-After seconds sent with 503", 1)
@@ -100,6 +115,10 @@ class ServerConfig:
         if self.max_images > self.max_decode_backlog:
             raise ValueError(f"max_images ({self.max_images}) cannot exceed max_decode_backlog "
                              f"({self.max_decode_backlog})")
+        if not 0.0 <= self.faiss_min_agreement <= 1.0:
+            raise ValueError("faiss_min_agreement must lie in 0..1")
+        if self.dense_max_keys < 0 or self.probe_min_keys < 0:
+            raise ValueError("dense_max_keys and probe_min_keys cannot be negative")
         if self.min_free_disk_bytes < 0:
             raise ValueError("min_free_disk_bytes cannot be negative")
         if not 0 <= self.build_nice <= 19:

@@ -21,6 +21,7 @@ from kvclip.artifact import SERVING_ARRAYS, CacheArtifact, check_model_matches, 
 from kvclip.blend import BlendParams, CacheTensors
 from kvclip.errors import ArtifactError, KvclipError
 from kvclip.models import Encoder
+from kvclip.service.search_path import DENSE_ONLY, SearchDecision, SearchPolicy, decide
 
 log = logging.getLogger("kvclip.registry")
 
@@ -47,6 +48,7 @@ class LoadedCache:
     version: str
     artifact: CacheArtifact
     tensors: CacheTensors  # resident on the encoder's device
+    search: SearchDecision = DENSE_ONLY  # dense or FAISS candidates, chosen at load
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -82,10 +84,10 @@ class ReloadReport:
 
 
 class CacheRegistry:
-    def __init__(self, root: Path, encoder: Encoder, on_change=None, dense_max_keys: int = 0) -> None:
+    def __init__(self, root: Path, encoder: Encoder, on_change=None, search: SearchPolicy | None = None) -> None:
         self.root = Path(root)
         self.encoder = encoder
-        self.dense_max_keys = dense_max_keys  # caches above it need their FAISS indexes
+        self.search = search or SearchPolicy()  # how each loaded cache's search path is chosen
         self._caches: dict[str, LoadedCache] = {}
         self.errors: dict[str, str] = {}  # cache -> why its latest load failed
         self._mutate = threading.Lock()  # one load/swap at a time; readers never lock
@@ -136,7 +138,7 @@ class CacheRegistry:
         with self._mutate:
             if name not in self._caches and not cache_dir.is_dir():
                 raise CacheNotFound(f"unknown cache {name!r}")
-            loaded = activate_version(cache_dir, name, version, self.encoder, self.dense_max_keys)
+            loaded = activate_version(cache_dir, name, version, self.encoder, self.search)
             self._swap({**self._caches, name: loaded})
             self.errors.pop(name, None)
             return loaded
@@ -169,7 +171,7 @@ class CacheRegistry:
         return found
 
     def _load(self, name: str, version: str) -> LoadedCache:
-        return load_version(self.cache_dir(name), name, version, self.encoder, self.dense_max_keys)
+        return load_version(self.cache_dir(name), name, version, self.encoder, self.search)
 
     def _swap(self, caches: dict[str, LoadedCache]) -> None:
         self._caches = caches  # one reference assignment: readers see old or new, never a mix
@@ -187,28 +189,33 @@ def cache_path(root: Path, name: str) -> Path:
 
 
 def load_version(
-    cache_dir: Path, name: str, version: str, encoder: Encoder, dense_max_keys: int = 0
+    cache_dir: Path, name: str, version: str, encoder: Encoder, search: SearchPolicy | None = None
 ) -> LoadedCache:
     """Load one version and check it was built with `encoder`'s model; tensors go to its device.
 
     Only what serving reads is loaded: no tuner query features, and the FAISS indexes only for
-    caches above `dense_max_keys` (smaller ones blend densely). The arrays are memory-mapped, so
-    processes serving one version share its pages and a GPU server keeps no host copy resident.
-    Also used by the Ray Serve replicas (deploy/ray/app.py), which keep caches per replica.
+    caches that `search` may serve from them; service/search_path.py then chooses the cache's
+    search path on this device and drops the indexes when dense wins. The arrays are
+    memory-mapped, so processes serving one version share its pages and a GPU server keeps no
+    host copy resident. Also used by the Ray Serve replicas (deploy/ray/app.py), which keep
+    caches per replica.
     """
     start = time.perf_counter()
-    artifact = load_cache(cache_dir, version, arrays=SERVING_ARRAYS, mmap=True, index_min_items=dense_max_keys)
+    search = search or SearchPolicy()
+    artifact = load_cache(cache_dir, version, arrays=SERVING_ARRAYS, mmap=True,
+                          index_min_items=search.index_min_items)
     check_model_matches(encoder, artifact)
     tensors = artifact.tensors(encoder.device)
     if encoder.device.type == "cuda":
         torch.cuda.synchronize(encoder.device)
+    artifact, decision = decide(name, artifact, tensors, search)
     log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
              len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
-    return LoadedCache(name, version, artifact, tensors)
+    return LoadedCache(name, version, artifact, tensors, decision)
 
 
 def activate_version(
-    cache_dir: Path, name: str, version: str, encoder: Encoder, dense_max_keys: int = 0
+    cache_dir: Path, name: str, version: str, encoder: Encoder, search: SearchPolicy | None = None
 ) -> LoadedCache:
     """Load and check `version`, then point CURRENT at it. A version that is missing
     (VersionNotFound), corrupt or built with another model (VersionNotLoadable) leaves
@@ -221,7 +228,7 @@ def activate_version(
         raise VersionNotFound(f"cache {name!r} has no version {version!r} "
                               f"(versions: {', '.join(versions) or 'none'})")
     try:
-        loaded = load_version(cache_dir, name, version, encoder, dense_max_keys)
+        loaded = load_version(cache_dir, name, version, encoder, search)
         store.set_current(cache_dir, version)
     except KvclipError as exc:
         raise VersionNotLoadable(f"{name} {version} not activated: {exc}") from exc

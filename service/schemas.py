@@ -10,6 +10,7 @@ from kvclip.errors import DataError, ModelLoadError
 from kvclip.manifest import BuildReport, TunedParams
 from kvclip.model_names import check_model_name, parse_model_spec
 from kvclip.prompts import check_templates
+from kvclip.service.search_path import AgreementSource, Reason, SearchPath
 from kvclip.vocabulary import (
     AUTO_METHOD,
     DEFAULT_CAPTIONER,
@@ -141,6 +142,33 @@ class CacheSummary(BaseModel):
     captions: bool
 
 
+class PathTiming(BaseModel):
+    batch: int = Field(description="queries per call")
+    dense_ms_per_image: float = Field(description="dense blend, median over the rounds")
+    faiss_ms_per_image: float = Field(description="FAISS search plus candidate blend, median over the rounds")
+    faiss_over_dense: float = Field(description="median over interleaved rounds of FAISS time / dense time")
+    ratio_min: float = Field(description="the lowest FAISS / dense ratio of the rounds")
+    ratio_max: float = Field(description="the highest FAISS / dense ratio of the rounds")
+
+
+class SearchPathInfo(BaseModel):
+    """How the cache blends, chosen when it was loaded (service/search_path.py, docs/server.md "Search path")."""
+
+    path: SearchPath = Field(description="dense: every key; faiss: each query's FAISS candidates")
+    reason: Reason = Field(description=(
+        "forced: --search-path; no_index: no FAISS index, or no method can use one; small: fewer keys than "
+        "--probe-min-keys; too_large: more than --dense-max-keys; low_agreement: below --faiss-min-agreement; "
+        "measured: the faster path on this device (timings)"))
+    detail: str = Field(description="the decision in words, as logged at load")
+    methods: list[str] = Field(description="methods served from FAISS candidates; the others blend densely")
+    method: str | None = Field(description="the method the candidate path was measured with")
+    index: str | None = Field(description="the cache's FAISS index kind (flat, hnsw), when loaded")
+    agreement: float | None = Field(description="top-1 agreement of the candidate blend with dense")
+    agreement_source: AgreementSource | None = Field(description=(
+        "build: the manifest's leave-one-out report (same --faiss-k); probe: leave-one-out on the cache's keys at load"))
+    timings: list[PathTiming] = Field(description="measured on the serving device, per probed batch size")
+
+
 class CacheDetail(CacheSummary):
     labels: list[str]
     versions: list[str] = Field(description="versions on disk")
@@ -148,6 +176,7 @@ class CacheDetail(CacheSummary):
     params: TunedParams = Field(description="tuned parameters per method (the manifest's params)")
     report: BuildReport = Field(description="the build report (the manifest's build_report)")
     created: str | None = Field(None, description="when the version was built (the manifest's created_at)")
+    search: SearchPathInfo = Field(description="the search path the server chose for this cache at load")
 
 
 class ActivateRequest(BaseModel):

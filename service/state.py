@@ -21,6 +21,7 @@ from kvclip.service.config import ServerConfig
 from kvclip.service.jobs import JobManager, ProcessRunner, Runner, ThreadRunner, WarmRunner
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheRegistry
+from kvclip.service.search_path import SearchPolicy
 from kvclip.service.security import ENV_VAR, ApiKeys
 from kvclip.service.unpack_budget import UnpackBudget
 
@@ -94,7 +95,7 @@ class ServerState:
                 "weights_sha256": self.encoder.weights_sha256 or "",
             })
             self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
-                                          dense_max_keys=self.config.dense_max_keys)
+                                          search=SearchPolicy.from_config(self.config))
             self.jobs = JobManager(
                 self.registry.activate, self.registry.delete_version, self.metrics, self.config.max_jobs_kept,
                 jobs_root=self.config.jobs_root,

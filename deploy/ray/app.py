@@ -58,6 +58,7 @@ from kvclip.service.errors import HttpError, http_error, install_handlers
 from kvclip.service.parsing import ClassifyRequest, read_classify_request
 from kvclip.service.registry import CacheNotFound, LoadedCache, activate_version, cache_path, load_version
 from kvclip.service.schemas import ActivateRequest, CacheSummary, ClassifyResponse
+from kvclip.service.search_path import SearchPolicy
 from kvclip.service.security import ENV_VAR, ApiKeys
 from kvclip.vocabulary import VERSION
 
@@ -134,7 +135,7 @@ class CacheSlot:
         self.failed_version: str | None = None  # a version on disk that did not load
         self.lock = asyncio.Lock()
 
-    async def current(self, encoder, interval_s: float) -> LoadedCache:
+    async def current(self, encoder, interval_s: float, search: SearchPolicy) -> LoadedCache:
         """The snapshot to serve; re-reads CURRENT when `interval_s` has passed since the last look."""
         if time.monotonic() - self.checked_at < interval_s:
             return self.loaded
@@ -146,7 +147,8 @@ class CacheSlot:
                 raise CacheNotFound(f"unknown cache {self.name!r} (no CURRENT version on disk)")
             if version not in (self.loaded.version, self.failed_version):
                 try:
-                    self.loaded = await asyncio.to_thread(load_version, self.cache_dir, self.name, version, encoder)
+                    self.loaded = await asyncio.to_thread(load_version, self.cache_dir, self.name, version, encoder,
+                                                          search)
                     self.failed_version = None
                 except KvclipError as exc:  # corrupt or other model: keep serving what we have
                     self.failed_version = version
@@ -196,6 +198,7 @@ class KvclipClassifier:
         self.config, self.options = config, options
         self.root = Path(config.caches)
         self.encoder = load_encoder(config.model, config.device, config.model_cache_dir)
+        self.search = SearchPolicy.from_config(config)  # each replica measures its caches on its own device
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvclip-device")
         self._decoder = BoundedDecoder(ThreadPoolExecutor(max_workers=config.decode_workers,
@@ -248,7 +251,7 @@ class KvclipClassifier:
         if name not in self._opened and store.current_version(cache_path(self.root, name)) is None:
             raise CacheNotFound(f"unknown cache {name!r}")
         slot = await self._slot(name)
-        return await slot.current(self.encoder, self.options.refresh_interval_s)
+        return await slot.current(self.encoder, self.options.refresh_interval_s, self.search)
 
     async def _open_slot(self, name: str) -> CacheSlot:
         """Multiplexed loader: the cache's CURRENT version (model checked), on first use here."""
@@ -257,7 +260,7 @@ class KvclipClassifier:
         if version is None:
             raise CacheNotFound(f"unknown cache {name!r}")
         try:
-            loaded = await asyncio.to_thread(load_version, cache_dir, name, version, self.encoder)
+            loaded = await asyncio.to_thread(load_version, cache_dir, name, version, self.encoder, self.search)
         except KvclipError as exc:
             raise CacheNotFound(f"cache {name!r} {version} could not be loaded: {exc}") from exc
         self._opened.add(name)
@@ -269,7 +272,7 @@ class KvclipClassifier:
         cache_dir = cache_path(self.root, name)
         if not cache_dir.is_dir():
             raise CacheNotFound(f"unknown cache {name!r}")
-        loaded = await asyncio.to_thread(activate_version, cache_dir, name, version, self.encoder)
+        loaded = await asyncio.to_thread(activate_version, cache_dir, name, version, self.encoder, self.search)
         try:
             slot = await self._slot(name)
         except CacheNotFound:
