@@ -1,6 +1,7 @@
 """Argument errors are found before torch and open_clip are imported (which takes seconds):
-each command below runs in a fresh interpreter that reports, after `kvclip` returned, its
-exit status and whether torch was imported. No timing: the import itself is the check."""
+the commands below run one after another in a fresh interpreter, which reports for each,
+after `kvclip` returned, its exit status, its stderr and whether torch had been imported by
+then. No timing: the import itself is the check."""
 from __future__ import annotations
 
 import json
@@ -12,16 +13,27 @@ import pytest
 
 from tests.conftest import write_images
 
-PROBE = ("import json, sys\n"
-         "from kvclip.cli import main\n"
-         "code = main(sys.argv[1:])\n"
-         "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules,\n"
-         "                  'open_clip': 'open_clip' in sys.modules}))\n")
+PROBE = """
+import contextlib, io, json, sys
+from kvclip.cli import main
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+    print(json.dumps({"code": code, "stderr": err.getvalue(), "torch": "torch" in sys.modules,
+                      "open_clip": "open_clip" in sys.modules}))
+"""
 
 
-def kvclip_probe(*argv: str) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+def kvclip_probe(argvs: list[list[str]]) -> list[dict]:
+    """Each argv's result, in order, from one fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,11 @@ def cases(data: Path) -> list[tuple[list[str], str]]:
 
 
 def test_argument_errors_exit_2_before_torch_is_imported(data):
-    for argv, message in cases(data):
-        result, stderr = kvclip_probe(*argv)
+    argvs, messages = zip(*cases(data))
+    results = kvclip_probe(list(argvs))
+    assert len(results) == len(argvs)
+    for argv, message, result in zip(argvs, messages, results):
+        stderr = result["stderr"]
         assert result["code"] == 2, (argv, stderr)
         assert message in stderr, (argv, stderr)
         assert stderr.count("\n") == 1 and "Traceback" not in stderr, (argv, stderr)
