@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvclip import artifact as store
+from kvclip.digests import DigestRecord
 from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
@@ -25,6 +26,11 @@ from kvclip.service.security import ENV_VAR, ApiKeys
 from kvclip.service.unpack_budget import UnpackBudget
 
 log = logging.getLogger("kvclip.service")
+
+
+def open_digests(config: ServerConfig) -> DigestRecord:
+    """The server's record of verified file digests, in --verify-files mode."""
+    return DigestRecord(config.digests_path, config.verify_files)
 
 
 class NotReady(Exception):
@@ -84,9 +90,10 @@ class ServerState:
 
     async def _load(self) -> None:
         try:
+            digests = open_digests(self.config)
             if self.encoder is None:
                 self.encoder = await asyncio.to_thread(
-                    load_encoder, self.config.model, self.config.device, self.config.model_cache_dir
+                    load_encoder, self.config.model, self.config.device, self.config.model_cache_dir, digests
                 )
             self.metrics.model.info({
                 "model": self.encoder.model_id, "device": str(self.encoder.device),
@@ -94,7 +101,7 @@ class ServerState:
                 "weights_sha256": self.encoder.weights_sha256 or "",
             })
             self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
-                                          dense_max_keys=self.config.dense_max_keys)
+                                          dense_max_keys=self.config.dense_max_keys, digests=digests)
             self.jobs = JobManager(
                 self.registry.activate, self.registry.delete_version, self.metrics, self.config.max_jobs_kept,
                 jobs_root=self.config.jobs_root,
