@@ -51,6 +51,7 @@ from kvclip.calibration import ScoreMap, served
 from kvclip.digests import DigestRecord
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
+from kvclip.heap import release_free_heap
 from kvclip.jsonlines import JsonLines
 from kvclip.manifest import SCHEMA_VERSION, Manifest
 from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
@@ -136,7 +137,7 @@ class CacheArtifact:
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones
         included: nothing is copied); on a GPU they are copies."""
-        return CacheTensors.build(
+        tensors = CacheTensors.build(
             _tensor(self.text_weights),
             _tensor(self.image_keys),
             _tensor(self.label_ids),
@@ -144,6 +145,8 @@ class CacheArtifact:
             temperature=self.temperature,
             device=device,
         )
+        release_free_heap()  # the build's float64 temporaries would stay resident (kvclip/heap.py)
+        return tensors
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
