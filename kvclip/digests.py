@@ -38,6 +38,7 @@ RACY_S = 2.0
 
 
 class _Entry(BaseModel):
+    path: str  # where it was seen: entries of files that are gone are dropped
     dev: int
     ino: int
     size: int
@@ -48,7 +49,7 @@ class _Entry(BaseModel):
 
 class _RecordFile(BaseModel):
     version: int = RECORD_VERSION
-    files: dict[str, _Entry] = Field(default_factory=dict)  # absolute path -> its identity and digest
+    files: list[_Entry] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,24 @@ class _Identity:
     ctime_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> _Identity:
+    def of(cls, path: str) -> _Identity:
         st = os.stat(path)
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@dataclass(frozen=True)
+class _Known:
+    identity: _Identity
+    path: str
+    sha256: str
+
+
+_Entries = dict[tuple[int, int], _Known]  # by (device, inode): replicas on other nodes may see other devices
+
+
 class DigestRecord:
-    """Thread-safe: parallel cache loads share one record; `save` writes it once after them."""
+    """Thread-safe: parallel cache loads share one record; `save` writes it once after them.
+    Processes sharing a record (replicas on one volume) merge into it; a lost race costs a re-hash."""
 
     def __init__(self, path: Path | None, mode: str = "changed", racy_s: float = RACY_S) -> None:
         if mode not in VERIFY_MODES:
@@ -75,11 +87,9 @@ class DigestRecord:
         self.mode = mode
         self.racy_ns = int(racy_s * 1e9)
         self.hashed = 0  # files hashed by this record (the rest were remembered)
-        self._entries: dict[str, tuple[_Identity, str]] = {}
-        self._dirty = False
+        self._entries: _Entries = _read(path) if path is not None else {}
+        self._added: _Entries = {}  # since the last save
         self._lock = threading.Lock()
-        if path is not None:
-            self._entries = _read(path)
 
     @property
     def full(self) -> bool:
@@ -87,34 +97,35 @@ class DigestRecord:
 
     def sha256(self, path: str | Path) -> str:
         """The file's sha256: remembered when its identity is unchanged (mode "changed"), else hashed."""
-        key = os.path.abspath(path)
-        before = _Identity.of(Path(key))
+        where = os.path.abspath(path)
+        before = _Identity.of(where)
         with self._lock:
-            known = self._entries.get(key)
-        if known is not None and known[0] == before and not self.full:
-            return known[1]
-        digest = sha256_file(key)
-        after = _Identity.of(Path(key))
+            known = self._entries.get((before.dev, before.ino))
+        if known is not None and known.identity == before and not self.full:
+            return known.sha256
+        digest = sha256_file(where)
+        after = _Identity.of(where)
         settled = time.time_ns() - max(after.mtime_ns, after.ctime_ns) >= self.racy_ns
         with self._lock:
             self.hashed += 1
             if after == before and settled:  # else it changed while or just before being hashed
-                self._entries[key] = (after, digest)
-                self._dirty = True
+                self._entries[(after.dev, after.ino)] = self._added[(after.dev, after.ino)] = _Known(
+                    after, where, digest)
         return digest
 
     def save(self) -> None:
-        """Write the record if it changed (atomic rename), dropping files that are gone. A record
-        that cannot be written is logged: digests are then remembered by this process only."""
+        """Merge what was hashed since the last save into the record file (atomic rename), dropping
+        files that are gone. A record that cannot be written is logged: digests are then remembered
+        by this process only."""
         if self.path is None:
             return
         with self._lock:
-            if not self._dirty:
-                return
-            entries = {k: v for k, v in self._entries.items() if os.path.exists(k)}
-            self._entries, self._dirty = entries, False
-        body = _RecordFile(files={
-            key: _Entry(**asdict(identity), sha256=digest) for key, (identity, digest) in sorted(entries.items())})
+            added, self._added = self._added, {}
+        if not added:
+            return
+        merged = {key: known for key, known in {**_read(self.path), **added}.items() if os.path.exists(known.path)}
+        body = _RecordFile(files=[_Entry(path=merged[key].path, **asdict(merged[key].identity),
+                                         sha256=merged[key].sha256) for key in sorted(merged)])
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -128,7 +139,7 @@ class DigestRecord:
                         "start", self.path, exc)
 
 
-def _read(path: Path) -> dict[str, tuple[_Identity, str]]:
+def _read(path: Path) -> _Entries:
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -145,4 +156,5 @@ def _read(path: Path) -> dict[str, tuple[_Identity, str]]:
         log.warning("the digest record %s has version %s, not %s: every file is hashed again",
                     path, record.version, RECORD_VERSION)
         return {}
-    return {key: (_Identity(e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns), e.sha256) for key, e in record.files.items()}
+    return {(e.dev, e.ino): _Known(_Identity(e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns), e.path, e.sha256)
+            for e in record.files}

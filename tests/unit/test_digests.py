@@ -53,6 +53,14 @@ def version_file(cache: Path, name: str) -> Path:
     return cache / "versions" / "v0001" / name
 
 
+def claim(path: Path, sha256: str, ctime_shift: int = 0) -> None:
+    """Write the cache's digest record saying that `path`, as it is now, has `sha256`."""
+    st = path.stat()
+    entry = {"path": os.path.abspath(path), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns + ctime_shift, "sha256": sha256}
+    (path.parents[3] / ".digests.json").write_text(json.dumps({"version": 1, "files": [entry]}))
+
+
 def test_an_unchanged_file_is_hashed_once_across_starts(cache, hashed):
     first = record_at(cache)
     serve_load(cache, first)
@@ -101,18 +109,10 @@ def test_the_record_is_trusted_only_for_the_exact_identity_ctime_included(cache)
     data = bytearray(keys.read_bytes())
     data[-1] ^= 0xFF
     keys.write_bytes(bytes(data))  # corrupt, same size
-    st = keys.stat()
-    entry = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "ctime_ns": st.st_ctime_ns, "sha256": good}
-    path = cache.parent / ".digests.json"
-
-    def claim(ctime_ns: int) -> None:
-        path.write_text(json.dumps({"version": 1, "files": {os.path.abspath(keys): {**entry, "ctime_ns": ctime_ns}}}))
-
-    claim(st.st_ctime_ns - 1)
+    claim(keys, good, ctime_shift=-1)
     with pytest.raises(ArtifactError, match="image_keys.npy: missing or corrupt"):
         serve_load(cache, record_at(cache))
-    claim(st.st_ctime_ns)  # the control: the very same identity is trusted (so the test above means something)
+    claim(keys, good)  # the control: the very same identity is trusted (so the test above means something)
     serve_load(cache, record_at(cache))
 
 
@@ -134,10 +134,7 @@ def test_full_mode_catches_a_corrupt_file_the_record_vouched_for(cache):
     data = bytearray(keys.read_bytes())
     data[-1] ^= 0xFF
     keys.write_bytes(bytes(data))
-    st = keys.stat()
-    (cache.parent / ".digests.json").write_text(json.dumps({"version": 1, "files": {os.path.abspath(keys): {
-        "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns, "sha256": good}}}))
+    claim(keys, good)
     with pytest.raises(ArtifactError, match="image_keys.npy: missing or corrupt"):
         serve_load(cache, record_at(cache, "full"))
 
@@ -153,8 +150,8 @@ def test_a_file_changed_just_before_hashing_is_not_remembered(cache, hashed):
     assert set(hashed) == SERVED
 
 
-@pytest.mark.parametrize("content", ["not json", '{"version": 1, "files": {"/x": {"dev": 1}}}',
-                                     '{"version": 99, "files": {}}'])
+@pytest.mark.parametrize("content", ["not json", '{"version": 1, "files": [{"path": "/x", "dev": 1}]}',
+                                     '{"version": 99, "files": []}'])
 def test_an_unusable_record_is_ignored_and_everything_hashed(cache, hashed, caplog, content):
     (cache.parent / ".digests.json").write_text(content)
     serve_load(cache, record_at(cache))
@@ -168,6 +165,23 @@ def test_a_record_that_cannot_be_written_is_logged_not_raised(cache, caplog):
     record.save()
     assert "could not write the digest record" in caplog.text
     assert record.sha256(version_file(cache, "items.jsonl")) and record.hashed == len(SERVED)  # in memory still
+
+
+def test_processes_sharing_a_record_merge_into_it(cache, hashed):
+    """Replicas on one volume each save what they hashed; neither drops the other's digests."""
+    files = [version_file(cache, name) for name in sorted(SERVED)]
+    first, second = record_at(cache), record_at(cache)  # both read the record before either saved
+    for path in files[:2]:
+        first.sha256(path)
+    for path in files[2:]:
+        second.sha256(path)
+    first.save()
+    second.save()
+    hashed.clear()
+    third = record_at(cache)
+    for path in files:
+        third.sha256(path)
+    assert hashed == Counter()
 
 
 def test_an_unknown_mode_is_refused():
