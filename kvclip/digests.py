@@ -80,12 +80,12 @@ class DigestRecord:
     """Thread-safe: parallel cache loads share one record; `save` writes it once after them.
     Processes sharing a record (replicas on one volume) merge into it; a lost race costs a re-hash."""
 
-    def __init__(self, path: Path | None, mode: str = "changed", racy_s: float = RACY_S) -> None:
+    def __init__(self, path: Path | None, mode: str = "changed", racy_s: float | None = None) -> None:
         if mode not in VERIFY_MODES:
             raise ValueError(f"verify mode must be one of {', '.join(VERIFY_MODES)}, not {mode!r}")
         self.path = path  # None: remembered in memory only
         self.mode = mode
-        self.racy_ns = int(racy_s * 1e9)
+        self.racy_ns = int((RACY_S if racy_s is None else racy_s) * 1e9)
         self.hashed = 0  # files hashed by this record (the rest were remembered)
         self._entries: _Entries = _read(path) if path is not None else {}
         self._added: _Entries = {}  # since the last save
