@@ -8,8 +8,9 @@ changes its mtime and ctime (ctime cannot be set back, unlike mtime: `rsync --in
 or `touch -d` keep an mtime, not a ctime), and replacing it gives a new inode; either way
 the file is hashed again. As in git's "racy clean" rule, a file changed within RACY_S of
 being hashed is not remembered: timestamps are coarse (a clock tick, 2 s on FAT), so a second
-write in the same tick could leave the identity as it was. The record is one JSON file, written atomically; an unreadable or
-invalid record is logged and ignored (everything is hashed again), never trusted in part.
+write in the same tick could leave the identity as it was. The record is one JSON file,
+written atomically; an unreadable or invalid record is logged and ignored (everything is
+hashed again), never trusted in part.
 
 Whoever can write the record can also write the files and their manifest, so the record
 adds no new way to make a corrupt file pass.

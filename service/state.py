@@ -90,7 +90,7 @@ class ServerState:
 
     async def _load(self) -> None:
         try:
-            digests = open_digests(self.config)
+            digests = await asyncio.to_thread(open_digests, self.config)
             if self.encoder is None:
                 self.encoder = await asyncio.to_thread(
                     load_encoder, self.config.model, self.config.device, self.config.model_cache_dir, digests
@@ -111,7 +111,8 @@ class ServerState:
             )
             await asyncio.to_thread(self._recover_builds)
             report = await asyncio.to_thread(self.registry.reload)
-            log.info("caches loaded: %s", report.as_dict())
+            log.info("caches loaded: %s; files hashed: %d (--verify-files %s)", report.as_dict(), digests.hashed,
+                     digests.mode)
             self.batcher = Batcher(
                 self.encoder.encode_images, self.config.max_batch, self.config.max_queue, self.metrics,
                 max_queue_wait_s=self.config.max_queue_wait_s, on_failure=self._batcher_failed,
