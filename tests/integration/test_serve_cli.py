@@ -8,6 +8,7 @@ import pytest
 
 import kvclip.models
 from kvclip.service.middleware import ConcurrencyLimitMiddleware
+from tests.hash_counting import count_hashes
 from tests.service_helpers import run_serve
 
 
@@ -72,10 +73,8 @@ def test_the_checkpoint_is_hashed_once_across_serve_commands(monkeypatch, capsys
     import torch
 
     import kvclip.digests
-    from kvclip.hashing import sha256_file
 
-    hashed = []
-    monkeypatch.setattr(kvclip.digests, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    hashed = count_hashes(monkeypatch)
     monkeypatch.setattr(kvclip.digests, "RACY_S", 0.0)  # the checkpoint was written a moment ago
     checkpoint = tmp_path / "tiny.pt"
     torch.save(tiny_encoder.model.state_dict(), checkpoint)
@@ -83,10 +82,10 @@ def test_the_checkpoint_is_hashed_once_across_serve_commands(monkeypatch, capsys
     for _ in range(2):
         code, err, _served = run_serve(monkeypatch, capsys, *args)
         assert code == 0, err
-    assert hashed == [str(checkpoint)] and (tmp_path / ".digests.json").is_file()
+    assert hashed == {"tiny.pt": 1} and (tmp_path / ".digests.json").is_file()
     code, err, _served = run_serve(monkeypatch, capsys, *args, env={"KVCLIP_VERIFY_FILES": "full"})
     assert code == 0, err
-    assert hashed == [str(checkpoint)] * 2
+    assert hashed == {"tiny.pt": 2}
 
 
 def test_an_unknown_verify_mode_is_refused_by_name(monkeypatch, capsys, tmp_path):

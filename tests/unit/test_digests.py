@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kvclip import artifact as store
-from kvclip import digests as digests_module
 from kvclip.digests import DigestRecord
 from kvclip.errors import ArtifactError
 from kvclip.hashing import sha256_file
 from kvclip.models import load_encoder
+from tests.hash_counting import count_hashes
 from tests.manifests import V1_CACHES
 
 SERVED = {"text_weights.npy", "image_keys.npy", "caption_keys.npy", "label_ids.npy", "items.jsonl"}
@@ -23,15 +23,7 @@ SERVED = {"text_weights.npy", "image_keys.npy", "caption_keys.npy", "label_ids.n
 
 @pytest.fixture
 def hashed(monkeypatch) -> Counter:
-    """File names hashed through a DigestRecord, counted."""
-    counts: Counter = Counter()
-
-    def counting(path, *args, **kwargs):
-        counts[Path(path).name] += 1
-        return sha256_file(path, *args, **kwargs)
-
-    monkeypatch.setattr(digests_module, "sha256_file", counting)
-    return counts
+    return count_hashes(monkeypatch)
 
 
 @pytest.fixture

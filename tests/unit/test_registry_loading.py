@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from kvclip import artifact as store
-from kvclip import digests as digests_module
 from kvclip.digests import DigestRecord
-from kvclip.hashing import sha256_file
 from kvclip.service import registry as registry_module
 from kvclip.service.registry import CacheRegistry
+from tests.hash_counting import count_hashes
 from tests.manifests import V1_CACHES
 
 NAMES = ("a", "b", "c", "d")
@@ -69,13 +68,7 @@ def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(root, tiny
 
 
 def test_a_second_start_hashes_no_unchanged_file(root, tiny_encoder, monkeypatch):
-    hashed: Counter = Counter()
-
-    def counting(path, *args, **kwargs):
-        hashed[Path(path).name] += 1
-        return sha256_file(path, *args, **kwargs)
-
-    monkeypatch.setattr(digests_module, "sha256_file", counting)
+    hashed = count_hashes(monkeypatch)
     record = root / ".digests.json"
     def start(mode: str = "changed") -> CacheRegistry:  # as the server: small caches need no FAISS index
         return CacheRegistry(root, tiny_encoder, dense_max_keys=65_536, digests=DigestRecord(record, mode, racy_s=0))
