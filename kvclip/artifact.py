@@ -36,7 +36,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,11 @@ from pydantic import ValidationError
 from kvclip import index as key_index
 from kvclip.blend import BlendParams, CacheTensors, check_method
 from kvclip.calibration import ScoreMap, served
+from kvclip.digests import DigestRecord
 from kvclip.errors import ArtifactError, ModelLoadError
 from kvclip.hashing import sha256_file
+from kvclip.heap import release_free_heap
+from kvclip.jsonlines import JsonLines
 from kvclip.manifest import SCHEMA_VERSION, Manifest
 from kvclip.vocabulary import CACHE_NAME_RE, METHODS, VERSION_RE, version_name
 
@@ -74,7 +77,8 @@ class CacheArtifact:
     query_features: np.ndarray | None  # N x D float32: support images, plain preprocess (None: not loaded)
     manifest: Manifest
     caption_keys: np.ndarray | None = None  # N x D float32
-    items: list[dict] = field(default_factory=list)  # {"path", "label", "caption"}
+    # {"path", "label", "caption", "origin", ...}: a list when built, a JsonLines (parsed on access) when loaded
+    items: Sequence[dict] = field(default_factory=list)
     image_index: object | None = None  # faiss.Index
     caption_index: object | None = None
     version: str | None = None
@@ -133,7 +137,7 @@ class CacheArtifact:
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones
         included: nothing is copied); on a GPU they are copies."""
-        return CacheTensors.build(
+        tensors = CacheTensors.build(
             _tensor(self.text_weights),
             _tensor(self.image_keys),
             _tensor(self.label_ids),
@@ -141,6 +145,8 @@ class CacheArtifact:
             temperature=self.temperature,
             device=device,
         )
+        release_free_heap()  # the build's float64 temporaries would stay resident (kvclip/heap.py)
+        return tensors
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -280,13 +286,18 @@ def load_cache(
     arrays: tuple[str, ...] = _ARRAYS,
     mmap: bool = False,
     index_min_items: int = 0,
+    digests: DigestRecord | None = None,
 ) -> CacheArtifact:
-    """Read one version (CURRENT by default), checking every file against the manifest.
+    """Read one version (CURRENT by default), checking its files against the manifest.
 
     `arrays` names the arrays to read (a server needs SERVING_ARRAYS, not the tuner's query
     features); `mmap` maps them read-only instead of reading them, so processes serving the
     same version share the pages; `indexes=False` skips the FAISS indexes, and so does a cache
     of at most `index_min_items` items (a server searches them only above its dense limit).
+
+    Without `digests` every file of the version is hashed. With a record (kvclip/digests.py),
+    mode "changed" checks the files this load reads and hashes only those whose identity the
+    record does not know; mode "full" hashes every file of the version.
     """
     cache_dir = Path(cache_dir)
     version = version or current_version(cache_dir)
@@ -295,24 +306,28 @@ def load_cache(
     folder = cache_dir / VERSIONS_DIR / version
     manifest = read_manifest(folder)
     files = manifest.files
+    try:
+        items = JsonLines((folder / ITEMS_FILE).read_bytes())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{folder / ITEMS_FILE}: missing") from exc
+    read_arrays = [name for name in arrays if f"{name}.npy" in files]
+    read_indexes = {attr: fname for attr, fname in _INDEXES.items()
+                    if indexes and fname in files and len(items) > index_min_items}
     if verify:
-        for name, digest in files.items():
+        checked = files if digests is None or digests.full else {
+            name: files[name] for name in (*(f"{a}.npy" for a in read_arrays), ITEMS_FILE, *read_indexes.values())
+            if name in files}
+        sha256 = sha256_file if digests is None else digests.sha256
+        for name, digest in checked.items():
             path = folder / name
-            if not path.is_file() or sha256_file(path) != digest:
+            if not path.is_file() or sha256(path) != digest:
                 raise ArtifactError(f"{path}: missing or corrupt (checksum mismatch)")
-    loaded_arrays: dict[str, Any] = {name: None for name in _ARRAYS if name not in arrays}
+    loaded_arrays: dict[str, Any] = {name: None for name in _ARRAYS if name not in read_arrays}
     loaded_arrays.update({
         name: np.load(folder / f"{name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
-        for name in arrays
-        if f"{name}.npy" in files
+        for name in read_arrays
     })
-    items = [json.loads(line) for line in (folder / ITEMS_FILE).read_text().splitlines() if line]
-    num_items = len(items)
-    loaded: dict[str, Any] = {
-        attr: key_index.read_index(folder / fname)
-        for attr, fname in _INDEXES.items()
-        if indexes and fname in files and num_items > index_min_items
-    }
+    loaded: dict[str, Any] = {attr: key_index.read_index(folder / fname) for attr, fname in read_indexes.items()}
     return CacheArtifact(
         labels=list(manifest.labels),
         items=items,

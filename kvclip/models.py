@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import pretrained as oc_pretrained
 
+from kvclip.digests import DigestRecord
 from kvclip.errors import ModelLoadError
 from kvclip.hashing import sha256_file
 
@@ -150,14 +151,20 @@ def default_device() -> torch.device:
 
 
 def load_encoder(
-    name: str, device: str | torch.device | None = None, cache_dir: str | None = None
+    name: str, device: str | torch.device | None = None, cache_dir: str | None = None,
+    digests: DigestRecord | None = None,
 ) -> Encoder:
-    """Create the encoder for a model name; fp16 on CUDA, fp32 on CPU."""
+    """Create the encoder for a model name; fp16 on CUDA, fp32 on CPU.
+
+    The checkpoint's sha256 (which caches record and a server compares) is hashed from the
+    file, or taken from `digests` when that record knows the file unchanged (kvclip/digests.py).
+    """
     spec = parse_model_spec(name)
     device = torch.device(device) if device is not None else default_device()
     model, preprocess, checkpoint = _create_model(spec, device, cache_dir)
     tokenizer = open_clip.get_tokenizer(spec.arch, cache_dir=cache_dir)
-    digest = sha256_file(checkpoint) if checkpoint else None
+    sha256 = sha256_file if digests is None else digests.sha256
+    digest = sha256(checkpoint) if checkpoint else None
     if spec.kind == "tiny-random":
         digest = state_dict_sha256(model)
     return Encoder(spec, model, preprocess, tokenizer, device, digest)

@@ -88,6 +88,11 @@ IndexKind = Literal["flat", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 DEFAULT_INDEX_KIND: Final = "flat"
 
+# --- file verification at load (kvclip/digests.py) ----------------------------------------
+VerifyMode = Literal["changed", "full"]  # changed: hash files whose identity changed; full: every file
+VERIFY_MODES: tuple[str, ...] = get_args(VerifyMode)
+DIGESTS_FILE: Final = ".digests.json"  # the server's record, in its caches folder
+
 # --- build jobs -------------------------------------------------------------------------
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = get_args(JobState)

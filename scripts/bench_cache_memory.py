@@ -8,7 +8,7 @@ way of loading, the two ways interleaved over rounds:
   everything  load_cache() as before: every array (the tuner's query features too) and both
               FAISS indexes, read into anonymous memory;
   serving     what kvclip serve loads now: SERVING_ARRAYS memory-mapped, FAISS indexes only
-              above the dense limit (65,536 keys).
+              that --search-path auto may search (above --probe-min-keys).
 Each then builds the blend's CPU tensors, and the process reports its RSS growth per cache,
 split into anonymous memory (private to the process) and file-backed pages (shared by every
 process that serves the same version, and reclaimable).
@@ -29,6 +29,7 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 from kvclip import artifact as store
+from kvclip.service.search_path import SearchPolicy
 
 def status():
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -43,7 +44,7 @@ for folder in sorted(root.iterdir()):
     if mode == "everything":
         artifact = store.load_cache(folder)
     else:
-        artifact = store.load_cache(folder, arrays=store.SERVING_ARRAYS, mmap=True, index_min_items=65536)
+        artifact = store.load_cache(folder, arrays=store.SERVING_ARRAYS, mmap=True, index_min_items=SearchPolicy().index_min_items)
     held.append((artifact, artifact.tensors("cpu")))
 after = status()
 print(json.dumps({"anon": after[0] - before[0], "file": after[1] - before[1], "caches": len(held)}))

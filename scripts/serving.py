@@ -20,10 +20,13 @@ def free_port() -> int:
 
 
 def start_server(caches: Path, port: int, *args: str, env: dict[str, str] | None = None,
-                 timeout_s: float = 300) -> subprocess.Popen:
-    """`kvclip serve --caches CACHES --port PORT ARGS...`, returned once /readyz answers 200."""
+                 timeout_s: float = 300, cwd: Path = REPO, interval_s: float = 0.2,
+                 quiet: bool = False) -> subprocess.Popen:
+    """`kvclip serve --caches CACHES --port PORT ARGS...`, returned once /readyz answers 200.
+    `cwd` (with PYTHONPATH in `env`) runs another checkout's code; `quiet` drops its log."""
+    output = subprocess.DEVNULL if quiet else None
     proc = subprocess.Popen([sys.executable, "-m", "kvclip.cli", "serve", "--caches", str(caches),
-                             "--port", str(port), *args], cwd=REPO,
+                             "--port", str(port), *args], cwd=cwd, stdout=output, stderr=output,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -34,6 +37,6 @@ def start_server(caches: Path, port: int, *args: str, env: dict[str, str] | None
                 return proc
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(interval_s)
     proc.kill()
     raise SystemExit(f"the server did not become ready in {timeout_s:.0f} s")

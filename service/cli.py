@@ -48,13 +48,16 @@ def serve(args: argparse.Namespace) -> int:
     from kvclip.service import logs
     from kvclip.service.app import create_app
     from kvclip.service.http_server import uvicorn_config
+    from kvclip.service.state import open_digests
 
     logs.configure(config.log_format, config.log_level)
     log.info("configuration %s", json.dumps(config.describe()))
     if applied:
         log.info("CPU thread defaults: %s (set either variable to override)", applied)
     # Load before listening: a model that cannot be had fails the command with its reason.
-    encoder = load_encoder(config.model, config.device, config.model_cache_dir)
+    digests = open_digests(config)
+    encoder = load_encoder(config.model, config.device, config.model_cache_dir, digests)
+    digests.save()  # the app's own record reads it back, checkpoint digest included
     app = create_app(config, encoder)
     keys = app.state.kv.api_keys
     if keys.enabled:

@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from kvclip.vocabulary import DEFAULT_FAISS_K, MAX_PIXELS
+from kvclip.vocabulary import DEFAULT_FAISS_K, DIGESTS_FILE, MAX_PIXELS, VERIFY_MODES
 
 ENV_PREFIX = "KVCLIP_"
 SEARCH_PATHS = ("auto", "dense", "faiss")  # --search-path; service/search_path.py
@@ -69,6 +69,10 @@ class ServerConfig:
                                       "candidates may serve", DEFAULT_MIN_AGREEMENT)
     faiss_k: int = _opt("FAISS candidates per query on the FAISS search path", DEFAULT_FAISS_K)
     explain_k: int = _opt("nearest support items returned with explain=true", 5)
+    verify_files: str = _opt("checksums of cache files and the model checkpoint at load: changed (hash the files "
+                             "whose device, inode, size, mtime or ctime the record CACHES/.digests.json does not "
+                             "know; each cache's files that serving reads) or full (hash every file of every "
+                             "version loaded, and the checkpoint, again)", "changed", choices=VERIFY_MODES)
     reload_interval_s: float = _opt("poll the caches folder for new versions every N s (0: off)", 0.0)
     retry_after_s: int = _opt("Retry-After seconds sent with 503", 1)
     api_keys_file: Path | None = _opt("file of API keys, one 'KEY SCOPE[,SCOPE]' per line", None)
@@ -127,6 +131,11 @@ class ServerConfig:
     @property
     def jobs_root(self) -> Path:
         return self.jobs_dir if self.jobs_dir is not None else Path(self.caches) / ".jobs"
+
+    @property
+    def digests_path(self) -> Path:
+        """The record of verified file digests (kvclip/digests.py)."""
+        return Path(self.caches) / DIGESTS_FILE
 
     @property
     def build_root_paths(self) -> list[Path]:

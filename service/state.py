@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvclip import artifact as store
+from kvclip.digests import DigestRecord
 from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
@@ -26,6 +27,11 @@ from kvclip.service.security import ENV_VAR, ApiKeys
 from kvclip.service.unpack_budget import UnpackBudget
 
 log = logging.getLogger("kvclip.service")
+
+
+def open_digests(config: ServerConfig) -> DigestRecord:
+    """The server's record of verified file digests, in --verify-files mode."""
+    return DigestRecord(config.digests_path, config.verify_files)
 
 
 class NotReady(Exception):
@@ -85,9 +91,10 @@ class ServerState:
 
     async def _load(self) -> None:
         try:
+            digests = await asyncio.to_thread(open_digests, self.config)
             if self.encoder is None:
                 self.encoder = await asyncio.to_thread(
-                    load_encoder, self.config.model, self.config.device, self.config.model_cache_dir
+                    load_encoder, self.config.model, self.config.device, self.config.model_cache_dir, digests
                 )
             self.metrics.model.info({
                 "model": self.encoder.model_id, "device": str(self.encoder.device),
@@ -95,7 +102,7 @@ class ServerState:
                 "weights_sha256": self.encoder.weights_sha256 or "",
             })
             self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
-                                          search=SearchPolicy.from_config(self.config))
+                                          search=SearchPolicy.from_config(self.config), digests=digests)
             self.jobs = JobManager(
                 self.registry.activate, self.registry.delete_version, self.metrics, self.config.max_jobs_kept,
                 jobs_root=self.config.jobs_root,
@@ -105,7 +112,8 @@ class ServerState:
             )
             await asyncio.to_thread(self._recover_builds)
             report = await asyncio.to_thread(self.registry.reload)
-            log.info("caches loaded: %s", report.as_dict())
+            log.info("caches loaded: %s; files hashed: %d (--verify-files %s)", report.as_dict(), digests.hashed,
+                     digests.mode)
             self.batcher = Batcher(
                 self.encoder.encode_images, self.config.max_batch, self.config.max_queue, self.metrics,
                 max_queue_wait_s=self.config.max_queue_wait_s, on_failure=self._batcher_failed,

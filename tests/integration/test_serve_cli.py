@@ -8,6 +8,7 @@ import pytest
 
 import kvclip.models
 from kvclip.service.middleware import ConcurrencyLimitMiddleware
+from tests.hash_counting import count_hashes
 from tests.service_helpers import run_serve
 
 
@@ -66,3 +67,29 @@ def test_a_bad_keep_alive_timeout_is_refused_by_name(monkeypatch, capsys, tmp_pa
                                   "--keep-alive-timeout-s", value)
     assert code == 2 and served is None
     assert "keep_alive_timeout_s" in err and "Traceback" not in err
+
+
+def test_the_checkpoint_is_hashed_once_across_serve_commands(monkeypatch, capsys, tmp_path, tiny_encoder):
+    import torch
+
+    import kvclip.digests
+
+    hashed = count_hashes(monkeypatch)
+    monkeypatch.setattr(kvclip.digests, "RACY_S", 0.0)  # the checkpoint was written a moment ago
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_encoder.model.state_dict(), checkpoint)
+    args = ("--caches", str(tmp_path), "--model", f"kvclip-tiny:{checkpoint}", "--device", "cpu")
+    for _ in range(2):
+        code, err, _served = run_serve(monkeypatch, capsys, *args)
+        assert code == 0, err
+    assert hashed == {"tiny.pt": 1} and (tmp_path / ".digests.json").is_file()
+    code, err, _served = run_serve(monkeypatch, capsys, *args, env={"KVCLIP_VERIFY_FILES": "full"})
+    assert code == 0, err
+    assert hashed == {"tiny.pt": 2}
+
+
+def test_an_unknown_verify_mode_is_refused_by_name(monkeypatch, capsys, tmp_path):
+    code, err, served = run_serve(monkeypatch, capsys, "--caches", str(tmp_path), "--model", "tiny-random",
+                                  env={"KVCLIP_VERIFY_FILES": "sometimes"})
+    assert code == 2 and served is None
+    assert "verify_files" in err and "changed, full" in err and "Traceback" not in err
