@@ -2,7 +2,8 @@
 still loads, and after the next start nothing is half-written, no work folder, staging folder
 or never-activated version is left, and the restarted server reports the job as failed.
 
-Kill points are conditions (a file the paused builder writes, the job's step), never sleeps."""
+Kill points are conditions (a file the paused builder writes, the job's step), never sleeps. The
+server killed late in a job (tuning to publishing) is a slow test (`-m slow`)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kvclip import artifact as store
 from kvclip.cache_builder.build import BuildConfig, build_cache
@@ -170,25 +172,26 @@ async def restarted(caches: Path, job_id: str, seen: dict, before: list[str]) ->
     return interrupted
 
 
-def test_kill_9_of_the_server_mid_job_at_three_points(served_caches, fashion_train, tmp_path):
-    """Three servers side by side, each with its own copy of the caches, killed at one point
-    of a build job each; then each restarted on what the kill left."""
+def kill_servers_mid_job(points: list[str], served_caches: Path, fashion_train: Path, tmp_path: Path) -> list[str]:
+    """Servers side by side, one per kill point, each with its own copy of the caches, killed at
+    that point of a build job; then each restarted on what the kill left. Returns the points
+    whose job the kill interrupted (the others had ended already)."""
     upload = zipped(fashion_train)
     options = json.dumps({"shots": 16, "views": 16, "captioner": "none"})  # a few encoder batches
     folders = {name: shutil.copytree(served_caches, tmp_path / name.replace(" ", "-") / "caches")
-               for name in KILL_POINTS}
+               for name in points}
     before = store.list_versions(served_caches / "fashion")
-    servers = {name: start_server(folders[name], folders[name].parent / "run0", build_worker=worker)
-               for name, (_, worker) in KILL_POINTS.items()}
+    servers = {name: start_server(folders[name], folders[name].parent / "run0", build_worker=KILL_POINTS[name][1])
+               for name in points}
     seen, jobs, workers = {}, {}, []
     try:
-        for name, (reached, _) in KILL_POINTS.items():
+        for name in points:
             srv = wait_ready(servers[name])
             response = httpx.post(f"{srv.url}/v1/caches/fashion/builds", data={"options": options},
                                   files={"data": ("data.zip", upload, "application/zip")}, timeout=60)
             assert response.status_code == 202, response.text
             jobs[name] = response.json()["id"]
-            seen[name] = wait_for(job_when(srv.url, jobs[name], reached), f"the job {name}",
+            seen[name] = wait_for(job_when(srv.url, jobs[name], KILL_POINTS[name][0]), f"the job {name}",
                                   lambda proc=srv.proc: proc.poll() is None)
             workers += child_pids(srv.proc.pid)
             srv.proc.kill()  # kill -9, its build worker with it
@@ -196,8 +199,19 @@ def test_kill_9_of_the_server_mid_job_at_three_points(served_caches, fashion_tra
     finally:
         for srv in servers.values():
             stop_server(srv)
-    assert workers, "the warm server had no build worker"
+    if any(KILL_POINTS[name][1] == "warm" for name in points):
+        assert workers, "the warm server had no build worker"
     wait_for(lambda: not any(map(running, workers)), "the killed servers' build workers to exit")
-    interrupted = [name for name in KILL_POINTS
-                   if asyncio.run(restarted(folders[name], jobs[name], seen[name], before))]
-    assert interrupted, "no kill landed while a job ran"
+    return [name for name in points if asyncio.run(restarted(folders[name], jobs[name], seen[name], before))]
+
+
+def test_kill_9_of_the_server_mid_job(served_caches, fashion_train, tmp_path):
+    """Killed as the job is queued (a thread builds) and while it builds (in a warm worker)."""
+    interrupted = kill_servers_mid_job(["at once", "building"], served_caches, fashion_train, tmp_path)
+    assert "at once" in interrupted, "the kill did not land while the job ran"
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_server_late_in_a_job(served_caches, fashion_train, tmp_path):
+    """Killed while it tunes, indexes or publishes (or, on a fast machine, once it has ended)."""
+    kill_servers_mid_job(["late"], served_caches, fashion_train, tmp_path)
