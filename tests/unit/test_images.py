@@ -127,12 +127,13 @@ def test_the_encoder_preprocess_is_bounded(tiny_encoder):
 
 
 def test_large_jpegs_decode_at_reduced_scale_when_the_model_needs_less():
-    photo = smooth_image(4000, 3000, seed=3)
+    photo = smooth_image(2400, 1800, seed=3)  # a photo's shape; the rule is the same at 12 megapixels
     data = encoded(photo, "JPEG", quality=90)
     reduced = decode_image(data, min_size=SIZE * 7)  # 224 for SIZE=32: a ViT-B/32 input
-    assert reduced.size == (500, 375)  # 1/8 scale: the smallest DCT scale with both sides >= 224
-    assert decode_image(data).size == (4000, 3000)  # without a size, the full picture
-    assert decode_image(encoded(photo, "PNG"), min_size=224).size == (4000, 3000)  # only JPEG has DCT scaling
+    assert reduced.size == (300, 225)  # 1/8 scale: the smallest DCT scale with both sides >= 224
+    assert decode_image(data, min_size=300).size == (600, 450)  # 1/8 would leave 225 < 300: 1/4
+    assert decode_image(data).size == (2400, 1800)  # without a size, the full picture
+    assert decode_image(encoded(photo, "PNG"), min_size=224).size == (2400, 1800)  # only JPEG has DCT scaling
     bounded = BoundedPreprocess(Recorder(), SIZE)
     full = normalized(bounded, bounded(decode_image(data)))
     assert (normalized(bounded, bounded(decode_image(data, min_size=SIZE))) - full).abs().mean() < 0.05  # the same picture
