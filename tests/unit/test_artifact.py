@@ -331,3 +331,15 @@ def test_a_corrupt_derived_array_is_detected(tmp_path, name):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=f"{name}.npy: missing or corrupt"):
         store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+
+
+def test_precomputed_arrays_of_the_wrong_shape_are_refused():
+    artifact = make_artifact()
+    good = fresh_tensors(artifact, 0.5)
+    derived = {name: getattr(good, name) for name in DERIVED_ARRAYS}
+    args = [torch.from_numpy(getattr(artifact, a)) for a in ("text_weights", "image_keys", "label_ids", "caption_keys")]
+    assert_same_tensors(CacheTensors.build(*args, derived=derived), good)
+    with pytest.raises(ValueError, match="precomputed class_image_sums is"):
+        CacheTensors.build(*args, derived={**derived, "class_image_sums": good.class_image_sums[:2]})
+    with pytest.raises(ValueError, match="precomputed class_caption_sums missing"):
+        CacheTensors.build(*args, derived={k: v for k, v in derived.items() if k != "class_caption_sums"})
