@@ -10,11 +10,17 @@ On disk, one folder per cache:
         text_weights.npy   D x C      image_keys.npy    N x D     caption_keys.npy  N x D
         label_ids.npy      N          query_features.npy N x D (support images, plain view)
         image_keys.faiss   caption_keys.faiss              items.jsonl (path, label, caption, origin; prompt when synthetic)
+        key_log_partitions.npy N    class_image_sums.npy C x D    class_caption_sums.npy C x D (with caption keys)
+        class_log_partition_sums.npy C
+                           the blend's derived terms (kvclip.blend.derived_arrays at the manifest's
+                           derived_temperature), so a server reads them instead of computing them;
+                           versions published before them lack them and compute them at load
       .staging-PID-*/      a version being written; never read (its .writing file is locked while it is)
       .pending-v0002       a version renamed into versions/ whose build has not finished yet
 
 A zero-shot cache (built from labels only, with no synthetic images) has N = 0: its key arrays are 0 x D, items.jsonl
-is empty, there are no .faiss files, and it serves the zero-shot method only.
+is empty, there are no .faiss files nor derived arrays (nothing to save computing), and it serves the
+zero-shot method only.
 
 Publishing writes a whole version into a staging folder, fsyncs it, renames it into
 versions/ and only then points CURRENT at it. A crash at any moment leaves either the old
@@ -46,7 +52,7 @@ import torch
 from pydantic import ValidationError
 
 from kvclip import index as key_index
-from kvclip.blend import BlendParams, CacheTensors, check_method
+from kvclip.blend import DERIVED_ARRAYS, BlendParams, CacheTensors, check_method
 from kvclip.calibration import ScoreMap, served
 from kvclip.digests import DigestRecord
 from kvclip.errors import ArtifactError, ModelLoadError
@@ -83,6 +89,11 @@ class CacheArtifact:
     caption_index: object | None = None
     version: str | None = None
     path: Path | None = None
+    # DERIVED_ARRAYS as loaded (None: not stored or not read); publish computes them afresh, never copies these
+    key_log_partitions: np.ndarray | None = None  # N float32
+    class_image_sums: np.ndarray | None = None  # C x D float32
+    class_caption_sums: np.ndarray | None = None  # C x D float32
+    class_log_partition_sums: np.ndarray | None = None  # C float32
 
     @property
     def temperature(self) -> float:
@@ -136,7 +147,9 @@ class CacheArtifact:
 
     def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
         """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones
-        included: nothing is copied); on a GPU they are copies."""
+        included: nothing is copied); on a GPU they are copies. The derived terms come from the
+        version's files when it has them at this temperature, and are computed otherwise."""
+        derived = self._stored_derived()
         tensors = CacheTensors.build(
             _tensor(self.text_weights),
             _tensor(self.image_keys),
@@ -144,9 +157,21 @@ class CacheArtifact:
             None if self.caption_keys is None else _tensor(self.caption_keys),
             temperature=self.temperature,
             device=device,
+            derived=derived,
         )
-        release_free_heap()  # the build's float64 temporaries would stay resident (kvclip/heap.py)
+        if derived is None:
+            release_free_heap()  # the build's float64 temporaries would stay resident (kvclip/heap.py)
         return tensors
+
+    def _stored_derived(self) -> dict[str, torch.Tensor] | None:
+        # Computed at another temperature they are wrong values, not stale ones: compute afresh.
+        if self.manifest.derived_temperature != self.temperature:
+            return None
+        names = [n for n in DERIVED_ARRAYS if n != "class_caption_sums" or self.caption_keys is not None]
+        arrays = {name: getattr(self, name) for name in names}
+        if any(array is None for array in arrays.values()):
+            return None
+        return {name: _tensor(array) for name, array in arrays.items()}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -213,7 +238,8 @@ def publish(cache_dir: str | Path, artifact: CacheArtifact, activate: bool = Tru
             with _locked(cache_dir):
                 version = _next_version(cache_dir)
                 files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.name != _WRITING}
-                manifest = artifact.manifest.model_copy(update={"version": version, "files": files})
+                derived = {"derived_temperature": artifact.temperature if artifact.num_items else None}
+                manifest = artifact.manifest.model_copy(update={"version": version, "files": files, **derived})
                 _write_json(staging / MANIFEST_FILE, manifest.to_json())
                 marker = _pending(cache_dir, version)
                 held.enter_context(_held_lock(marker, {"owner": owner, "pid": os.getpid()}))
@@ -275,7 +301,7 @@ def recover(cache_dir: str | Path, orphaned: Callable[[str], bool] = lambda owne
     return removed
 
 
-SERVING_ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids")
+SERVING_ARRAYS = ("text_weights", "image_keys", "caption_keys", "label_ids", *DERIVED_ARRAYS)
 
 
 def load_cache(
@@ -283,7 +309,7 @@ def load_cache(
     version: str | None = None,
     verify: bool = True,
     indexes: bool = True,
-    arrays: tuple[str, ...] = _ARRAYS,
+    arrays: tuple[str, ...] = (*_ARRAYS, *DERIVED_ARRAYS),
     mmap: bool = False,
     index_min_items: int = 0,
     digests: DigestRecord | None = None,
@@ -322,7 +348,7 @@ def load_cache(
             path = folder / name
             if not path.is_file() or sha256(path) != digest:
                 raise ArtifactError(f"{path}: missing or corrupt (checksum mismatch)")
-    loaded_arrays: dict[str, Any] = {name: None for name in _ARRAYS if name not in read_arrays}
+    loaded_arrays: dict[str, Any] = {name: None for name in (*_ARRAYS, *DERIVED_ARRAYS) if name not in read_arrays}
     loaded_arrays.update({
         name: np.load(folder / f"{name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
         for name in read_arrays
@@ -396,12 +422,14 @@ def check_model_matches(encoder, artifact: CacheArtifact) -> None:
 
 
 def _write_files(folder: Path, artifact: CacheArtifact) -> None:
-    for name in _ARRAYS:
-        array = getattr(artifact, name)
-        if array is not None:
-            with open(folder / f"{name}.npy", "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-                _flush(fh)
+    written = {name: np.ascontiguousarray(getattr(artifact, name)) for name in _ARRAYS
+               if getattr(artifact, name) is not None}
+    if artifact.num_items:
+        written.update(_derived_files(written, artifact.temperature))
+    for name, array in written.items():
+        with open(folder / f"{name}.npy", "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            _flush(fh)
     with open(folder / ITEMS_FILE, "w", encoding="utf-8") as fh:
         for item in artifact.items:
             fh.write(json.dumps(item, ensure_ascii=False) + "\n")
@@ -411,6 +439,19 @@ def _write_files(folder: Path, artifact: CacheArtifact) -> None:
         if index is not None:
             key_index.write_index(index, folder / fname)
             _fsync_file(folder / fname)
+
+
+def _derived_files(written: dict[str, np.ndarray], temperature: float) -> dict[str, np.ndarray]:
+    """DERIVED_ARRAYS from the bytes being written, through CacheTensors.build on the CPU, as
+    CacheArtifact.tensors("cpu") would compute them at load: the same values, bit for bit."""
+    built = CacheTensors.build(
+        _tensor(written["text_weights"]), _tensor(written["image_keys"]), _tensor(written["label_ids"]),
+        None if "caption_keys" not in written else _tensor(written["caption_keys"]),
+        temperature=temperature, device="cpu")
+    derived = {name: getattr(built, name) for name in DERIVED_ARRAYS if getattr(built, name) is not None}
+    del built
+    release_free_heap()  # the float64 temporaries (kvclip/heap.py)
+    return {name: tensor.numpy() for name, tensor in derived.items()}
 
 
 def _next_version(cache_dir: Path) -> str:

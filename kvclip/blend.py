@@ -15,6 +15,7 @@ the rest through per-class key sums.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,7 +80,11 @@ class CacheTensors:
         temperature: float = DEFAULT_TEMPERATURE,
         device: torch.device | str | None = None,
         balanced: bool = True,
+        derived: Mapping[str, torch.Tensor] | None = None,
     ) -> CacheTensors:
+        """`derived`: DERIVED_ARRAYS already computed (by `derived_arrays`, at this temperature:
+        the caller checks that), taken as they are instead of computed again; a cache's artifact
+        stores them (kvclip/artifact.py) because computing them is most of a server's load."""
         text_weights = torch.as_tensor(text_weights, dtype=torch.float32, device=device)
         image_keys = torch.as_tensor(image_keys, dtype=torch.float32, device=device)
         if caption_keys is not None:
@@ -97,17 +102,21 @@ class CacheTensors:
             )
         if label_ids.numel() and (label_ids.min() < 0 or label_ids.max() >= num_classes):
             raise ValueError(f"label ids must lie in [0, {num_classes})")
-        log_partitions = key_log_partitions(image_keys, text_weights, temperature)
+        if derived is None:
+            derived = derived_arrays(text_weights, image_keys, label_ids, caption_keys, temperature)
+        else:
+            derived = _checked_derived(derived, image_keys.shape[0], num_classes, image_keys.shape[1],
+                                       caption_keys is not None, device)
         return cls(
             text_weights=text_weights,
             image_keys=image_keys,
             caption_keys=caption_keys,
             label_ids=label_ids,
-            key_log_partitions=log_partitions,
+            key_log_partitions=derived["key_log_partitions"],
             class_counts=torch.bincount(label_ids, minlength=num_classes).to(torch.float32),
-            class_image_sums=class_key_sums(image_keys, label_ids, num_classes),
-            class_caption_sums=None if caption_keys is None else class_key_sums(caption_keys, label_ids, num_classes),
-            class_log_partition_sums=class_key_sums(log_partitions.view(-1, 1), label_ids, num_classes).view(-1),
+            class_image_sums=derived["class_image_sums"],
+            class_caption_sums=derived.get("class_caption_sums"),
+            class_log_partition_sums=derived["class_log_partition_sums"],
             temperature=temperature,
             balanced=balanced,
         )
@@ -137,6 +146,49 @@ class CacheTensors:
             class_caption_sums=None if self.class_caption_sums is None else self.class_caption_sums.to(device),
             class_log_partition_sums=self.class_log_partition_sums.to(device),
         )
+
+
+DERIVED_ARRAYS = ("key_log_partitions", "class_image_sums", "class_caption_sums", "class_log_partition_sums")
+
+
+def derived_arrays(
+    text_weights: torch.Tensor,
+    image_keys: torch.Tensor,
+    label_ids: torch.Tensor,
+    caption_keys: torch.Tensor | None,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
+    """CacheTensors' terms computed from the keys (float32; no class_caption_sums without
+    caption keys). Tensors as CacheTensors.build converts them."""
+    num_classes = text_weights.shape[1]
+    log_partitions = key_log_partitions(image_keys, text_weights, temperature)
+    derived = {
+        "key_log_partitions": log_partitions,
+        "class_image_sums": class_key_sums(image_keys, label_ids, num_classes),
+        "class_log_partition_sums": class_key_sums(log_partitions.view(-1, 1), label_ids, num_classes).view(-1),
+    }
+    if caption_keys is not None:
+        derived["class_caption_sums"] = class_key_sums(caption_keys, label_ids, num_classes)
+    return derived
+
+
+def _checked_derived(
+    derived: Mapping[str, torch.Tensor], items: int, classes: int, dim: int, captions: bool,
+    device: torch.device | str | None,
+) -> dict[str, torch.Tensor]:
+    shapes = {"key_log_partitions": (items,), "class_image_sums": (classes, dim),
+              "class_log_partition_sums": (classes,)}
+    if captions:
+        shapes["class_caption_sums"] = (classes, dim)
+    checked = {}
+    for name, shape in shapes.items():
+        if name not in derived:
+            raise ValueError(f"precomputed {name} missing")
+        tensor = torch.as_tensor(derived[name], dtype=torch.float32, device=device)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"precomputed {name} is {tuple(tensor.shape)}, expected {shape}")
+        checked[name] = tensor
+    return checked
 
 
 def class_key_sums(keys: torch.Tensor, label_ids: torch.Tensor, num_classes: int, chunk: int = 8192) -> torch.Tensor:

@@ -272,6 +272,9 @@ class Manifest(_Part):
     views: int
     seed: int
     temperature: float = DEFAULT_TEMPERATURE
+    derived_temperature: float | None = _optional(
+        "the temperature the derived serving arrays (key_log_partitions.npy, ...) were computed with; "
+        "absent in versions published without them")
     params: TunedParams
     tuning: TuningReport
     faiss: FaissReport

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvclip import artifact as store
+from kvclip.blend import DERIVED_ARRAYS, CacheTensors
 from kvclip.errors import ArtifactError
 from kvclip.index import build_index
 from tests.manifests import sample_manifest
@@ -162,9 +163,18 @@ def test_v1_caches_written_before_the_typed_manifest_still_load(name, tmp_path):
     assert m.params.best_method == raw["params"]["best_method"] and m.build_report.mode == raw["build_report"]["mode"]
     assert (m.build_report.pool is not None) == (name == "pooled")
     assert m.to_json() == raw and list(m.to_json()) == list(raw)  # same keys, same order, same values
-    # Re-publishing it writes the same manifest.json: the typed model keeps the on-disk form.
+    assert loaded.key_log_partitions is None and loaded.manifest.derived_temperature is None  # computed at load
+    # Re-publishing it writes the same manifest.json, plus the derived arrays (files and their
+    # temperature): the typed model keeps the on-disk form.
     assert store.publish(tmp_path / "again" / name, loaded) == "v0001"
-    assert json.loads((tmp_path / "again" / name / "versions/v0001/manifest.json").read_text()) == raw
+    again = json.loads((tmp_path / "again" / name / "versions/v0001/manifest.json").read_text())
+    derived = set()
+    if loaded.num_items:  # a zero-shot cache has none: nothing to compute
+        assert again.pop("derived_temperature") == raw["temperature"]
+        derived = {f"{a}.npy" for a in DERIVED_ARRAYS if a != "class_caption_sums" or loaded.caption_keys is not None}
+    assert set(again["files"]) - set(raw["files"]) == derived
+    again["files"] = {k: v for k, v in again["files"].items() if k not in derived}
+    assert again == raw
 
 
 def test_v1_manifest_fields_read_typed(tmp_path):
@@ -230,3 +240,106 @@ def test_serving_loads_only_what_it_reads_memory_mapped(tmp_path):
     assert np.array_equal(served.image_keys, store.load_cache(cache_dir).image_keys)
     large = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True, index_min_items=11)
     assert large.image_index.ntotal == 12  # above the dense limit a server searches the index
+
+
+# The derived serving arrays (key log-partitions, per-class sums) -----------------------------
+
+TENSOR_FIELDS = ("text_weights", "image_keys", "caption_keys", "label_ids", "key_log_partitions", "class_counts",
+                 "class_image_sums", "class_caption_sums", "class_log_partition_sums")
+
+
+def fresh_tensors(artifact: store.CacheArtifact, temperature: float) -> CacheTensors:
+    caps = None if artifact.caption_keys is None else torch.from_numpy(np.asarray(artifact.caption_keys))
+    return CacheTensors.build(torch.from_numpy(np.asarray(artifact.text_weights)),
+                              torch.from_numpy(np.asarray(artifact.image_keys)),
+                              torch.from_numpy(np.asarray(artifact.label_ids)), caps, temperature=temperature)
+
+
+def assert_same_tensors(got: CacheTensors, want: CacheTensors) -> None:
+    for name in TENSOR_FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), name  # bit for bit
+    assert got.temperature == want.temperature
+
+
+def no_computing(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed the derived arrays instead of reading them")
+    from kvclip import blend
+    monkeypatch.setattr(blend, "key_log_partitions", refuse)
+    monkeypatch.setattr(blend, "class_key_sums", refuse)
+
+
+def derived_files(captions: bool) -> set[str]:
+    return {f"{a}.npy" for a in DERIVED_ARRAYS if captions or a != "class_caption_sums"}
+
+
+@pytest.mark.parametrize("captions", [True, False])
+def test_a_published_version_carries_the_derived_arrays_and_loading_reads_them(tmp_path, monkeypatch, captions):
+    cache_dir = tmp_path / "demo"
+    original = make_artifact(captions=captions)
+    store.publish(cache_dir, original)
+    want = fresh_tensors(original, original.temperature)
+    manifest = store.read_manifest(cache_dir / "versions/v0001")
+    assert derived_files(captions) <= set(manifest.files) and ("class_caption_sums.npy" in manifest.files) == captions
+    assert manifest.derived_temperature == manifest.temperature == original.temperature
+    served = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+    assert isinstance(served.key_log_partitions, np.memmap)
+    no_computing(monkeypatch)
+    got = served.tensors("cpu")
+    assert got.key_log_partitions.data_ptr() == served.key_log_partitions.ctypes.data  # the file's pages
+    assert_same_tensors(got, want)
+
+
+@pytest.mark.parametrize("captions", [True, False])
+def test_a_version_without_the_derived_arrays_computes_them(tmp_path, captions):
+    cache_dir = tmp_path / "demo"
+    original = make_artifact(captions=captions)
+    store.publish(cache_dir, original)
+
+    def drop(data):
+        del data["derived_temperature"]
+        for name in derived_files(captions):
+            del data["files"][name]  # KeyError if publish did not write it
+            (cache_dir / "versions/v0001" / name).unlink()
+    _rewrite_manifest(cache_dir, drop)
+    served = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+    assert served.key_log_partitions is None and served.manifest.derived_temperature is None
+    assert_same_tensors(served.tensors("cpu"), fresh_tensors(original, original.temperature))
+
+
+def test_derived_arrays_of_another_temperature_are_computed_again(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "demo"
+    original = make_artifact()
+    store.publish(cache_dir, original)
+    _rewrite_manifest(cache_dir, lambda d: d.update(temperature=0.25))  # the stored ones are at 0.5
+    served = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+    assert served.key_log_partitions is not None and served.manifest.derived_temperature == 0.5
+    got = served.tensors("cpu")
+    assert_same_tensors(got, fresh_tensors(original, 0.25))
+    assert not torch.equal(got.key_log_partitions, torch.from_numpy(np.asarray(served.key_log_partitions)))
+
+
+@pytest.mark.parametrize("name", ["key_log_partitions", "class_caption_sums"])
+def test_a_corrupt_derived_array_is_detected(tmp_path, name):
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact())
+    path = cache_dir / f"versions/v0001/{name}.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{name}.npy: missing or corrupt"):
+        store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+
+
+def test_precomputed_arrays_of_the_wrong_shape_are_refused():
+    artifact = make_artifact()
+    good = fresh_tensors(artifact, 0.5)
+    derived = {name: getattr(good, name) for name in DERIVED_ARRAYS}
+    args = [torch.from_numpy(getattr(artifact, a)) for a in ("text_weights", "image_keys", "label_ids", "caption_keys")]
+    assert_same_tensors(CacheTensors.build(*args, derived=derived), good)
+    with pytest.raises(ValueError, match="precomputed class_image_sums is"):
+        CacheTensors.build(*args, derived={**derived, "class_image_sums": good.class_image_sums[:2]})
+    with pytest.raises(ValueError, match="precomputed class_caption_sums missing"):
+        CacheTensors.build(*args, derived={k: v for k, v in derived.items() if k != "class_caption_sums"})
