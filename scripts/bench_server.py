@@ -145,8 +145,9 @@ async def load_run(url: str, images: list[bytes], concurrency: int, seconds: flo
                    path: str = "/v1/classify", params: dict | None = None, metrics: bool = True,
                    cpu: Callable[[], float] | None = None) -> dict:
     """Closed loop: `concurrency` clients, each sending its next request (one JPEG) when the last
-    returns, until `seconds` have passed (one request each at least). With `metrics`, the mean encoder batch kvclip formed meanwhile (its /metrics); with
-    `cpu` (the server's CPU seconds so far), its CPU milliseconds per image."""
+    returns, until `seconds` have passed (one request each at least). With `metrics`, the mean
+    encoder batch kvclip formed meanwhile (its /metrics); with `cpu` (the server's CPU seconds
+    so far), its CPU milliseconds per image."""
     params = {"cache": "bench", "top_k": 5} if params is None else params
     latencies: list[float] = []
     errors: list[str] = []
