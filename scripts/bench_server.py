@@ -22,7 +22,9 @@ machine. Image sets: `small` = the 20 ImageNet 512x512 JPEGs of the foolbox whee
 (scripts/fetch_test_data.sh); `photo` = --photos seeded 4000x3000 photo-like JPEGs (quality 90,
 bench_decode.photo_jpeg), made in memory. Each round runs every system at every concurrency for
 --seconds, the systems in an order that rotates per round; the tables give per-system images/s
-(median over rounds) and the median (min–max) of the per-round ratios.
+and CPU ms per image (medians over rounds) and the median (min–max) of the per-round ratios.
+The servers are paused (SIGSTOP) while another system is measured: LitServe's workers poll
+when idle.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import venv
@@ -113,7 +116,6 @@ def litserve_python(folder: Path = LITSERVE_VENV) -> Path:
 
 
 def project_site_packages() -> Path:
-    import sysconfig
     return Path(sysconfig.get_paths()["purelib"])
 
 
