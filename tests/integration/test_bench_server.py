@@ -1,0 +1,127 @@
+"""scripts/bench_server.py's helpers and scripts/serving.py's process control (the benchmark
+itself is never run here: it takes many minutes and needs LitServe from PyPI)."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import venv
+from pathlib import Path
+
+import pytest
+
+from kvclip.errors import ImageDecodeError
+from kvclip.service.app import create_app
+from tests.live_server import live_server
+from tests.service_helpers import make_config
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield importlib.import_module("bench_server")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(scope="module")
+def jpegs(bench) -> list[bytes]:
+    return [bench.photo_jpeg(80, 60, seed) for seed in range(3)]
+
+
+def test_each_system_goes_first_once_in_as_many_rounds(bench):
+    orders = [bench.rotated(["A", "kvclip", "litserve"], r) for r in range(3)]
+    assert orders == [["A", "kvclip", "litserve"], ["kvclip", "litserve", "A"], ["litserve", "A", "kvclip"]]
+    assert bench.rotated(["A", "kvclip"], 4) == ["A", "kvclip"]
+
+
+def test_ratios_are_taken_within_each_round(bench):
+    rounds = [{"kvclip": 2.0, "A": 4.0}, {"kvclip": 3.0, "A": 3.0}, {"kvclip": 9.0, "A": 10.0}]
+    spread = bench.ratio_spread(rounds, "kvclip", "A")
+    # 0.5, 1.0, 0.9 per round; the ratio of the medians (3 / 4) would hide the slow round's load
+    assert (spread.median, spread.low, spread.high) == (0.9, 0.5, 1.0)
+    assert str(spread) == "0.90 (0.50–1.00)"
+
+
+def test_table_gives_medians_ratios_and_kvclips_batch(bench):
+    def figures(rate: float, cpu: float, batch: float | None = None) -> dict:
+        return {"images_per_s": rate, "cpu_ms": cpu, "p50_ms": 1000 / rate, "p95_ms": 2000 / rate, "mean_batch": batch}
+
+    results = {8: [{"A": figures(10, 100), "kvclip": figures(9, 110, 4.0), "litserve": figures(10, 105)},
+                   {"A": figures(12, 90), "kvclip": figures(12, 100, 6.0), "litserve": figures(6, 150)}]}
+    systems = ["A", "kvclip", "litserve"]
+    head, _, row = bench.table(results, systems, "images_per_s")
+    assert head.split(" | ")[1:4] == ["A images/s", "kvclip images/s", "litserve images/s"]
+    cells = row.strip("| ").split(" | ")
+    assert cells[:4] == ["8", "11.0", "10.5", "8.0"]
+    assert cells[4:7] == ["0.95 (0.90–1.00)", "0.75 (0.50–1.00)", "1.45 (0.90–2.00)"]
+    assert cells[7:] == ["97/194", "133/267", "5.0"]  # the servers' p50/p95 ms, kvclip's mean batch
+    _, _, cpu_row = bench.table(results, systems, "cpu_ms")
+    assert cpu_row.strip("| ").split(" | ")[1:5] == ["95", "105", "128", "1.11 (1.10–1.11)"]
+
+
+def test_the_raw_baseline_decodes_what_it_encodes(bench, tiny_encoder, jpegs):
+    row = bench.raw_rate(tiny_encoder, jpegs, 4, seconds=0.0)  # one batch of 4
+    assert row["concurrency"] == 4 and row["images_per_s"] > 0 and row["cpu_ms"] >= 0
+    with pytest.raises(ImageDecodeError):
+        bench.raw_rate(tiny_encoder, [b"not a jpeg"], 1, seconds=0.0)
+
+
+def test_load_run_classifies_over_http_and_reads_the_batches(bench, served_caches, tiny_encoder, jpegs):
+    app = create_app(make_config(served_caches), tiny_encoder)
+    clock = itertools.count(0.0, 0.5)  # the server's CPU seconds, as the callable reads them
+    with live_server(app) as url:
+        row = asyncio.run(bench.load_run(url, jpegs, 2, 0.2, params={"cache": "fashion", "top_k": 3},
+                                         cpu=lambda: next(clock)))
+        assert row["requests"] >= 2 and row["images_per_s"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"]
+        assert row["mean_batch"] is not None and 1.0 <= row["mean_batch"] <= 2.0
+        assert row["cpu_ms"] == pytest.approx(500 / row["requests"])
+        with pytest.raises(SystemExit, match="404"):  # a failing request ends the benchmark
+            asyncio.run(bench.load_run(url, jpegs, 1, 0.0, params={"cache": "nope"}))
+
+
+def test_the_litserve_venv_sees_the_project_venvs_packages_through_their_pth_files(bench, tmp_path):
+    project = tmp_path / "project-site"
+    chained = tmp_path / "chained-site"  # reached only through a .pth in `project`, as a worktree venv is
+    project.mkdir()
+    chained.mkdir()
+    (project / "project_module.py").write_text("X = 1\n")
+    (chained / "chained_module.py").write_text("Y = 2\n")
+    (project / "chain.pth").write_text(f"{chained}\n")
+    venv.create(tmp_path / "venv", with_pip=False)
+    python = tmp_path / "venv" / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    bench.write_site_link(Path(purelib), project)
+    done = subprocess.run([python, "-c", "import project_module, chained_module, sys; print(sys.path.index("
+                           f"{purelib!r}) < sys.path.index({str(project)!r}))"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # the venv's own packages (LitServe) win
+    assert bench.project_site_packages() == Path(sysconfig.get_paths()["purelib"])
+
+
+def test_a_paused_process_group_stops_on_sigterm_and_its_cpu_is_counted(bench, tmp_path):
+    import serving
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=os.setpgrp)
+    try:
+        serving.pause_process(proc, True)
+        serving.stop_process(proc, timeout_s=60)
+        assert proc.returncode == -signal.SIGTERM  # not the SIGKILL after the timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    start = serving.group_cpu_seconds(os.getpgrp())
+    spin_until = time.process_time() + 0.2
+    while time.process_time() < spin_until:
+        pass
+    assert serving.group_cpu_seconds(os.getpgrp()) >= start + 0.1
