@@ -40,6 +40,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -350,8 +351,7 @@ def load_cache(
                 raise ArtifactError(f"{path}: missing or corrupt (checksum mismatch)")
     loaded_arrays: dict[str, Any] = {name: None for name in (*_ARRAYS, *DERIVED_ARRAYS) if name not in read_arrays}
     loaded_arrays.update({
-        name: np.load(folder / f"{name}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
-        for name in read_arrays
+        name: _load_array(folder / f"{name}.npy", mmap) for name in read_arrays
     })
     loaded: dict[str, Any] = {attr: key_index.read_index(folder / fname) for attr, fname in read_indexes.items()}
     return CacheArtifact(
@@ -363,6 +363,18 @@ def load_cache(
         **loaded_arrays,
         **loaded,
     )
+
+
+# numpy parses every .npy header with ast.literal_eval, and CPython 3.11's AST constructor is
+# not thread-safe: caches loading in parallel (service/registry.py) failed a server start with
+# "SystemError: AST constructor recursion depth mismatch". One header at a time; memory-mapped
+# loads hold the lock for the header only.
+_NPY_LOCK = threading.Lock()
+
+
+def _load_array(path: Path, mmap: bool) -> np.ndarray:
+    with _NPY_LOCK:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
 
 
 def read_manifest(folder: str | Path) -> Manifest:

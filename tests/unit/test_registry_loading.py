@@ -82,3 +82,31 @@ def test_a_second_start_hashes_no_unchanged_file(root, tiny_encoder, monkeypatch
     full = start("full")
     assert sorted(full.reload().loaded) == list(NAMES)
     assert sum(hashed.values()) == len(NAMES) * len(store.read_manifest(root / "a" / "versions" / "v0001").files)
+
+
+def test_parallel_loads_never_parse_two_npy_headers_at_once(root, tiny_encoder, monkeypatch):
+    """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run in two
+    threads at once (a server start failed with "AST constructor recursion depth mismatch").
+    The first np.load waits (up to 2 s) for another to start beside it; none may."""
+    import numpy as np
+
+    real_load = np.load
+    inside, overlaps, first_call = [0], [], threading.Lock()
+    second = threading.Event()
+
+    def load(*args, **kwargs):
+        inside[0] += 1
+        try:
+            if inside[0] > 1:
+                overlaps.append(args[0])
+                second.set()
+            elif first_call.acquire(blocking=False):  # only the very first call waits
+                second.wait(2)
+            return real_load(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(np, "load", load)
+    report = CacheRegistry(root, tiny_encoder, load_workers=len(NAMES)).reload()
+    assert sorted(report.loaded) == sorted(NAMES)
+    assert overlaps == []
