@@ -529,10 +529,12 @@ class JobManager:
             log.exception("could not settle %s %s", cache, version)
 
     def _finish(self, job: BuildJob, state: str, error: str | None = None) -> None:
-        job.state, job.finished = state, time.time()
-        job.error = None if state == "succeeded" else error
-        self._save(job)
+        # Metrics first: a client that sees the job ended must find it counted in /metrics.
         self._count(state)
+        self._gauge(ending=job)
+        job.error = None if state == "succeeded" else error
+        job.state, job.finished = state, time.time()
+        self._save(job)
         log.info("build job %s for cache %s %s%s", job.id, job.cache, state, f": {error}" if error else "")
 
     def _forget_old(self) -> None:
@@ -554,6 +556,7 @@ class JobManager:
         if self.metrics:
             self.metrics.build_jobs.labels(state).inc()
 
-    def _gauge(self) -> None:
+    def _gauge(self, ending: BuildJob | None = None) -> None:
         if self.metrics:
-            self.metrics.build_running.set(sum(1 for j in self._jobs.values() if j.state == "running"))
+            running = sum(1 for j in self._jobs.values() if j.state == "running" and j is not ending)
+            self.metrics.build_running.set(running)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvclip.service.jobs import BuildJob, JobManager, ThreadRunner
+from kvclip.service.jobs import TERMINAL, BuildJob, JobManager, ThreadRunner
+from kvclip.service.metrics import Metrics
 from tests.waiting import wait_until
 
 
@@ -136,5 +137,38 @@ def test_a_job_cancelled_while_queued_never_starts(calls, tmp_path):
         release.set()
         wait_until(lambda: first.state == "succeeded")
         assert ran == [1] and queued.started is None
+    finally:
+        jobs.stop()
+
+
+@pytest.mark.parametrize("outcome", ["done", "error", "died"])
+def test_a_job_is_counted_in_the_metrics_before_it_reads_as_ended(calls, tmp_path, outcome):
+    """A client that sees the job ended and then reads /metrics finds it counted and not running."""
+    metrics = Metrics()
+    seen: list[tuple[str, float, float]] = []
+
+    class WatchedJob(BuildJob):
+        def __setattr__(self, name, value):
+            if name == "state" and value in TERMINAL:
+                read = metrics.registry.get_sample_value
+                seen.append((value, read("kvclip_build_jobs_total", {"state": value}),
+                             read("kvclip_build_jobs_running")))
+            super().__setattr__(name, value)
+
+    def worker(conn, cancel):
+        if outcome == "done":
+            conn.send(("done", "v0001", {}))
+        elif outcome == "error":
+            conn.send(("error", "no images"))
+        conn.close()
+
+    jobs = JobManager(activate=lambda cache, version: None, delete_version=lambda cache, version: None,
+                      runner=ScriptedRunner(worker), metrics=metrics)
+    jobs.start()
+    try:
+        job = jobs.submit(WatchedJob(id="j1", cache="pets", options={}, workdir=tmp_path / "j1"))
+        wait_until(lambda: job.state in TERMINAL)
+        state = "succeeded" if outcome == "done" else "failed"
+        assert seen == [(state, 1.0, 0.0)]
     finally:
         jobs.stop()
