@@ -21,7 +21,10 @@ import torch  # noqa: E402
 
 from kvclip.models import load_encoder  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (.ci/run) each test process gets its share of the cores: two processes
+# with two threads each on two cores would only thrash.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
