@@ -22,14 +22,14 @@ from PIL import Image
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.device_decode import DeviceJpegDecoder, JpegHeader
 from kvclip.errors import ImageDecodeError
-from kvclip.images import decode_image
 from kvclip.index import search_candidates
 from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Scoring
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError
-from kvclip.service.parsing import ClassifyRequest, RequestImage
+from kvclip.service.parsing import ClassifyRequest
+from kvclip.service.pixels import Prepared, RequestImage, prepare
 from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ClassifyParams, ClassifyResponse, ImageResult
 
@@ -42,15 +42,6 @@ class ImageEncoding(Protocol):
     async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list:
         """`scoring.score` of the features of one request's k preprocessed images, on the
         thread that owns the device: k results, in order."""
-
-
-@dataclass
-class Prepared:
-    index: int
-    name: str
-    pixels: torch.Tensor | None  # 3 x H x W, or None when the image was not usable
-    error: str | None = None
-    code: str = "bad_image"  # or the code the request parser refused the image with
 
 
 @dataclass(frozen=True)
@@ -95,8 +86,8 @@ class ClassifyPipeline:
     async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
         """bytes -> image -> tensor, one image per decode-pool task, or one task per request
         with a device JPEG decoder (Overloaded when the decode backlog cannot take them all)."""
-        prepare_one = functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
-                                        min_size=self.decode_size)
+        prepare_one: Callable[[RequestImage], Prepared] = functools.partial(
+            prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels, min_size=self.decode_size)
         if self.jpeg_decoder is None:
             return await self.decoder.map(prepare_one, images)
         return await self.decoder.map_batch(
@@ -127,27 +118,6 @@ def choose_method(cache: LoadedCache, requested: str) -> str:
                         f"cache {cache.name!r} cannot serve method {method!r} "
                         f"(it serves {', '.join(cache.artifact.methods)})")
     return method
-
-
-def prepare(
-    item: RequestImage,
-    preprocess: Callable[[Image.Image], torch.Tensor],
-    max_pixels: int,
-    min_size: int | None = None,
-) -> Prepared:
-    """Decode and preprocess one image; an unusable image becomes its own error, never the
-    request's exception (so partial=true keeps the other images)."""
-    if item.refused:
-        return Prepared(item.index, item.name, None, item.refused, item.code)
-    try:
-        image = decode_image(item.data, max_pixels=max_pixels, name=item.name, min_size=min_size)
-    except Exception as exc:  # ImageDecodeError, and anything a codec throws on hostile bytes
-        return Prepared(item.index, item.name, None, str(exc))
-    try:
-        return Prepared(item.index, item.name, preprocess(image))
-    except Exception as exc:  # MemoryError included: this image is too much, the others may not be
-        log.warning("preprocessing image %d (%s) failed", item.index, item.name, exc_info=True)
-        return Prepared(item.index, item.name, None, f"{item.name}: could not be preprocessed ({type(exc).__name__})")
 
 
 def prepare_batch(
