@@ -61,7 +61,8 @@ async def classify(request: Request, query: dict = Depends(classify_query),
     state.batcher.check_room(len(parsed.images))  # admitted (or refused) before any decoding
     pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decoder, state.batcher,
                                 decode_size=state.encoder.image_size,
-                                jpeg_decoder=DeviceJpegDecoder.for_encoder(state.encoder))
+                                jpeg_decoder=DeviceJpegDecoder.for_encoder(state.encoder),
+                                processes=state.decode_processes)
     response = await until_disconnected(request, pipeline.run(cache, parsed))
     state.metrics.cache_requests.labels(cache.name, response.method).inc()
     state.metrics.images.labels(cache.name).inc(sum(r.error is None for r in response.results))

@@ -27,6 +27,7 @@ from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Scoring
 from kvclip.service.config import ServerConfig
+from kvclip.service.decode_pool import ProcessDecodePool, from_worker, prepare_in_worker
 from kvclip.service.errors import HttpError
 from kvclip.service.parsing import ClassifyRequest
 from kvclip.service.pixels import Prepared, RequestImage, prepare
@@ -69,6 +70,8 @@ class ClassifyPipeline:
     decode_size: int | None = None  # the model's input size: large JPEGs decode at reduced DCT scale
     # A CUDA encoder's: a request's JPEGs decode in one batch on the device (kvclip/device_decode.py).
     jpeg_decoder: DeviceJpegDecoder | None = None
+    # --decode-processes: Pillow's images are prepared there (the device batch stays on a thread).
+    processes: ProcessDecodePool | None = None
 
     async def run(self, cache: LoadedCache, request: ClassifyRequest) -> ClassifyResponse:
         """Classify the request's images against one cache snapshot."""
@@ -88,7 +91,13 @@ class ClassifyPipeline:
         with a device JPEG decoder (Overloaded when the decode backlog cannot take them all)."""
         prepare_one: Callable[[RequestImage], Prepared] = functools.partial(
             prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels, min_size=self.decode_size)
-        if self.jpeg_decoder is None:
+        if self.processes is not None:
+            in_worker = functools.partial(prepare_in_worker, max_pixels=self.config.max_pixels,
+                                          min_size=self.decode_size)
+            if self.jpeg_decoder is None:
+                return [from_worker(r) for r in await self.decoder.map(in_worker, images)]
+            prepare_one = functools.partial(_in_process, self.processes, in_worker)
+        elif self.jpeg_decoder is None:
             return await self.decoder.map(prepare_one, images)
         return await self.decoder.map_batch(
             functools.partial(prepare_batch, prepare_one=prepare_one, jpegs=self.jpeg_decoder,
@@ -118,6 +127,11 @@ def choose_method(cache: LoadedCache, requested: str) -> str:
                         f"cache {cache.name!r} cannot serve method {method!r} "
                         f"(it serves {', '.join(cache.artifact.methods)})")
     return method
+
+
+def _in_process(processes: ProcessDecodePool, in_worker: Callable, item: RequestImage) -> Prepared:
+    """prepare_one on a device batch's thread: the image waits for a decode worker process."""
+    return from_worker(processes.submit(in_worker, item).result())
 
 
 def prepare_batch(
