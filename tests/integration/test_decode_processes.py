@@ -15,9 +15,12 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from kvclip.device_decode import DeviceJpegDecoder
 from kvclip.images import decode_image
+from kvclip.service import api_classify
 from kvclip.service.admission import DecodeWorkerLost
 from kvclip.service.decode_pool import from_worker, prepare_in_worker
 from kvclip.service.pixels import RequestImage, prepare
@@ -139,3 +142,27 @@ async def test_a_dead_worker_is_replaced_and_the_workers_stop_with_the_server(se
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
+
+
+async def test_with_a_device_decoder_the_jpegs_stay_on_a_thread_and_the_rest_go_to_the_workers(
+        processes, threads, photos, tiny_encoder, monkeypatch):
+    """A CUDA encoder's path (decode_jpeg on the CPU standing in): the request's JPEGs in one
+    batch on a decode thread (the device is the server process's), its PNGs in the workers."""
+    state, client = processes
+    batches: list[list[str]] = []
+
+    class SpyDecoder(DeviceJpegDecoder):
+        def __call__(self, datas, headers, names):
+            batches.append(list(names))
+            return super().__call__(datas, headers, names)
+
+    spy = SpyDecoder(torch.device("cpu"), tiny_encoder.image_size)
+    monkeypatch.setattr(api_classify.DeviceJpegDecoder, "for_encoder", classmethod(lambda cls, encoder: spy))
+    sent = state.decode_processes.submit
+    in_workers: list[str] = []
+    monkeypatch.setattr(state.decode_processes, "submit",
+                        lambda fn, *args: in_workers.extend(a.name for a in args) or sent(fn, *args))
+    ours = await answer(client, photos)
+    assert ours[0] == 200, ours
+    assert batches == [["small.jpg", "big.jpg"]] and in_workers == [name for name, _, _ in photos[:3]]
+    assert ours == await answer(threads, photos)

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from kvclip import errors
+from kvclip.service.admission import BoundedDecoder
+from kvclip.service.batcher import Stopped
 from kvclip.service.config import ServerConfig, add_arguments, from_namespace
-from kvclip.service.decode_pool import from_worker
+from kvclip.service.decode_pool import ProcessDecodePool, from_worker
 from kvclip.service.pixels import Prepared, RequestImage, prepare
 
 
@@ -64,3 +66,13 @@ def test_decode_processes_is_a_flag_and_an_environment_variable(monkeypatch):
     assert ServerConfig(caches="c", model="m").decode_processes == 0
     with pytest.raises(ValueError, match="decode_processes"):
         ServerConfig(caches="c", model="m", decode_processes=-1)
+
+
+@pytest.mark.anyio
+async def test_a_shut_pool_refuses_as_the_threads_do(tiny_encoder):
+    pool = ProcessDecodePool(2, tiny_encoder.preprocess)  # its processes start on the first task
+    decoder = BoundedDecoder(pool, limit=8)
+    pool.shutdown()
+    with pytest.raises(Stopped, match="shutting down"):
+        await decoder.map(len, [b"x", b"y"])
+    assert decoder.pending == 0 and pool.pids == []
