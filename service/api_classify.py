@@ -36,7 +36,7 @@ ERROR_DOC = error_responses(described={
     403: "API key lacks the read scope", 404: "unknown cache", 408: "the body was not received in time",
     413: "body, image or image count too large",
     415: "body is neither multipart/form-data nor application/json", 422: "invalid parameters",
-    503: "not ready, or the queue or decode backlog is full (see Retry-After)"})
+    503: "not ready, the queue or decode backlog is full, or a decode worker process died (see Retry-After)"})
 
 
 def classify_query(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 HEAVY = ("open_clip", "fastapi", "starlette", "pydantic", "faiss", "timm", "kvclip.models", "kvclip.service.classify")
 
@@ -16,3 +18,13 @@ def heavy_modules() -> list[str]:
 def die(_item: object = None) -> None:
     """A worker killed mid-task (out of memory, a crashing codec)."""
     os._exit(9)
+
+
+def wait_for(gate: str) -> str:
+    """Holds a worker until the file `gate` exists (a test opens it), then notes that it ran."""
+    path = Path(gate)
+    while not path.exists():
+        time.sleep(0.01)
+    with open(path.with_suffix(".ran"), "a") as ran:
+        ran.write("ran\n")
+    return gate

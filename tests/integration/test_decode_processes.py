@@ -8,6 +8,7 @@ comparisons share one module-scoped app; the recovery test starts its own.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import os
@@ -21,7 +22,8 @@ from PIL import Image
 from kvclip.device_decode import DeviceJpegDecoder
 from kvclip.images import decode_image
 from kvclip.service import api_classify
-from kvclip.service.admission import DecodeWorkerLost
+from kvclip.service.admission import BoundedDecoder, DecodeWorkerLost
+from kvclip.service.batcher import Overloaded
 from kvclip.service.decode_pool import from_worker, prepare_in_worker
 from kvclip.service.pixels import RequestImage, prepare
 from tests import decode_probe
@@ -117,6 +119,23 @@ async def test_bad_images_answer_as_with_threads(processes, threads, photos, par
         assert ours == await answer(threads, files, partial=partial), kind
         statuses.add(ours[0])
     assert statuses == ({200, 400, 413, 415} if partial == "false" else {200}), statuses
+
+
+async def test_the_backlog_bound_and_cancellation_hold_over_processes(processes, tmp_path):
+    state, _ = processes
+    decoder = BoundedDecoder(state.decode_processes, limit=8)
+    gate = tmp_path / "gate"
+    held = asyncio.ensure_future(decoder.map(decode_probe.wait_for, [str(gate)] * 6))
+    await until(lambda: decoder.pending == 6, what="6 images admitted")
+    with pytest.raises(Overloaded):  # 6 + 3 > 8: refused whole, before any is sent
+        await decoder.map(len, [b"a", b"b", b"c"])
+    held.cancel()  # the client left: the images no worker has taken are dropped
+    await asyncio.gather(held, return_exceptions=True)
+    taken = decoder.pending
+    assert 0 < taken < 6
+    gate.touch()
+    await until(lambda: decoder.pending == 0, what="the taken images done")
+    assert (tmp_path / "gate.ran").read_text().count("ran") == taken
 
 
 async def test_a_dead_worker_is_replaced_and_the_workers_stop_with_the_server(served_caches, tiny_encoder, photos):
