@@ -23,6 +23,7 @@ to the bit: a quarter of the bytes cross to the device, and the host does no flo
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -57,11 +58,32 @@ class BoundedPreprocess:
             raise ValueError(f"preprocessing made a {tuple(pixels.shape)} tensor, not 3 x {self.size} x {self.size}")
         return pixels
 
+    def portable(self) -> BoundedPreprocess:
+        """A copy that pickles without open_clip, for decode worker processes (service/decode_pool.py):
+        open_clip's MaybeConvertMode becomes ConvertMode, and the reference transform (ToTensor,
+        Normalize: never called here) is dropped. Other open_clip steps (the "longest" resize
+        mode's) stay, and importing them imports open_clip there."""
+        clone = copy.copy(self)
+        clone.geometry = T.Compose([ConvertMode(step.mode) if type(step).__name__ == "MaybeConvertMode" else step
+                                    for step in self.geometry.transforms])
+        clone.transform = clone.geometry
+        return clone
+
     def bound(self, image: Image.Image) -> Image.Image:
         """The S x S picture the transform would cut out of `image`, computed from that region only."""
         if self.resize_mode != "shortest" or image.size == (self.size, self.size):
             return image
         return image.resize((self.size, self.size), self.resample, box=center_crop_box(image.size, self.size))
+
+
+class ConvertMode:
+    """open_clip's MaybeConvertMode for PIL images (the only input here): convert to `mode`."""
+
+    def __init__(self, mode: str = "RGB") -> None:
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert(self.mode)
 
 
 def center_crop_box(size: tuple[int, int], out: int) -> tuple[float, float, float, float]:

@@ -1,7 +1,7 @@
 """Admission around decoding: a bounded decode backlog, and no work for clients that left.
 
-Decoding runs on a small thread pool. Without a bound, a burst of large requests queues
-unbounded work on it (and memory: every image's bytes); with one, a request whose images do
+Decoding runs on a small thread pool (or worker processes: service/decode_pool.py). Without
+a bound, a burst of large requests queues unbounded work on it (and memory: every image's bytes); with one, a request whose images do
 not fit is refused at once (Overloaded: 503 with Retry-After) before any of them is decoded.
 A client that hangs up cancels its request: images not yet started are never decoded.
 """
@@ -11,7 +11,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -22,13 +22,24 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class DecodeWorkerLost(Exception):
+    """A decode worker process died under the request (service/errors.py: 503 with Retry-After).
+
+    503, not 500: it is no fault of the request's and not a server bug to report; the pool is
+    replaced at once, so the retry that clients make after a 503 (kvclip's client does) is
+    served. An image that kills its decoder every time fails each retry the same way.
+    """
+
+
 class BoundedDecoder:
     """Runs one task per image (or one per request's batch) on `pool`, with at most `limit`
     images being or waiting to be decoded across all requests; a request is admitted whole or
-    refused whole."""
+    refused whole. `batch_pool`, when given, runs the batch tasks (a device decode must stay
+    in the server process while `pool` is worker processes)."""
 
-    def __init__(self, pool: Executor, limit: int) -> None:
+    def __init__(self, pool: Executor, limit: int, batch_pool: Executor | None = None) -> None:
         self.pool = pool
+        self.batch_pool = batch_pool or pool
         self.limit = limit
         self._pending = 0
         self._lock = threading.Lock()  # released from pool threads (future callbacks)
@@ -39,16 +50,16 @@ class BoundedDecoder:
 
     async def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """[fn(item) for item in items], one pool task per item."""
-        return await self._run([(functools.partial(fn, item), 1) for item in items])
+        return await self._run(self.pool, [(functools.partial(fn, item), 1) for item in items])
 
     async def map_batch(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
         """fn(items) as one pool task (a batched decode), counted as len(items) images."""
         if not items:
             return []
-        (results,) = await self._run([(functools.partial(fn, items), len(items))])
+        (results,) = await self._run(self.batch_pool, [(functools.partial(fn, items), len(items))])
         return results
 
-    async def _run(self, tasks: list[tuple[Callable[[], R], int]]) -> list[R]:
+    async def _run(self, pool: Executor, tasks: list[tuple[Callable[[], R], int]]) -> list[R]:
         """Admit the tasks' images (the int of each) whole or refuse them, then run the tasks."""
         total = sum(images for _, images in tasks)
         with self._lock:
@@ -59,7 +70,7 @@ class BoundedDecoder:
         futures: list[Future] = []
         try:
             for task, images in tasks:
-                future = self.pool.submit(task)
+                future = pool.submit(task)
                 # Released also when cancelled before it ran.
                 future.add_done_callback(functools.partial(self._release, images))
                 futures.append(future)
@@ -70,6 +81,10 @@ class BoundedDecoder:
             raise Stopped("the server is shutting down") from exc
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except BrokenExecutor as exc:  # a worker process died: the pool replaces itself
+            _cancel(futures)
+            raise DecodeWorkerLost("a decode worker process died while decoding this request's images "
+                                   "(killed, or out of memory); retry") from exc
         except BaseException:
             _cancel(futures)  # the client left, or the request failed: drop what has not started
             raise

@@ -36,7 +36,7 @@ ERROR_DOC = error_responses(described={
     403: "API key lacks the read scope", 404: "unknown cache", 408: "the body was not received in time",
     413: "body, image or image count too large",
     415: "body is neither multipart/form-data nor application/json", 422: "invalid parameters",
-    503: "not ready, or the queue or decode backlog is full (see Retry-After)"})
+    503: "not ready, the queue or decode backlog is full, or a decode worker process died (see Retry-After)"})
 
 
 def classify_query(
@@ -61,7 +61,8 @@ async def classify(request: Request, query: dict = Depends(classify_query),
     state.batcher.check_room(len(parsed.images))  # admitted (or refused) before any decoding
     pipeline = ClassifyPipeline(state.config, state.encoder.preprocess, state.decoder, state.batcher,
                                 decode_size=state.encoder.image_size,
-                                jpeg_decoder=DeviceJpegDecoder.for_encoder(state.encoder))
+                                jpeg_decoder=DeviceJpegDecoder.for_encoder(state.encoder),
+                                processes=state.decode_processes)
     response = await until_disconnected(request, pipeline.run(cache, parsed))
     state.metrics.cache_requests.labels(cache.name, response.method).inc()
     state.metrics.images.labels(cache.name).inc(sum(r.error is None for r in response.results))

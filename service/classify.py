@@ -22,14 +22,15 @@ from PIL import Image
 from kvclip.blend import affinities, blend, blend_candidates, candidate_affinities
 from kvclip.device_decode import DeviceJpegDecoder, JpegHeader
 from kvclip.errors import ImageDecodeError
-from kvclip.images import decode_image
 from kvclip.index import search_candidates
 from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Scoring
 from kvclip.service.config import ServerConfig
+from kvclip.service.decode_pool import ProcessDecodePool, from_worker, prepare_in_worker
 from kvclip.service.errors import HttpError
-from kvclip.service.parsing import ClassifyRequest, RequestImage
+from kvclip.service.parsing import ClassifyRequest
+from kvclip.service.pixels import Prepared, RequestImage, prepare
 from kvclip.service.registry import LoadedCache
 from kvclip.service.schemas import ClassifyParams, ClassifyResponse, ImageResult
 
@@ -42,15 +43,6 @@ class ImageEncoding(Protocol):
     async def score_images(self, pixels: torch.Tensor, scoring: Scoring) -> list:
         """`scoring.score` of the features of one request's k preprocessed images, on the
         thread that owns the device: k results, in order."""
-
-
-@dataclass
-class Prepared:
-    index: int
-    name: str
-    pixels: torch.Tensor | None  # 3 x H x W, or None when the image was not usable
-    error: str | None = None
-    code: str = "bad_image"  # or the code the request parser refused the image with
 
 
 @dataclass(frozen=True)
@@ -78,6 +70,8 @@ class ClassifyPipeline:
     decode_size: int | None = None  # the model's input size: large JPEGs decode at reduced DCT scale
     # A CUDA encoder's: a request's JPEGs decode in one batch on the device (kvclip/device_decode.py).
     jpeg_decoder: DeviceJpegDecoder | None = None
+    # --decode-processes: Pillow's images are prepared there (the device batch stays on a thread).
+    processes: ProcessDecodePool | None = None
 
     async def run(self, cache: LoadedCache, request: ClassifyRequest) -> ClassifyResponse:
         """Classify the request's images against one cache snapshot."""
@@ -95,9 +89,15 @@ class ClassifyPipeline:
     async def decode_images(self, images: list[RequestImage]) -> list[Prepared]:
         """bytes -> image -> tensor, one image per decode-pool task, or one task per request
         with a device JPEG decoder (Overloaded when the decode backlog cannot take them all)."""
-        prepare_one = functools.partial(prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels,
-                                        min_size=self.decode_size)
-        if self.jpeg_decoder is None:
+        prepare_one: Callable[[RequestImage], Prepared] = functools.partial(
+            prepare, preprocess=self.preprocess, max_pixels=self.config.max_pixels, min_size=self.decode_size)
+        if self.processes is not None:
+            in_worker = functools.partial(prepare_in_worker, max_pixels=self.config.max_pixels,
+                                          min_size=self.decode_size)
+            if self.jpeg_decoder is None:
+                return [from_worker(r) for r in await self.decoder.map(in_worker, images)]
+            prepare_one = functools.partial(_in_process, self.processes, in_worker)
+        elif self.jpeg_decoder is None:
             return await self.decoder.map(prepare_one, images)
         return await self.decoder.map_batch(
             functools.partial(prepare_batch, prepare_one=prepare_one, jpegs=self.jpeg_decoder,
@@ -129,25 +129,9 @@ def choose_method(cache: LoadedCache, requested: str) -> str:
     return method
 
 
-def prepare(
-    item: RequestImage,
-    preprocess: Callable[[Image.Image], torch.Tensor],
-    max_pixels: int,
-    min_size: int | None = None,
-) -> Prepared:
-    """Decode and preprocess one image; an unusable image becomes its own error, never the
-    request's exception (so partial=true keeps the other images)."""
-    if item.refused:
-        return Prepared(item.index, item.name, None, item.refused, item.code)
-    try:
-        image = decode_image(item.data, max_pixels=max_pixels, name=item.name, min_size=min_size)
-    except Exception as exc:  # ImageDecodeError, and anything a codec throws on hostile bytes
-        return Prepared(item.index, item.name, None, str(exc))
-    try:
-        return Prepared(item.index, item.name, preprocess(image))
-    except Exception as exc:  # MemoryError included: this image is too much, the others may not be
-        log.warning("preprocessing image %d (%s) failed", item.index, item.name, exc_info=True)
-        return Prepared(item.index, item.name, None, f"{item.name}: could not be preprocessed ({type(exc).__name__})")
+def _in_process(processes: ProcessDecodePool, in_worker: Callable, item: RequestImage) -> Prepared:
+    """prepare_one on a device batch's thread: the image waits for a decode worker process."""
+    return from_worker(processes.submit(in_worker, item).result())
 
 
 def prepare_batch(

@@ -44,6 +44,8 @@ class ServerConfig:
     max_queue_wait_s: float = _opt("most seconds a request waits for the encoder before its 503", 30.0)
     decode_workers: int = _opt("threads decoding and preprocessing images", 2)
     max_decode_backlog: int = _opt("most images being or waiting to be decoded; beyond it requests get 503", 256)
+    decode_processes: int = _opt("worker processes decoding and preprocessing images instead of the threads, off "
+                                 "the GIL the device thread needs (GPU hosts); 0: the threads", 0)
     max_concurrency: int = _opt("most requests in flight before the JSON 503 with Retry-After (0: no limit)", 0)
     header_timeout_s: float = _opt("most seconds a client may take to send a request's line and headers; "
                                    "then the connection is closed with 408 (0: no limit)", 10.0)
@@ -127,6 +129,8 @@ class ServerConfig:
             raise ValueError("min_free_disk_bytes cannot be negative")
         if not 0 <= self.build_nice <= 19:
             raise ValueError("build_nice must lie in 0..19")
+        if self.decode_processes < 0:
+            raise ValueError("decode_processes cannot be negative")
 
     @property
     def jobs_root(self) -> Path:

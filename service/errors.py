@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvclip.errors import DataError
-from kvclip.service.admission import ClientDisconnected
+from kvclip.service.admission import ClientDisconnected, DecodeWorkerLost
 from kvclip.service.archives import ArchiveError, ArchiveTooLarge
 from kvclip.service.batcher import Overloaded, RequestTooLarge, Stopped
 from kvclip.service.jobs import JobNotFound
@@ -41,6 +41,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     NotReady: (503, "not_ready"),
     Overloaded: (503, "overloaded"),
     Stopped: (503, "shutting_down"),
+    DecodeWorkerLost: (503, "decode_worker_lost"),
     RequestTooLarge: (413, "too_large"),
     ClientDisconnected: (499, "client_disconnected"),  # nginx's code: the answer reaches nobody
 }

@@ -18,18 +18,8 @@ from starlette.exceptions import HTTPException
 
 from kvclip.service.config import ServerConfig
 from kvclip.service.errors import HttpError, invalid
+from kvclip.service.pixels import RequestImage
 from kvclip.service.schemas import ClassifyJson, ClassifyParams
-
-
-@dataclass
-class RequestImage:
-    """One image as the request carried it: bytes, not yet decoded."""
-
-    index: int  # position in the request
-    name: str  # file name, or "image[i]"
-    data: bytes
-    refused: str | None = None  # why the image is unusable before decoding (wrong type, bad base64, too large)
-    code: str = "unsupported_media_type"  # the error code of `refused`
 
 
 @dataclass

@@ -19,6 +19,7 @@ from kvclip.models import Encoder, load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Batcher
 from kvclip.service.config import ServerConfig
+from kvclip.service.decode_pool import ProcessDecodePool
 from kvclip.service.jobs import JobManager, ProcessRunner, Runner, ThreadRunner, WarmRunner
 from kvclip.service.metrics import Metrics
 from kvclip.service.registry import CacheRegistry
@@ -48,7 +49,8 @@ class ServerState:
     batcher: Batcher | None = None
     jobs: JobManager | None = None
     decode_pool: ThreadPoolExecutor | None = None
-    decoder: BoundedDecoder | None = None  # decode_pool with the --max-decode-backlog bound
+    decode_processes: ProcessDecodePool | None = None  # --decode-processes N > 0, once the model is loaded
+    decoder: BoundedDecoder | None = None  # the decode pool(s) with the --max-decode-backlog bound
     ready: bool = False
     load_error: str | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -80,6 +82,8 @@ class ServerState:
             await self.batcher.stop()
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decode_processes is not None:  # joined: no worker outlives the server
+            await asyncio.to_thread(self.decode_processes.shutdown, wait=True, cancel_futures=True)
         self.ready = False
         self.metrics.ready.set(0)
 
@@ -101,6 +105,7 @@ class ServerState:
                 "precision": str(self.encoder.dtype).replace("torch.", ""),
                 "weights_sha256": self.encoder.weights_sha256 or "",
             })
+            warm = self._start_processes() if self.config.decode_processes else None
             self.registry = CacheRegistry(self.config.caches, self.encoder, self.metrics.set_caches,
                                           search=SearchPolicy.from_config(self.config), digests=digests)
             self.jobs = JobManager(
@@ -121,6 +126,11 @@ class ServerState:
             )
             await self.batcher.start()
             self.jobs.start()
+            if warm is not None:  # not ready before the decode processes are
+                pids = await warm
+                log.info("decode processes started: %s", ", ".join(map(str, pids)))
+                self.decoder = BoundedDecoder(self.decode_processes, self.config.max_decode_backlog,
+                                              batch_pool=self.decode_pool)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("server not ready: %s", self.load_error)
@@ -130,6 +140,14 @@ class ServerState:
         log.info("ready: model %s on %s", self.encoder.model_id, self.encoder.device)
         if self.config.reload_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._poll(), name="kvclip-reload"))
+
+    def _start_processes(self) -> asyncio.Task:
+        """Start the decode worker processes; the task warming them (their imports, while the
+        caches load) answers their pids. Stopping the server stops them."""
+        self.decode_processes = ProcessDecodePool(self.config.decode_processes, self.encoder.preprocess)
+        task = asyncio.create_task(asyncio.to_thread(self.decode_processes.warm), name="kvclip-decode-warm")
+        self._tasks.append(task)
+        return task
 
     def _recover_builds(self) -> None:
         """Saved job records back, interrupted jobs failed, their work folders and the versions

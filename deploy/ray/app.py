@@ -102,7 +102,10 @@ def parse_args(args: dict) -> tuple[RayOptions, ServerConfig]:
     missing = [k for k in ("caches", "model") if server.get(k) is None]
     if missing:
         raise ValueError(f"missing argument(s): {', '.join(missing)} (e.g. caches=/shared/caches model=tiny-random)")
-    return options, from_namespace(argparse.Namespace(**server))
+    config = from_namespace(argparse.Namespace(**server))
+    if config.decode_processes:  # replicas decode on their threads; a setting that did nothing would mislead
+        raise ValueError("decode_processes is for kvclip serve only: a replica decodes on its decode_workers threads")
+    return options, config
 
 
 def build_app(args: dict) -> serve.Application:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvclip.errors import DataError, KvclipError, ModelLoadError
-from kvclip.service.admission import ClientDisconnected
+from kvclip.service.admission import ClientDisconnected, DecodeWorkerLost
 from kvclip.service.archives import ArchiveError, ArchiveTooLarge
 from kvclip.service.batcher import Overloaded, RequestTooLarge, Stopped
 from kvclip.service.errors import ERROR_TABLE, HttpError, http_error
@@ -37,6 +37,7 @@ CASES = [
     (Stopped("shutting down"), 503, "shutting_down"),
     (RequestTooLarge("9 images exceed the encoder queue of 8"), 413, "too_large"),
     (ClientDisconnected("the client closed the connection"), 499, "client_disconnected"),
+    (DecodeWorkerLost("a decode worker process died; retry"), 503, "decode_worker_lost"),
 ]
 
 
