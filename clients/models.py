@@ -157,6 +157,7 @@ class CacheInfo:
     report: dict | None = None  # the build report
     created: str | None = None
     search: SearchPath | None = None  # the search path the server chose
+    key_precision: str | None = None  # "float16" or "float32": the keys on the server's device (older servers: None)
 
     @classmethod
     def from_json(cls, data: dict) -> CacheInfo:
@@ -169,6 +170,7 @@ class CacheInfo:
             current_version=data.get("current_version"), params=data.get("params"),
             report=data.get("report"), created=data.get("created"),
             search=None if search is None else SearchPath.from_json(search),
+            key_precision=data.get("key_precision"),
         )
 
 

@@ -85,6 +85,7 @@ def cache_detail(info: CacheInfo) -> str:
         f"items        {info.items}" + (" with captions" if info.captions else ""),
         f"created      {info.created or '-'}",
         f"search path  {search_text(info.search)}",
+        f"keys         {info.key_precision or '-'}",
         f"labels       {', '.join(info.labels or [])}",
     ]
     return "\n".join(lines)

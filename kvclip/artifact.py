@@ -146,10 +146,11 @@ class CacheArtifact:
         calibration = self.manifest.calibration
         return None if calibration is None else calibration.min_score.get(method)
 
-    def tensors(self, device: torch.device | str | None = None) -> CacheTensors:
+    def tensors(self, device: torch.device | str | None = None, key_dtype: torch.dtype = torch.float32) -> CacheTensors:
         """The blend's tensors. On the CPU they share memory with the arrays (memory-mapped ones
-        included: nothing is copied); on a GPU they are copies. The derived terms come from the
-        version's files when it has them at this temperature, and are computed otherwise."""
+        included: nothing is copied) but for keys cast to a `key_dtype` other than float32; on a
+        GPU they are copies. The derived terms come from the version's files when it has them at
+        this temperature, and are computed otherwise (from the float32 keys, before any cast)."""
         derived = self._stored_derived()
         tensors = CacheTensors.build(
             _tensor(self.text_weights),
@@ -159,6 +160,7 @@ class CacheArtifact:
             temperature=self.temperature,
             device=device,
             derived=derived,
+            key_dtype=key_dtype,
         )
         if derived is None:
             release_free_heap()  # the build's float64 temporaries would stay resident (kvclip/heap.py)

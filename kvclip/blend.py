@@ -12,6 +12,10 @@ scaled by n̄ / n_c (n̄ the mean size of the non-empty classes, n_c the class's
 take part): a per-class mean, times a constant. Equal class sizes give exactly the old sums.
 The FAISS top-k blend (blend_candidates) keeps every item in those sums: candidates exactly,
 the rest through per-class key sums.
+
+Key precision: the N x D key matrices may be float16 (a GPU server's default: half their memory).
+Only the dot products with them run in that dtype (key_products); everything after them (exp,
+logsumexp, KL, rescaling, the class sums) and every other tensor stays float32.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from kvclip.vocabulary import METHODS
 
 ZEROSHOT_SCALE = 100.0
 DEFAULT_TEMPERATURE = 0.5
+KEY_DTYPES = (torch.float32, torch.float16)  # CacheTensors' image and caption keys
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,12 @@ class BlendParams:
 
 @dataclass
 class CacheTensors:
-    """What the blend needs from a cache, resident on one device, float32."""
+    """What the blend needs from a cache, resident on one device: float32, but for the keys, which
+    are in `key_dtype` (float32 or float16; the module docstring)."""
 
     text_weights: torch.Tensor  # D x C, columns L2-normalised
-    image_keys: torch.Tensor  # N x D, rows L2-normalised
-    caption_keys: torch.Tensor | None  # N x D, rows L2-normalised, or None without captions
+    image_keys: torch.Tensor  # N x D, rows L2-normalised, key_dtype
+    caption_keys: torch.Tensor | None  # N x D, rows L2-normalised, key_dtype, or None without captions
     label_ids: torch.Tensor  # N int64: each item's class (sums per class are index_add_, O(N), not N x C)
     key_log_partitions: torch.Tensor  # N, log-mean-exp of each key's centred logits (see kl_divergence)
     class_counts: torch.Tensor  # C, support items per class (float32)
@@ -81,14 +87,24 @@ class CacheTensors:
         device: torch.device | str | None = None,
         balanced: bool = True,
         derived: Mapping[str, torch.Tensor] | None = None,
+        key_dtype: torch.dtype = torch.float32,
     ) -> CacheTensors:
         """`derived`: DERIVED_ARRAYS already computed (by `derived_arrays`, at this temperature:
         the caller checks that), taken as they are instead of computed again; a cache's artifact
-        stores them (kvclip/artifact.py) because computing them is most of a server's load."""
+        stores them (kvclip/artifact.py) because computing them is most of a server's load.
+
+        `key_dtype`: the keys' dtype on `device`. The derived terms always come from the float32
+        keys, before the cast, so a float16 cache's terms equal a float32 one's."""
+        if key_dtype not in KEY_DTYPES:
+            raise ValueError(f"key_dtype must be one of {', '.join(map(str, KEY_DTYPES))}, not {key_dtype}")
+        # The keys go to the device in float32 only to derive the terms there; with the terms given
+        # they stay where they are until the cast below, whose blocking copy converts on the host:
+        # a GPU never holds a float32 copy of float16 keys.
+        keys_at = device if derived is None else None
         text_weights = torch.as_tensor(text_weights, dtype=torch.float32, device=device)
-        image_keys = torch.as_tensor(image_keys, dtype=torch.float32, device=device)
+        image_keys = torch.as_tensor(image_keys, dtype=torch.float32, device=keys_at)
         if caption_keys is not None:
-            caption_keys = torch.as_tensor(caption_keys, dtype=torch.float32, device=device)
+            caption_keys = torch.as_tensor(caption_keys, dtype=torch.float32, device=keys_at)
             if caption_keys.shape != image_keys.shape:
                 raise ValueError(
                     f"caption keys {tuple(caption_keys.shape)} do not match image keys "
@@ -107,10 +123,11 @@ class CacheTensors:
         else:
             derived = _checked_derived(derived, image_keys.shape[0], num_classes, image_keys.shape[1],
                                        caption_keys is not None, device)
+        target = text_weights.device  # `device`, or where the text weights were
         return cls(
             text_weights=text_weights,
-            image_keys=image_keys,
-            caption_keys=caption_keys,
+            image_keys=image_keys.to(device=target, dtype=key_dtype),  # no copy when both already match
+            caption_keys=None if caption_keys is None else caption_keys.to(device=target, dtype=key_dtype),
             label_ids=label_ids,
             key_log_partitions=derived["key_log_partitions"],
             class_counts=torch.bincount(label_ids, minlength=num_classes).to(torch.float32),
@@ -132,6 +149,10 @@ class CacheTensors:
     @property
     def device(self) -> torch.device:
         return self.text_weights.device
+
+    @property
+    def key_dtype(self) -> torch.dtype:
+        return self.image_keys.dtype
 
     def to(self, device: torch.device | str) -> CacheTensors:
         return replace(
@@ -209,14 +230,35 @@ def zeroshot_logits(features: torch.Tensor, text_weights: torch.Tensor) -> torch
     return ZEROSHOT_SCALE * features @ text_weights
 
 
+def key_products(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """queries (Q x D, float32) times the keys, as float32: every key (Q x N), or each query's
+    own keys[ids] (ids Q x M).
+
+    With float16 keys the product runs in float16, each query row first scaled to a largest
+    entry of 1 (per row, so no query depends on another) and scaled back after: the KL term's
+    rows (p W_tᵀ / T, entries ~1e-4 at T = 0.5, ~1e-6 for flatter signatures) would otherwise
+    fall among float16's subnormals, which keep fewer digits. What is lost is the rounding of
+    the dot products: both sides are unit vectors (|cos| ≤ 1) and float16 keeps ~3 decimal
+    digits (unit roundoff 4.9e-4), so an affinity is off by ≲ 5e-4, about a half-unit of
+    float16 near 1: fine for ranking (measured: tests/unit/test_blend_fp16.py).
+    """
+    scale = None
+    if keys.dtype != torch.float32:
+        queries = queries.to(torch.float32)
+        scale = queries.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        queries = (queries / scale).to(keys.dtype)
+    product = queries @ keys.T if ids is None else torch.einsum("qd,qmd->qm", queries, keys[ids])
+    return product if scale is None else product.to(torch.float32) * scale
+
+
 def affinities(features: torch.Tensor, cache: CacheTensors, delta: float = 0.0) -> torch.Tensor:
-    """(1 − δ) f K_imgᵀ + δ f K_capᵀ, queries x items."""
-    image_part = features @ cache.image_keys.T
+    """(1 − δ) f K_imgᵀ + δ f K_capᵀ, queries x items (float32, whatever the keys' dtype)."""
+    image_part = key_products(features, cache.image_keys)
     if delta == 0.0:
         return image_part
     if cache.caption_keys is None:
         raise ValueError("delta > 0 needs caption keys, and this cache has none")
-    return (1.0 - delta) * image_part + delta * (features @ cache.caption_keys.T)
+    return (1.0 - delta) * image_part + delta * key_products(features, cache.caption_keys)
 
 
 def class_sums(weights: torch.Tensor, label_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -304,10 +346,9 @@ def kl_divergence(
     """
     own, direction = _query_kl_terms(features, cache)
     if ids is None:
-        cross = direction @ cache.image_keys.T - cache.key_log_partitions
+        cross = key_products(direction, cache.image_keys) - cache.key_log_partitions
     else:
-        keys = cache.image_keys[ids]  # queries x M x D
-        cross = torch.einsum("qd,qmd->qm", direction, keys) - cache.key_log_partitions[ids]
+        cross = key_products(direction, cache.image_keys, ids) - cache.key_log_partitions[ids]
     return own - cross
 
 
@@ -488,13 +529,13 @@ class _Unretrieved:
 def candidate_affinities(
     features: torch.Tensor, cache: CacheTensors, ids: torch.Tensor, delta: float = 0.0
 ) -> torch.Tensor:
-    """Affinities (queries x M) of each query with its own candidate items `ids`."""
-    affinity = torch.einsum("qd,qmd->qm", features, cache.image_keys[ids])
+    """Affinities (queries x M, float32) of each query with its own candidate items `ids`."""
+    affinity = key_products(features, cache.image_keys, ids)
     if delta == 0.0:
         return affinity
     if cache.caption_keys is None:
         raise ValueError("delta > 0 needs caption keys, and this cache has none")
-    caption_part = torch.einsum("qd,qmd->qm", features, cache.caption_keys[ids])
+    caption_part = key_products(features, cache.caption_keys, ids)
     return (1.0 - delta) * affinity + delta * caption_part
 
 

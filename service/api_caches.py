@@ -52,6 +52,7 @@ async def show_cache(request: Request, name: str = CacheName, state: ServerState
         "report": report if sees_server_paths(request) else redact_report(report),
         "created": manifest.created_at,
         "search": loaded.search.as_dict(),
+        "key_precision": loaded.key_precision,
     }
 
 

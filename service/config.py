@@ -70,6 +70,9 @@ class ServerConfig:
     faiss_min_agreement: float = _opt("auto: the least top-1 agreement with the dense blend for which FAISS "
                                       "candidates may serve", DEFAULT_MIN_AGREEMENT)
     faiss_k: int = _opt("FAISS candidates per query on the FAISS search path", DEFAULT_FAISS_K)
+    key_precision: str = _opt("dtype of each cache's key matrices on the serving device: auto (float16 on CUDA, half "
+                              "the memory; float32 on a CPU, where float16 matmuls are slow), float32, float16",
+                              "auto", choices=("auto", "float32", "float16"))
     explain_k: int = _opt("nearest support items returned with explain=true", 5)
     verify_files: str = _opt("checksums of cache files and the model checkpoint at load: changed (hash the files "
                              "whose device, inode, size, mtime or ctime the record CACHES/.digests.json does not "

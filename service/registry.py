@@ -75,6 +75,11 @@ class LoadedCache:
     def num_items(self) -> int:
         return self.artifact.num_items
 
+    @property
+    def key_precision(self) -> str:
+        """The dtype of the resident key matrices: "float16" or "float32" (--key-precision)."""
+        return str(self.tensors.key_dtype).removeprefix("torch.")
+
     def params(self, method: str) -> BlendParams:
         return self.artifact.params(method).for_method(method)
 
@@ -238,13 +243,21 @@ def load_version(
     artifact = load_cache(cache_dir, version, arrays=SERVING_ARRAYS, mmap=True,
                           index_min_items=search.index_min_items, digests=digests)
     check_model_matches(encoder, artifact)
-    tensors = artifact.tensors(encoder.device)
+    tensors = artifact.tensors(encoder.device, key_dtype(search.key_precision, encoder.device))
     if encoder.device.type == "cuda":
         torch.cuda.synchronize(encoder.device)
     artifact, decision = decide(name, artifact, tensors, search)
     log.info("loaded cache %s %s: %d classes, %d items in %.2f s", name, version,
              len(artifact.labels), len(artifact.label_ids), time.perf_counter() - start)
     return LoadedCache(name, version, artifact, tensors, decision)
+
+
+def key_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """--key-precision on `device`: auto is float16 on CUDA (half the keys' memory; the encoder's
+    features are fp16 there anyway) and float32 elsewhere (a CPU's float16 matmuls are slow)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16}[precision]
 
 
 def activate_version(

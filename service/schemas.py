@@ -177,6 +177,9 @@ class CacheDetail(CacheSummary):
     report: BuildReport = Field(description="the build report (the manifest's build_report)")
     created: str | None = Field(None, description="when the version was built (the manifest's created_at)")
     search: SearchPathInfo = Field(description="the search path the server chose for this cache at load")
+    key_precision: Literal["float32", "float16"] = Field(description=(
+        "dtype of the cache's key matrices on the serving device (--key-precision); the dense blend's dot "
+        "products with them run in it, everything after them in float32; FAISS indexes stay float32"))
 
 
 class ActivateRequest(BaseModel):

@@ -79,12 +79,16 @@ class SearchPolicy:
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     rounds: int = ROUNDS  # of dense and FAISS timed alternately, per batch size
     measure: Measure | None = None  # None: time_path (tests inject their own)
+    # --key-precision: the dtype of the dense path's keys (service/registry.py, key_dtype). Here because
+    # the dense path that the choice measures runs on them, and every cache load already gets this policy.
+    key_precision: Literal["auto", "float32", "float16"] = "auto"
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> SearchPolicy:
         return cls(mode=config.search_path, faiss_k=config.faiss_k,  # type: ignore[arg-type]  # checked by config
                    batches=tuple(sorted({1, config.max_batch})), probe_min_keys=config.probe_min_keys,
-                   dense_max_keys=config.dense_max_keys, min_agreement=config.faiss_min_agreement)
+                   dense_max_keys=config.dense_max_keys, min_agreement=config.faiss_min_agreement,
+                   key_precision=config.key_precision)  # type: ignore[arg-type]  # checked by config
 
     @property
     def index_min_items(self) -> int:

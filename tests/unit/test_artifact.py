@@ -343,3 +343,26 @@ def test_precomputed_arrays_of_the_wrong_shape_are_refused():
         CacheTensors.build(*args, derived={**derived, "class_image_sums": good.class_image_sums[:2]})
     with pytest.raises(ValueError, match="precomputed class_caption_sums missing"):
         CacheTensors.build(*args, derived={k: v for k, v in derived.items() if k != "class_caption_sums"})
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["derived-read", "derived-computed"])
+def test_float16_tensors_cast_only_the_keys_and_derive_from_float32(tmp_path, monkeypatch, stored):
+    """A GPU server's keys (--key-precision): the key matrices in float16, every other tensor, the
+    derived terms included, bit for bit the float32 ones, whether read from the version or computed."""
+    cache_dir = tmp_path / "demo"
+    store.publish(cache_dir, make_artifact())
+    served = store.load_cache(cache_dir, arrays=store.SERVING_ARRAYS, mmap=True)
+    want = served.tensors("cpu")
+    if stored:
+        no_computing(monkeypatch)
+    else:
+        for name in DERIVED_ARRAYS:
+            setattr(served, name, None)
+    got = served.tensors("cpu", key_dtype=torch.float16)
+    assert got.key_dtype == torch.float16 and got.image_keys.nbytes * 2 == want.image_keys.nbytes
+    for name in TENSOR_FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        if name in ("image_keys", "caption_keys"):
+            assert a.dtype == torch.float16 and torch.equal(a, b.half()), name
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), name

@@ -3,16 +3,19 @@ measured faster and agrees enough. Timings are injected, so each test decides wh
 "faster"; nothing here asserts on wall-clock time."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from kvclip import artifact as store
 from kvclip.errors import ArtifactError
 from kvclip.index import build_index
 from kvclip.service import search_path
-from kvclip.service.config import ServerConfig
+from kvclip.service.config import ServerConfig, add_arguments, from_namespace
+from kvclip.service.registry import key_dtype
 from kvclip.service.search_path import SearchPolicy, choose
 from tests.manifests import sample_manifest
 
@@ -183,6 +186,37 @@ def test_policy_from_config_probes_batch_one_and_the_full_batch():
         dataclasses.replace(config, faiss_min_agreement=1.5)
 
 
+def test_float16_keys_are_probed_and_timed_like_float32_ones():
+    """The dense path's keys in float16 (--key-precision): the agreement probe (the keys as
+    queries) and the real timer run on them; FAISS searches its own float32 index."""
+    artifact = make_artifact(agreement=0.1, k=5)
+    tensors = artifact.tensors("cpu", key_dtype=torch.float16)
+    decision = choose(artifact, tensors, policy(FakeTimes(0.004, 0.001), faiss_k=N))
+    assert (decision.agreement, decision.agreement_source, decision.path) == (1.0, "probe", "faiss")
+    probe = search_path.PathProbe(tensors, artifact.image_index, artifact.caption_index, "tip",
+                                  artifact.params("tip").for_method("tip"), 8, search_path.probe_queries(tensors.image_keys, 4))
+    assert probe.queries.dtype == torch.float32
+    for path in ("dense", "faiss"):
+        assert search_path.time_path(probe, path, 4) > 0
+
+
+def test_key_precision_auto_is_float16_on_cuda_only_and_a_flag_or_variable_forces_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (key_dtype("auto", cpu), key_dtype("auto", cuda)) == (torch.float32, torch.float16)
+    assert (key_dtype("float16", cpu), key_dtype("float32", cuda)) == (torch.float16, torch.float32)
+    config = ServerConfig(caches="/c", model="tiny-random", key_precision="float16")
+    assert SearchPolicy.from_config(config).key_precision == "float16"
+    assert SearchPolicy.from_config(dataclasses.replace(config, key_precision="auto")) == SearchPolicy()
+    with pytest.raises(ValueError, match="key_precision must be one of auto, float32, float16"):
+        dataclasses.replace(config, key_precision="bfloat16")
+    monkeypatch.setenv("KVCLIP_KEY_PRECISION", "float32")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_namespace(parser.parse_args(["--caches", "/c", "--model", "m"])).key_precision == "float32"
+    assert from_namespace(parser.parse_args(["--caches", "/c", "--model", "m", "--key-precision", "float16"])
+                          ).key_precision == "float16"
+
+
 def test_the_client_reads_and_prints_the_decision():
     from kvclip.clients.models import CacheInfo
     from kvclip.clients.render import cache_detail
@@ -191,9 +225,10 @@ def test_the_client_reads_and_prints_the_decision():
     decision = choose(artifact, artifact.tensors("cpu"), policy(FakeTimes(dense=0.004, faiss=0.001)))
     info = CacheInfo.from_json({"name": "demo", "version": "v0001", "model": "m", "classes": 3, "items": N,
                                 "methods": artifact.methods, "best_method": "tip", "captions": True,
-                                "search": decision.as_dict()})
-    assert info.search.timings[0].faiss_over_dense == pytest.approx(0.25)
+                                "search": decision.as_dict(), "key_precision": "float16"})
+    assert info.search.timings[0].faiss_over_dense == pytest.approx(0.25) and info.key_precision == "float16"
     assert "search path  faiss (measured: FAISS (flat) measured faster than dense" in cache_detail(info)
+    assert "keys         float16" in cache_detail(info)
 
 
 def test_the_agreement_probe_goes_in_chunks_with_the_same_answer():
