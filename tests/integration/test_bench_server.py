@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 from pathlib import Path
 
@@ -112,16 +111,19 @@ def test_the_litserve_venv_sees_the_project_venvs_packages_through_their_pth_fil
 def test_a_paused_process_group_stops_on_sigterm_and_its_cpu_is_counted(bench, tmp_path):
     import serving
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=os.setpgrp)
+    # A group of its own that spins 0.3 s of CPU, then idles: measuring this test's own group
+    # would count the other test processes' children too (pytest-xdist), which end at any time.
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n" \
+           "print('spun', flush=True)\ntime.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", spin], preexec_fn=os.setpgrp, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "spun"
+        assert serving.group_cpu_seconds(proc.pid) >= 0.25  # clock ticks are 10 ms
         serving.pause_process(proc, True)
         serving.stop_process(proc, timeout_s=60)
         assert proc.returncode == -signal.SIGTERM  # not the SIGKILL after the timeout
     finally:
         if proc.poll() is None:
             proc.kill()
-    start = serving.group_cpu_seconds(os.getpgrp())
-    spin_until = time.process_time() + 0.2
-    while time.process_time() < spin_until:
-        pass
-    assert serving.group_cpu_seconds(os.getpgrp()) >= start + 0.1
+        proc.wait(10)
+        proc.stdout.close()
