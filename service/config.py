@@ -15,6 +15,7 @@ from kvclip.vocabulary import DEFAULT_FAISS_K, DIGESTS_FILE, MAX_PIXELS, VERIFY_
 
 ENV_PREFIX = "KVCLIP_"
 SEARCH_PATHS = ("auto", "dense", "faiss")  # --search-path; service/search_path.py
+KEY_PRECISIONS = ("auto", "float32", "float16")  # --key-precision; service/registry.py key_dtype
 # Why these defaults: docs/server.md "Search path".
 DEFAULT_DENSE_MAX_KEYS = 2**21
 DEFAULT_PROBE_MIN_KEYS = 16_384
@@ -72,7 +73,7 @@ class ServerConfig:
     faiss_k: int = _opt("FAISS candidates per query on the FAISS search path", DEFAULT_FAISS_K)
     key_precision: str = _opt("dtype of each cache's key matrices on the serving device: auto (float16 on CUDA, half "
                               "the memory; float32 on a CPU, where float16 matmuls are slow), float32, float16",
-                              "auto", choices=("auto", "float32", "float16"))
+                              "auto", choices=KEY_PRECISIONS)
     explain_k: int = _opt("nearest support items returned with explain=true", 5)
     verify_files: str = _opt("checksums of cache files and the model checkpoint at load: changed (hash the files "
                              "whose device, inode, size, mtime or ctime the record CACHES/.digests.json does not "
