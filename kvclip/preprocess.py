@@ -23,16 +23,13 @@ to the bit: a quarter of the bytes cross to the device, and the host does no flo
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.transforms.functional import pil_to_tensor
 
-_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-               "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+from kvclip.portable_preprocess import RESAMPLING, ConvertMode, PortablePreprocess, bound, to_channels_first
 
 
 class BoundedPreprocess:
@@ -50,56 +47,33 @@ class BoundedPreprocess:
         self.geometry, self.mean, self.std = split_transform(transform)
         self.size = size
         self.resize_mode = resize_mode
-        self.resample = _RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
+        self.resample = RESAMPLING.get(interpolation, Image.Resampling.BICUBIC)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = pil_to_tensor(self.geometry(self.bound(image)))
-        if pixels.shape != (3, self.size, self.size):  # e.g. a transform that keeps a mode other than RGB
-            raise ValueError(f"preprocessing made a {tuple(pixels.shape)} tensor, not 3 x {self.size} x {self.size}")
-        return pixels
+        return torch.from_numpy(to_channels_first(self.geometry(self.bound(image)), self.size))
 
-    def portable(self) -> BoundedPreprocess:
-        """A copy that pickles without open_clip, for decode worker processes (service/decode_pool.py):
-        open_clip's MaybeConvertMode becomes ConvertMode, and the reference transform (ToTensor,
-        Normalize: never called here) is dropped. Other open_clip steps (the "longest" resize
-        mode's) stay, and importing them imports open_clip there."""
-        clone = copy.copy(self)
-        clone.geometry = T.Compose([ConvertMode(step.mode) if type(step).__name__ == "MaybeConvertMode" else step
-                                    for step in self.geometry.transforms])
-        clone.transform = clone.geometry
-        return clone
+    def portable(self) -> PortablePreprocess:
+        """The same pixels, as numpy, from an object that pickles without torch or open_clip,
+        for decode worker processes (kvclip/portable_preprocess.py): open_clip's
+        MaybeConvertMode becomes ConvertMode, and the steps that leave the bound S x S picture
+        as it is are dropped. Other steps stay, and unpickling them imports torchvision there."""
+        steps = [ConvertMode(step.mode) if type(step).__name__ == "MaybeConvertMode" else step
+                 for step in self.geometry.transforms if not self._leaves_bound_picture(step)]
+        return PortablePreprocess(self.size, self.resize_mode, self.resample, steps)
+
+    def _leaves_bound_picture(self, step: object) -> bool:
+        """Whether `step` returns a bound S x S picture unchanged ("shortest" mode only: other
+        modes hand the transform the whole image)."""
+        if self.resize_mode != "shortest" or type(step) not in (T.Resize, T.CenterCrop):  # subclasses may do more
+            return False
+        if isinstance(step, T.Resize):
+            sizes = [step.size] if isinstance(step.size, int) else list(step.size)
+            return step.max_size is None and sizes in ([self.size], [self.size, self.size])
+        return isinstance(step, T.CenterCrop) and tuple(step.size) == (self.size, self.size)
 
     def bound(self, image: Image.Image) -> Image.Image:
         """The S x S picture the transform would cut out of `image`, computed from that region only."""
-        if self.resize_mode != "shortest" or image.size == (self.size, self.size):
-            return image
-        return image.resize((self.size, self.size), self.resample, box=center_crop_box(image.size, self.size))
-
-
-class ConvertMode:
-    """open_clip's MaybeConvertMode for PIL images (the only input here): convert to `mode`."""
-
-    def __init__(self, mode: str = "RGB") -> None:
-        self.mode = mode
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.convert(self.mode)
-
-
-def center_crop_box(size: tuple[int, int], out: int) -> tuple[float, float, float, float]:
-    """The source box that "resize the short side to `out`, then centre-crop out x out" keeps.
-
-    The arithmetic is torchvision's (Resize with an int size, then CenterCrop), so the box maps
-    onto the same output pixel grid.
-    """
-    width, height = size
-    if width <= height:
-        new_w, new_h = out, int(out * height / width)
-    else:
-        new_w, new_h = int(out * width / height), out
-    left, top = int(round((new_w - out) / 2.0)), int(round((new_h - out) / 2.0))
-    scale_x, scale_y = width / new_w, height / new_h
-    return (left * scale_x, top * scale_y, (left + out) * scale_x, (top + out) * scale_y)
+        return bound(image, self.size, self.resize_mode, self.resample)
 
 
 def split_transform(transform: Callable[[Image.Image], torch.Tensor]) -> tuple[T.Compose, tuple[float, ...], tuple[float, ...]]:

@@ -27,7 +27,8 @@ from kvclip.manifest import GeneratorInfo
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Scoring
 from kvclip.service.config import ServerConfig
-from kvclip.service.decode_pool import ProcessDecodePool, from_worker, prepare_in_worker
+from kvclip.service.decode_pool import ProcessDecodePool, from_worker
+from kvclip.service.decode_worker import prepare_in_worker
 from kvclip.service.errors import HttpError
 from kvclip.service.parsing import ClassifyRequest
 from kvclip.service.pixels import Prepared, RequestImage, prepare

@@ -3,13 +3,12 @@
 On a fast GPU the device thread needs the GIL to launch kernels; Pillow and the Python around
 it on decode threads contend for it. Here each image's `prepare` (service/pixels.py: bytes ->
 PIL image -> uint8 3 x S x S pixels) runs in one of N spawned processes, and the pixels come
-back as a uint8 numpy array (150 KB pickled for 224 x 224; not a torch tensor, which torch
-would send through shared-memory file descriptors).
+back as a uint8 numpy array, made a tensor here (`from_worker`).
 
 - Spawned, never forked: the server process has threads (and maybe CUDA).
-- The workers import Pillow, numpy, torch and torchvision only: the preprocess they get is
-  `BoundedPreprocess.portable()`, which pickles without open_clip, and service/pixels.py
-  imports no FastAPI, model or FAISS.
+- The workers import Pillow and numpy only (service/decode_worker.py): the preprocess they
+  get is `BoundedPreprocess.portable()`, which pickles without torch or open_clip, and
+  service/pixels.py imports no torch, FastAPI, model or FAISS.
 - A worker that dies (killed, out of memory) breaks its executor (BrokenProcessPool): the
   requests it held get DecodeWorkerLost (503, service/admission.py) and the next submit
   starts a new pool, so the server keeps serving.
@@ -18,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -30,36 +27,10 @@ import numpy as np
 import torch
 
 from kvclip.preprocess import BoundedPreprocess
-from kvclip.service.pixels import Prepared, RequestImage, prepare
+from kvclip.service.decode_worker import start_worker, warm
+from kvclip.service.pixels import Prepared
 
 log = logging.getLogger("kvclip.service")
-
-WARM_TIMEOUT_S = 600.0  # a worker's start (Python + torch imports) on a loaded machine
-
-# In a worker process: set once by _start_worker.
-_preprocess: BoundedPreprocess | None = None
-_started: Any = None  # the pool's multiprocessing Barrier: every worker up before warm() returns
-
-
-def _start_worker(preprocess: BoundedPreprocess, started: Any) -> None:
-    global _preprocess, _started
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the server stops us
-    torch.set_num_threads(1)  # one image at a time here: the processes are the parallelism
-    _preprocess, _started = preprocess, started
-
-
-def _warm() -> int:
-    """Blocks until every worker of the pool runs it, so that N calls reach N workers."""
-    _started.wait(WARM_TIMEOUT_S)
-    return os.getpid()
-
-
-def prepare_in_worker(item: RequestImage, max_pixels: int, min_size: int | None) -> tuple[Prepared, np.ndarray | None]:
-    """`prepare` with the worker's preprocess; the pixels apart, as numpy (see the module docstring)."""
-    assert _preprocess is not None, "not in a decode worker process"
-    prepared = prepare(item, _preprocess, max_pixels, min_size)
-    pixels, prepared.pixels = prepared.pixels, None
-    return prepared, None if pixels is None else pixels.numpy()
 
 
 def from_worker(result: tuple[Prepared, np.ndarray | None]) -> Prepared:
@@ -84,7 +55,7 @@ class ProcessDecodePool(Executor):
 
     def _new_pool(self) -> ProcessPoolExecutor:
         started = self._context.Barrier(self.workers)
-        return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_start_worker,
+        return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=start_worker,
                                    initargs=(self._preprocess, started))
 
     @property
@@ -114,8 +85,8 @@ class ProcessDecodePool(Executor):
 
     def warm(self) -> list[int]:
         """Start every worker and wait until each has imported what it needs (the first requests
-        then pay no Python + torch start); their pids."""
-        futures = [self.submit(_warm) for _ in range(self.workers)]
+        then pay no Python start); their pids."""
+        futures = [self.submit(warm) for _ in range(self.workers)]
         return [f.result() for f in futures]
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

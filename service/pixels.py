@@ -1,7 +1,7 @@
 """One request image -> model-input pixels (decode, then preprocess), or why it is unusable.
 
 Kept apart from the pipeline (service/classify.py) because decode worker processes
-(service/decode_pool.py) import it: it imports Pillow, torch and kvclip.images only, no
+(service/decode_worker.py) import it: it imports Pillow and kvclip.images only, no torch,
 FastAPI, model or FAISS.
 """
 from __future__ import annotations
@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from kvclip.images import decode_image
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger("kvclip.service")
 
@@ -33,14 +37,14 @@ class RequestImage:
 class Prepared:
     index: int
     name: str
-    pixels: torch.Tensor | None  # 3 x H x W, or None when the image was not usable
+    pixels: torch.Tensor | np.ndarray | None  # uint8 3 x S x S (numpy in a decode worker), None when unusable
     error: str | None = None
     code: str = "bad_image"  # or the code the request parser refused the image with
 
 
 def prepare(
     item: RequestImage,
-    preprocess: Callable[[Image.Image], torch.Tensor],
+    preprocess: Callable[[Image.Image], torch.Tensor | np.ndarray],
     max_pixels: int,
     min_size: int | None = None,
 ) -> Prepared:

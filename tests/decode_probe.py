@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-HEAVY = ("open_clip", "fastapi", "starlette", "pydantic", "faiss", "timm", "kvclip.models", "kvclip.service.classify")
+HEAVY = ("torch", "torchvision", "open_clip", "fastapi", "starlette", "pydantic", "faiss", "timm", "kvclip.models",
+         "kvclip.service.classify")
 
 
 def heavy_modules() -> list[str]:

@@ -24,7 +24,8 @@ from kvclip.images import decode_image
 from kvclip.service import api_classify
 from kvclip.service.admission import BoundedDecoder, DecodeWorkerLost
 from kvclip.service.batcher import Overloaded
-from kvclip.service.decode_pool import from_worker, prepare_in_worker
+from kvclip.service.decode_pool import from_worker
+from kvclip.service.decode_worker import prepare_in_worker
 from kvclip.service.pixels import RequestImage, prepare
 from tests import decode_probe
 from tests.bad_inputs import BOMB_PIXELS, OVERSIZED_BYTES, corpus
@@ -82,7 +83,7 @@ async def test_ready_means_every_worker_is_up(processes):
     assert state.decoder.pool is state.decode_processes
 
 
-async def test_the_workers_import_neither_the_model_nor_the_web_stack(processes):
+async def test_the_workers_import_neither_torch_nor_the_model_nor_the_web_stack(processes):
     state, _ = processes
     assert state.decode_processes.submit(decode_probe.heavy_modules).result(timeout=120) == []
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from kvclip import errors
+from kvclip.preprocess import BoundedPreprocess
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.batcher import Stopped
 from kvclip.service.config import ServerConfig, add_arguments, from_namespace
@@ -26,10 +27,10 @@ def picture(width: int, height: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def test_the_portable_preprocess_pickles_without_open_clip_and_gives_the_same_pixels(tiny_encoder):
+def test_the_portable_preprocess_pickles_without_torch_or_open_clip_and_gives_the_same_pixels(tiny_encoder):
     portable = tiny_encoder.preprocess.portable()
     data = pickle.dumps(portable)
-    assert b"open_clip" not in data
+    assert b"open_clip" not in data and b"torch" not in data  # torchvision too
     assert b"open_clip" in pickle.dumps(tiny_encoder.preprocess)  # why portable() exists
     again = pickle.loads(data)
     for width, height, fmt in ((640, 480, "JPEG"), (300, 500, "PNG"), (32, 32, "PNG")):
@@ -37,7 +38,28 @@ def test_the_portable_preprocess_pickles_without_open_clip_and_gives_the_same_pi
         ours = prepare(item, again, 10**8, tiny_encoder.image_size).pixels
         theirs = prepare(item, tiny_encoder.preprocess, 10**8, tiny_encoder.image_size).pixels
         assert ours is not None and theirs is not None
-        assert ours.dtype == theirs.dtype and ours.numpy().tobytes() == theirs.numpy().tobytes()
+        assert isinstance(ours, np.ndarray) and ours.flags.c_contiguous
+        assert ours.dtype == np.uint8 and ours.shape == tuple(theirs.shape) and ours.tobytes() == theirs.numpy().tobytes()
+
+
+@pytest.mark.parametrize("mode, resize, kept", [
+    ("shortest", 32, ["ConvertMode"]),  # open_clip's default: Resize(S), CenterCrop(S) leave S x S as it is
+    ("shortest", (32, 32), ["ConvertMode"]),
+    ("squash", (32, 32), ["Resize", "CenterCrop", "ConvertMode"]),  # the whole image reaches the steps
+])
+def test_the_portable_preprocess_drops_only_steps_that_change_nothing(mode, resize, kept):
+    from torchvision import transforms as T
+
+    from kvclip.portable_preprocess import ConvertMode
+
+    transform = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                           ConvertMode("RGB"), T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    preprocess = BoundedPreprocess(transform, 32, resize_mode=mode)
+    portable = preprocess.portable()
+    assert [type(step).__name__ for step in portable.steps] == kept
+    for width, height, fmt in ((640, 480, "JPEG"), (300, 500, "PNG"), (32, 32, "PNG")):
+        image = Image.open(io.BytesIO(picture(width, height, fmt)))
+        assert portable(image).tobytes() == preprocess(image).numpy().tobytes()
 
 
 def test_pixels_cross_as_numpy_and_come_back_as_the_same_tensor(tiny_encoder):
