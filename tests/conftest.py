@@ -17,18 +17,47 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-from kvclip.models import load_encoder  # noqa: E402
 
-# Under pytest-xdist (.ci/run) each test process gets its share of the cores: two processes
-# with two threads each on two cores would only thrash.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+def pytest_configure(config: pytest.Config) -> None:
+    """In a process that runs tests, not in pytest-xdist's controller (.ci/run), which only
+    hands out files: importing torch there would delay every test process's start by its
+    import (about 10 s of the suite's wall time)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and _runs_xdist_workers(config):
+        return
+    import torch
+
+    # Under pytest-xdist each test process gets its share of the cores: two processes with two
+    # threads each on two cores would only thrash.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
+
+
+def _runs_xdist_workers(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not getattr(config.option, "collectonly", False)
+
+
+# The order test files are handed out in (.ci/run passes --no-loadscope-reorder): real
+# processes first, so that the many short in-process files fill the test processes' ends and
+# neither waits long for the other at the end of the run.
+_TIERS = ("e2e", "deploy", "integration", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def tier(item: pytest.Item) -> int:
+        part = item.path.relative_to(_TESTS).parts[0] if item.path.is_relative_to(_TESTS) else ""
+        return _TIERS.index(part) if part in _TIERS else len(_TIERS)
+
+    items.sort(key=tier)  # stable: a file's tests stay together and in order
+
+
+_TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
 def tiny_encoder():
+    from kvclip.models import load_encoder
+
     return load_encoder("tiny-random", device="cpu")
 
 
