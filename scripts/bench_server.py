@@ -10,14 +10,15 @@ reduced DCT scale for large JPEGs) and preprocessing (Encoder.preprocess):
   A         the raw encoder in this process: decode + preprocess c images one after another, then
             encode them as one batch of c; no HTTP, no server.
   kvclip    `kvclip serve` with its own defaults (no flags but --model and --log-level, its thread
-            defaults left to it), POST /v1/classify against a small cache built from Fashion-MNIST.
+            defaults left to it), POST /v1/classify against a small cache built from the foolbox
+            wheel's 20 CIFAR-10 images.
   litserve  scripts/litserve_app.py on LitServe (max batch --litserve-max-batch, timeout
             --litserve-timeout-ms), in its own venv .venv-litserve: made on first use, with
             LitServe from PyPI and torch, open_clip and kvclip from this venv. It runs with the
             thread settings kvclip would choose (kvclip/threads.py), as A does, so the comparison
             is of serving, not of OpenMP settings.
 
-The servers get one JPEG per request (multipart), from a closed loop of c clients on this
+The servers get one JPEG per request (multipart; --images-per-request), from a closed loop of c clients on this
 machine. Image sets: `small` = the 20 ImageNet 512x512 JPEGs of the foolbox wheel
 (scripts/fetch_test_data.sh); `photo` = --photos seeded 4000x3000 photo-like JPEGs (quality 90,
 bench_decode.photo_jpeg), made in memory. Each round runs every system at every concurrency for
@@ -31,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -57,15 +60,15 @@ import httpx  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 from bench_decode import photo_jpeg  # noqa: E402
+from load_clients import LoopResult, client_limits, closed_loop  # noqa: E402
 from serving import free_port, group_cpu_seconds, pause_process, start_process, stop_process  # noqa: E402
 from serving import start_server as serve  # noqa: E402
 
 from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
-from kvclip.cache_builder.datasets import export_fashion_mnist  # noqa: E402
 from kvclip.images import decode_image  # noqa: E402
 from kvclip.models import Encoder, default_device, load_encoder  # noqa: E402
 from kvclip.service.metrics import metric_value  # noqa: E402
-from tests.foolbox_data import read_foolbox_images  # noqa: E402
+from tests.foolbox_data import CIFAR10_LABELS, export_foolbox, read_foolbox_images  # noqa: E402
 
 SYSTEMS = ("A", "kvclip", "litserve")
 LITSERVE_VENV = REPO / ".venv-litserve"
@@ -83,20 +86,22 @@ def random_checkpoint(arch: str, folder: Path) -> str:
 
 
 def bench_cache(arch: str, tmp: Path, device) -> str:
-    """A random `arch` checkpoint and a small cache `bench` under tmp/caches; returns the model name."""
+    """A random `arch` checkpoint and a small cache `bench` under tmp/caches (the foolbox wheel's
+    20 CIFAR-10 images, so that it needs nothing but that wheel: a GPU host may lack Debian's
+    Fashion-MNIST); returns the model name."""
     print(f"# making a random {arch} checkpoint and a cache ...", file=sys.stderr)
     model = random_checkpoint(arch, tmp)
-    export_fashion_mnist(tmp / "support", "train", per_class=4, seed=0)
+    export_foolbox(tmp / "support", "cifar10", CIFAR10_LABELS)
     build_cache(BuildConfig(out=tmp / "caches" / "bench", data_dir=tmp / "support", model=model,
-                            shots=4, views=1, captioner="none", device=str(device), progress=False))
+                            shots=2, views=1, captioner="none", device=str(device), progress=False))
     return model
 
 
 def start_server(model: str, caches: Path, port: int, args) -> subprocess.Popen:
-    """`kvclip serve` with its defaults: only the model, quiet logs, and --max-batch/--device when given."""
+    """`kvclip serve` with its defaults: only the model, quiet logs, and --max-batch/--device/--kvclip-args when given."""
     flags = ["--model", model, "--log-level", "WARNING",
              *(["--max-batch", str(args.max_batch)] if getattr(args, "max_batch", None) else []),
-             *(["--device", args.device] if args.device else [])]
+             *(["--device", args.device] if args.device else []), *shlex.split(getattr(args, "kvclip_args", ""))]
     # Its own thread defaults, not the ones this process set for A (the same values, chosen by it).
     return serve(caches, port, *flags, unset=tuple(THREAD_DEFAULTS))
 
@@ -145,43 +150,89 @@ def photo_jpegs(count: int) -> list[bytes]:
 
 async def load_run(url: str, images: list[bytes], concurrency: int, seconds: float,
                    path: str = "/v1/classify", params: dict | None = None, metrics: bool = True,
-                   cpu: Callable[[], float] | None = None) -> dict:
-    """Closed loop: `concurrency` clients, each sending its next request (one JPEG) when the last
-    returns, until `seconds` have passed (one request each at least). With `metrics`, the mean
-    encoder batch kvclip formed meanwhile (its /metrics); with `cpu` (the server's CPU seconds
-    so far), its CPU milliseconds per image."""
+                   cpu: Callable[[], float] | None = None, per_request: int = 1, processes: int = 1) -> dict:
+    """Closed loop (load_clients.closed_loop): `concurrency` clients, each sending its next
+    request (`per_request` JPEGs) when the last returns, until `seconds` have passed, in this
+    process or split over `processes` client processes. With `metrics`, the mean encoder batch
+    kvclip formed meanwhile (its /metrics); with `cpu` (the server's CPU seconds so far), its CPU
+    milliseconds per image."""
     params = {"cache": "bench", "top_k": 5} if params is None else params
-    latencies: list[float] = []
-    errors: list[str] = []
-    stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
-
-        async def worker(offset: int) -> None:
-            i = offset
-            while i == offset or time.perf_counter() < stop_at:  # at least one request each
-                data = images[i % len(images)]
-                i += concurrency
-                t0 = time.perf_counter()
-                r = await client.post(path, params=params, files=[("file", (f"{i}.jpg", data, "image/jpeg"))])
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors.append(f"{r.status_code} {r.text[:200]}")
-
-        before = (await client.get("/metrics")).text if metrics else ""
-        cpu0, t0 = cpu() if cpu else 0.0, time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        wall, cpu_s = time.perf_counter() - t0, (cpu() - cpu0 if cpu else None)
+    async with httpx.AsyncClient(base_url=url, limits=client_limits(concurrency), timeout=300) as client:
+        if processes > 1:
+            with ClientProcesses(url, images, concurrency, processes, seconds, path, params, per_request) as group:
+                before = (await client.get("/metrics")).text if metrics else ""
+                cpu0 = cpu() if cpu else 0.0
+                result = await asyncio.get_running_loop().run_in_executor(None, group.run)
+                cpu_s = cpu() - cpu0 if cpu else None
+        else:
+            before = (await client.get("/metrics")).text if metrics else ""
+            cpu0 = cpu() if cpu else 0.0
+            result = await closed_loop(client, images, concurrency, seconds, path=path, params=params,
+                                       per_request=per_request)
+            cpu_s = cpu() - cpu0 if cpu else None
         after = (await client.get("/metrics")).text if metrics else ""
-    if errors:
-        raise SystemExit(f"{url}{path}: {len(errors)} requests failed, the first: {errors[0]}")
+    if result.errors:
+        raise SystemExit(f"{url}{path}: requests failed, the first: {result.errors[0]}")
     batches = metric_value(after, "kvclip_batch_images_count") - metric_value(before, "kvclip_batch_images_count")
     batch_images = metric_value(after, "kvclip_batch_images_sum") - metric_value(before, "kvclip_batch_images_sum")
-    return {"concurrency": concurrency, "requests": len(latencies), "images_per_s": len(latencies) / wall,
-            **percentiles_ms(latencies),
-            "cpu_ms": None if cpu_s is None else cpu_s / len(latencies) * 1000,
+    return {"concurrency": concurrency, "requests": result.requests, "images_per_s": result.images / result.wall_s,
+            **percentiles_ms(result.latencies_s),
+            "cpu_ms": None if cpu_s is None else cpu_s / result.images * 1000,
             "mean_batch": batch_images / batches if batches else None}
+
+
+class ClientProcesses:
+    """`processes` runs of scripts/load_clients.py sharing `concurrency` clients, started, each
+    with its connections open, before run() lets them all go at once."""
+
+    def __init__(self, url: str, images: list[bytes], concurrency: int, processes: int, seconds: float,
+                 path: str, params: dict, per_request: int) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        for k, data in enumerate(images):
+            (Path(self._dir.name) / f"{k:05d}.jpg").write_bytes(data)
+        shares = [concurrency // processes + (p < concurrency % processes) for p in range(processes)]
+        firsts = [sum(shares[:p]) for p in range(processes)]
+        self._procs = [subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "load_clients.py"), url, self._dir.name,
+             "--concurrency", str(share), "--seconds", str(seconds), "--path", path, "--params", json.dumps(params),
+             "--per-request", str(per_request), "--first", str(first), "--stride", str(concurrency)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for share, first in zip(shares, firsts) if share]
+        try:
+            for proc in self._procs:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":
+                    raise SystemExit(f"a client process exited with {proc.wait()}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def run(self) -> LoopResult:
+        """Start every process at once; their results merged (wall: the longest process's)."""
+        for proc in self._procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        merged = LoopResult()
+        for proc in self._procs:
+            assert proc.stdout is not None
+            part = LoopResult(**json.loads(proc.stdout.readline()))
+            merged.requests += part.requests
+            merged.images += part.images
+            merged.wall_s = max(merged.wall_s, part.wall_s)
+            merged.latencies_s += part.latencies_s
+            merged.errors += part.errors
+        return merged
+
+    def __enter__(self) -> ClientProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self._dir.cleanup()
 
 
 def percentiles_ms(latencies: list[float]) -> dict[str, float]:
@@ -209,19 +260,23 @@ def raw_rate(encoder: Encoder, images: list[bytes], batch: int, seconds: float) 
 class Contenders:
     encoder: Encoder | None  # A's, in this process
     servers: dict[str, tuple[subprocess.Popen, str]]  # each server's process and base URL; paused while idle
+    per_request: int = 1  # JPEGs per request; A encodes c x per_request at once
+    client_processes: int = 1
 
     def run(self, system: str, c: int, *, images: list[bytes], seconds: float) -> dict:
         """One measurement of `system` at concurrency c."""
         if system == "A":
             assert self.encoder is not None
-            return raw_rate(self.encoder, images, c, seconds)
+            return {**raw_rate(self.encoder, images, c * self.per_request, seconds), "concurrency": c}
         proc, url = self.servers[system]
         pause_process(proc, False)
         try:
             cpu = functools.partial(group_cpu_seconds, proc.pid)
+            load = functools.partial(load_run, url, images, c, seconds, cpu=cpu, per_request=self.per_request,
+                                     processes=min(self.client_processes, c))
             if system == "kvclip":
-                return asyncio.run(load_run(url, images, c, seconds, cpu=cpu))
-            return asyncio.run(load_run(url, images, c, seconds, path="/predict", params={}, metrics=False, cpu=cpu))
+                return asyncio.run(load())
+            return asyncio.run(load(path="/predict", params={}, metrics=False))
         finally:
             pause_process(proc, True)
 
@@ -299,6 +354,13 @@ def main() -> None:
     ap.add_argument("--litserve-max-batch", type=int, default=32)
     ap.add_argument("--litserve-timeout-ms", type=float, default=10.0)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--kvclip-args", default="", help="more `kvclip serve` flags, one string (e.g. "
+                    "'--max-queue 4096 --max-decode-backlog 2048' for thousands of images in flight)")
+    ap.add_argument("--images-per-request", type=int, default=1,
+                    help="JPEGs per request (A then encodes c x this many at once)")
+    ap.add_argument("--client-processes", type=int, default=1,
+                    help="split the c clients over this many processes (scripts/load_clients.py): one "
+                         "Python event loop cannot send a GPU server thousands of images/s")
     args = ap.parse_args()
     systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
@@ -322,7 +384,8 @@ def main() -> None:
                                        f"http://127.0.0.1:{port}")
             for proc, _ in servers.values():
                 pause_process(proc, True)
-            contenders = Contenders(load_encoder(model, device) if "A" in systems else None, servers)
+            contenders = Contenders(load_encoder(model, device) if "A" in systems else None, servers,
+                                    args.images_per_request, args.client_processes)
             out = []
             for image_set in image_sets:
                 images = small_jpegs() if image_set == "small" else photo_jpegs(args.photos)
@@ -338,7 +401,8 @@ def main() -> None:
     print(f"arch {args.arch} (random weights)  device {device}  torch threads {torch.get_num_threads()}  "
           f"cores {os.cpu_count()}  thread defaults {THREAD_DEFAULTS or 'set by the caller'}  "
           f"LitServe max batch {args.litserve_max_batch}, timeout {args.litserve_timeout_ms:g} ms  "
-          f"{args.rounds} rounds x {args.seconds:g} s per system and concurrency, one JPEG per request")
+          f"{args.rounds} rounds x {args.seconds:g} s per system and concurrency, {args.images_per_request} JPEG(s) "
+          f"per request, clients in {args.client_processes} process(es)")
     for image_set, images, results in out:
         kind = ("512x512 ImageNet JPEGs" if image_set == "small" else "4000x3000 photo-like JPEGs")
         print(f"\n{image_set}: {len(images)} {kind}, {sum(map(len, images)) / len(images) / 1e3:.0f} kB each on average")

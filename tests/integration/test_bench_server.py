@@ -13,6 +13,7 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kvclip.errors import ImageDecodeError
@@ -86,6 +87,42 @@ def test_load_run_classifies_over_http_and_reads_the_batches(bench, served_cache
         assert row["cpu_ms"] == pytest.approx(500 / row["requests"])
         with pytest.raises(SystemExit, match="404"):  # a failing request ends the benchmark
             asyncio.run(bench.load_run(url, jpegs, 1, 0.0, params={"cache": "nope"}))
+
+
+def test_client_processes_and_several_images_per_request_count_images(bench, served_caches, tiny_encoder, jpegs):
+    app = create_app(make_config(served_caches), tiny_encoder)
+    with live_server(app) as url:
+        one = asyncio.run(bench.load_run(url, jpegs, 3, 0.0, params={"cache": "fashion"}, per_request=2))
+        split = asyncio.run(bench.load_run(url, jpegs, 3, 0.0, params={"cache": "fashion"}, per_request=2,
+                                           processes=2))
+        # seconds=0: each of the 3 clients sends exactly one request of 2 images, wherever it runs
+        for row in (one, split):
+            assert row["requests"] == 3 and row["mean_batch"] is not None and row["mean_batch"] >= 2.0
+            assert row["images_per_s"] > 0
+        with pytest.raises(SystemExit, match="404"):  # a failure in a client process ends the benchmark too
+            asyncio.run(bench.load_run(url, jpegs, 2, 0.0, params={"cache": "nope"}, processes=2))
+
+
+def test_clients_split_over_processes_send_different_images(bench):
+    import load_clients
+
+    sent: list[list[str]] = []
+
+    async def handler(request):
+        parts = [part for part in request.content.split(b"\r\n--") if b'filename="' in part]
+        sent.append([part.split(b"\r\n\r\n", 1)[1].decode() for part in parts])  # each file's bytes
+        return httpx.Response(200, json={})
+
+    images = [b"a", b"b", b"c", b"d", b"e", b"f"]
+
+    async def run(first: int) -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as client:
+            await load_clients.closed_loop(client, images, 1, 0.0, path="/", params={}, per_request=2,
+                                           first=first, stride=3)
+
+    for first in range(3):  # three processes of one client each, as ClientProcesses starts them
+        asyncio.run(run(first))
+    assert sent == [["a", "b"], ["c", "d"], ["e", "f"]]  # client (first + k) sends images 2i and 2i + 1
 
 
 def test_the_litserve_venv_sees_the_project_venvs_packages_through_their_pth_files(bench, tmp_path):
