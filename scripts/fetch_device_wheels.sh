@@ -9,10 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}
 # What the GPU image lacks (its torch, torchvision, numpy, pillow, httpx, timm, huggingface_hub,
-# safetensors, regex, tqdm, prometheus-client, uvloop, pytest and pytest-xdist are used as they are).
+# safetensors, regex, tqdm, prometheus-client, uvloop, pytest, pytest-timeout and pytest-xdist are
+# used as they are; setuptools is carried for the editable install, whatever version it has).
 NAMES=(open_clip_torch ftfy wcwidth faiss-cpu fastapi starlette pydantic pydantic_core annotated-types
-       annotated-doc typing-inspection uvicorn httptools python-multipart swagger-ui-bundle setuptools
-       pytest-timeout)
+       annotated-doc typing-inspection uvicorn httptools python-multipart swagger-ui-bundle setuptools)
 version_of() {  # the version installed in this project's venv
   .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
 }
@@ -21,6 +21,7 @@ for name in "${NAMES[@]}"; do
   spec="$name==$(version_of "$name")"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }  # pip's note on this machine's unused local indexes
 done
 du -sh .whl
