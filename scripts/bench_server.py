@@ -61,7 +61,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 from bench_decode import photo_jpeg  # noqa: E402
 from load_clients import LoopResult, client_limits, closed_loop  # noqa: E402
-from serving import free_port, group_cpu_seconds, pause_process, start_process, stop_process  # noqa: E402
+from serving import free_port, group_cpu_seconds, pause_process, start_process, stop_process, wait_idle  # noqa: E402
 from serving import start_server as serve  # noqa: E402
 
 from kvclip.cache_builder.build import BuildConfig, build_cache  # noqa: E402
@@ -382,7 +382,8 @@ def main() -> None:
                 port = free_port()
                 servers["litserve"] = (start_litserve(model, tmp / "caches" / "bench", port, args),
                                        f"http://127.0.0.1:{port}")
-            for proc, _ in servers.values():
+            for name, (proc, _) in servers.items():
+                print(f"# {name} ready; settled {wait_idle(proc.pid):.0f} s later", file=sys.stderr)
                 pause_process(proc, True)
             contenders = Contenders(load_encoder(model, device) if "A" in systems else None, servers,
                                     args.images_per_request, args.client_processes)

@@ -18,7 +18,7 @@
 #    comes, so a run stopped at its time limit still returns what it measured.
 # Knobs (environment): CONCURRENCY (16,64), PER_REQUEST (8), CLIENT_PROCESSES (8), ROUNDS (3),
 # SECONDS_EACH (8), KVCLIP_ARGS (server flags for that many images in flight), STEPS (tests,small,photo),
-# DEVICE (cuda; cpu runs the same steps here, as a smoke test of the script).
+# DEVICE (cuda; cpu runs the same steps here, as a smoke test of the script), WHEELS (.whl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvclip-device}
@@ -27,9 +27,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-tests,small,photo}
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "device_check: installing .whl/ failed" >&2; exit 1; }
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "device_check: installing $WHEELS/ failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # Editable: the repository's folders map onto kvclip.* (pyproject.toml), which only an install sees.

@@ -8,11 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}
-# What the GPU image lacks (its torch, torchvision, numpy, pillow, httpx, timm, huggingface_hub,
-# safetensors, regex, tqdm, prometheus-client, uvloop, pytest, pytest-timeout and pytest-xdist are
-# used as they are; setuptools is carried for the editable install, whatever version it has).
+# What the GPU image lacks, or may hold too old a version of (typing_extensions, anyio, timm;
+# fastapi imports opentelemetry-api). Its torch, torchvision, numpy, pillow, httpx, huggingface_hub,
+# safetensors, regex, tqdm, prometheus-client, uvloop, jinja2, pytest, pytest-timeout and
+# pytest-xdist are used as they are (huggingface_hub stays the image's: its transformers needs it);
+# setuptools is carried for the editable install, whatever version the image has.
 NAMES=(open_clip_torch ftfy wcwidth faiss-cpu fastapi starlette pydantic pydantic_core annotated-types
-       annotated-doc typing-inspection uvicorn httptools python-multipart swagger-ui-bundle setuptools)
+       annotated-doc typing-inspection typing_extensions anyio opentelemetry-api uvicorn httptools python-multipart
+       swagger-ui-bundle timm setuptools)
 version_of() {  # the version installed in this project's venv
   .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
 }

@@ -76,6 +76,23 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def wait_idle(pgid: int, busy_below: float = 0.05, window_s: float = 1.0, timeout_s: float = 300) -> float:
+    """Wait until process group `pgid` uses less than `busy_below` of a core over `window_s`
+    (a server that is ready may still be starting a warm build worker, which imports torch and
+    loads the model: CPU that a measurement would count and compete with); returns the seconds
+    waited. Gives up after `timeout_s` and says so."""
+    start = time.monotonic()
+    before = group_cpu_seconds(pgid)
+    while time.monotonic() - start < timeout_s:
+        time.sleep(window_s)
+        now = group_cpu_seconds(pgid)
+        if now - before < busy_below * window_s:
+            return time.monotonic() - start
+        before = now
+    print(f"# process group {pgid} still busy after {timeout_s:g} s; measuring anyway", file=sys.stderr)
+    return time.monotonic() - start
+
+
 def pause_process(proc: subprocess.Popen, paused: bool) -> None:
     """SIGSTOP (or SIGCONT) the process group start_process made: an idle server that polls
     takes no CPU from the system being measured."""

@@ -164,3 +164,18 @@ def test_a_paused_process_group_stops_on_sigterm_and_its_cpu_is_counted(bench, t
             proc.kill()
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_wait_idle_returns_once_the_group_has_stopped_using_cpu(bench):
+    import serving
+
+    # Spins 0.5 s of CPU, then idles, in a group of its own: as a server that is ready while
+    # its warm build worker still imports torch, then waits.
+    spin = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", spin], preexec_fn=os.setpgrp)
+    try:
+        serving.wait_idle(proc.pid, timeout_s=120)
+        assert serving.group_cpu_seconds(proc.pid) >= 0.45  # the spin had ended: idle means idle
+    finally:
+        proc.kill()
+        proc.wait(10)
