@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -157,19 +158,19 @@ async def load_run(url: str, images: list[bytes], concurrency: int, seconds: flo
     kvclip formed meanwhile (its /metrics); with `cpu` (the server's CPU seconds so far), its CPU
     milliseconds per image."""
     params = {"cache": "bench", "top_k": 5} if params is None else params
-    async with httpx.AsyncClient(base_url=url, limits=client_limits(concurrency), timeout=300) as client:
-        if processes > 1:
-            with ClientProcesses(url, images, concurrency, processes, seconds, path, params, per_request) as group:
-                before = (await client.get("/metrics")).text if metrics else ""
-                cpu0 = cpu() if cpu else 0.0
-                result = await asyncio.get_running_loop().run_in_executor(None, group.run)
-                cpu_s = cpu() - cpu0 if cpu else None
+    async with httpx.AsyncClient(base_url=url, limits=client_limits(concurrency), timeout=300) as client, \
+            contextlib.AsyncExitStack() as stack:
+        if processes > 1:  # started (connections open) before the measurement begins
+            group = stack.enter_context(ClientProcesses(url, images, concurrency, processes, seconds, path, params,
+                                                        per_request))
+            loop = functools.partial(asyncio.get_running_loop().run_in_executor, None, group.run)
         else:
-            before = (await client.get("/metrics")).text if metrics else ""
-            cpu0 = cpu() if cpu else 0.0
-            result = await closed_loop(client, images, concurrency, seconds, path=path, params=params,
-                                       per_request=per_request)
-            cpu_s = cpu() - cpu0 if cpu else None
+            loop = functools.partial(closed_loop, client, images, concurrency, seconds, path=path, params=params,
+                                     per_request=per_request)
+        before = (await client.get("/metrics")).text if metrics else ""
+        cpu0 = cpu() if cpu else 0.0
+        result = await loop()
+        cpu_s = cpu() - cpu0 if cpu else None
         after = (await client.get("/metrics")).text if metrics else ""
     if result.errors:
         raise SystemExit(f"{url}{path}: requests failed, the first: {result.errors[0]}")
