@@ -22,12 +22,18 @@ from tests.service_helpers import make_config
 @contextlib.contextmanager
 def live_server(app, header_timeout_s: float = 10.0):
     """Yields the base URL once /readyz answers 200; stops the server on exit."""
-    port = free_port()
-    config = dataclasses.replace(app.state.kv.config, host="127.0.0.1", port=port, header_timeout_s=header_timeout_s)
-    server = uvicorn.Server(uvicorn_config(app, config))
+    config = dataclasses.replace(app.state.kv.config, host="127.0.0.1", port=free_port(), header_timeout_s=header_timeout_s)
+    with serving(uvicorn_config(app, config)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(config: uvicorn.Config) -> Iterator[str]:
+    """uvicorn serving `config` in a thread: the base URL once /readyz answers 200."""
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="live-server", daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{config.host}:{config.port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

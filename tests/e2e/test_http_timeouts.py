@@ -3,12 +3,18 @@ socket, in a thread of the test process): a request whose headers or
 body trickle in past --header-timeout-s / --body-timeout-s gets a 408 and its connection is
 closed, instead of holding it (and a --max-concurrency slot) for ever. A connection idle
 between requests is closed by the keep-alive timeout only, and not before clients' pools
-drop it themselves."""
+drop it themselves.
+
+Each case waits on one of the server's timeouts (14 s in all, idle), so the four run side by
+side from the module's start and each test awaits its own (`started`); the two that take the
+one --max-concurrency slot run one after the other."""
 from __future__ import annotations
 
 import select
 import socket
 import time
+from collections.abc import Callable
+from concurrent import futures
 from urllib.parse import urlsplit
 
 import httpx
@@ -63,7 +69,7 @@ def trickle_until_closed(sock: socket.socket, data: bytes) -> bytes:
     return answer
 
 
-def test_headers_that_trickle_get_408_and_a_closed_connection(server):
+def headers_that_trickle(server):
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
     with connect(server) as sock:
         answer = trickle_until_closed(sock, request)
@@ -71,7 +77,7 @@ def test_headers_that_trickle_get_408_and_a_closed_connection(server):
     assert b'"request_timeout"' in answer
 
 
-def test_a_body_that_trickles_gets_408_and_a_closed_connection(server):
+def a_body_that_trickles(server):
     body = b'{"images": [{"data": "' + b"A" * 200 + b'"}]}'
     head = (b"POST /v1/classify?cache=fashion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
@@ -118,7 +124,7 @@ def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-def test_an_idle_keep_alive_connection_outlives_the_client_pool_s_expiry(server):
+def an_idle_keep_alive_connection(server):
     # A client drops a pooled connection idle for keepalive_expiry (httpx: 5 s); a server that
     # closes it as soon as that races the client's next request on it: the request meets the
     # close and the client sees a reset (httpx.ReadError), which is what the load run saw.
@@ -132,7 +138,7 @@ def test_an_idle_keep_alive_connection_outlives_the_client_pool_s_expiry(server)
         assert read_response(sock).startswith(b"HTTP/1.1 200")
 
 
-def test_a_body_sent_after_an_early_answer_leaves_the_connection_idle_not_timed_out(server):
+def a_body_sent_after_an_early_answer(server):
     # 404 comes before the body is read; the body arrives after it. The connection is then
     # idle, so --header-timeout-s must not fire on it (it would write a 408 no request asked for).
     body = b'{"x": 1}'
@@ -144,3 +150,37 @@ def test_a_body_sent_after_an_early_answer_leaves_the_connection_idle_not_timed_
         assert closed_within(sock, HEADER_TIMEOUT_S + 2) is None, "the idle connection was timed out"
         sock.sendall(HEALTHZ)
         assert read_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def after(first: futures.Future, case: Callable[[object], None], server) -> None:
+    futures.wait([first])
+    case(server)
+
+
+@pytest.fixture(scope="module")
+def started(server):
+    """Every case started at once, on threads: case name -> its Future."""
+    with futures.ThreadPoolExecutor(4, thread_name_prefix="slow-client") as pool:
+        body = pool.submit(a_body_that_trickles, server)
+        yield {
+            "headers": pool.submit(headers_that_trickle, server),
+            "body": body,
+            "keep-alive": pool.submit(an_idle_keep_alive_connection, server),
+            "early answer": pool.submit(after, body, a_body_sent_after_an_early_answer, server),  # a slot too
+        }
+
+
+def test_headers_that_trickle_get_408_and_a_closed_connection(started):
+    started["headers"].result(timeout=4 * GIVE_UP_S)
+
+
+def test_a_body_that_trickles_gets_408_and_a_closed_connection(started):
+    started["body"].result(timeout=4 * GIVE_UP_S)
+
+
+def test_an_idle_keep_alive_connection_outlives_the_client_pool_s_expiry(started):
+    started["keep-alive"].result(timeout=4 * GIVE_UP_S)
+
+
+def test_a_body_sent_after_an_early_answer_leaves_the_connection_idle_not_timed_out(started):
+    started["early answer"].result(timeout=4 * GIVE_UP_S)

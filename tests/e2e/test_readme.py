@@ -1,9 +1,16 @@
 """The README's "Your own images, start to finish" blocks, run as written on a plain image
 folder without captions: build, serve, classify, an HTTP build with curl, `kvclip caches
 build`, and the Python client's build_cache. Only the model (tiny-random) and the port are
-substituted, so the README cannot drift from what works."""
+substituted, so the README cannot drift from what works.
+
+The client commands, zip, curl and the Python block run as processes; `kvclip build` and
+`kvclip serve` go through the same `kvclip` entry point in-process (the server on a thread,
+building on a thread): what this checks is the README, not the processes, and two torch
+processes plus a warm build worker cost 20 s of CPU. `kvclip serve` as a process:
+tests/e2e/test_service_uvicorn.py; builds in the warm worker: tests/integration/test_service_builds.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -16,8 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.client_fakes import run_cli
 from tests.conftest import write_images
-from tests.server_process import REPO, START_TIMEOUT_S, base_env, free_port
+from tests.live_server import serving
+from tests.server_process import REPO, base_env, free_port
+from tests.service_helpers import run_serve
 
 README = REPO / "README.md"
 
@@ -38,19 +48,6 @@ def substituted(text: str, port: int) -> str:
     return text.replace("ViT-B-32:openai", "tiny-random").replace("8000", str(port))
 
 
-def wait_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "kvclip serve exited"
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server never became ready")
-
-
 def wait_job(url: str, job_id: str) -> dict:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -62,7 +59,7 @@ def wait_job(url: str, job_id: str) -> dict:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("zip") is None, reason="needs curl and zip")
-def test_readme_first_hour_on_plain_images(tmp_path):
+def test_readme_first_hour_on_plain_images(tmp_path, monkeypatch, capsys):
     for label, seed in (("cat", 0), ("dog", 1)):
         for i, path in enumerate(write_images(tmp_path / "photos" / label, 3, seed=seed, suffix=".jpg"), 1):
             path.rename(path.with_name(f"{i}.jpg"))  # photos/cat/1.jpg, as the README names it
@@ -70,14 +67,22 @@ def test_readme_first_hour_on_plain_images(tmp_path):
     url = f"http://127.0.0.1:{port}"
     # The client commands' default server is port 8000; the test's port is given the same way.
     env = base_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", KVCLIP_SERVER=url)
-    outputs, server = [], None
-    try:
+    monkeypatch.chdir(tmp_path)  # the commands' relative paths (photos, caches/pets)
+    outputs = []
+    with contextlib.ExitStack() as server:
         for command in commands(substituted(marked_block("first-hour"), port)):
-            if command.endswith("&"):
-                log = open(tmp_path / "server.log", "wb")
-                server = subprocess.Popen(shlex.split(command[:-1]), cwd=tmp_path, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                wait_ready(url, server)
+            argv = shlex.split(command.removesuffix("&"))
+            if argv[:2] == ["kvclip", "serve"]:
+                assert command.endswith("&")
+                with pytest.MonkeyPatch.context() as patch:  # its recorder of uvicorn.Server ends here
+                    code, err, config = run_serve(patch, capsys, *argv[2:], env={"KVCLIP_BUILD_WORKER": "thread"})
+                assert code == 0 and config is not None, err
+                server.enter_context(serving(config))
+                continue
+            if argv[:2] == ["kvclip", "build"]:
+                code, out, err = run_cli(capsys, *argv[1:])
+                assert code == 0, (command, out, err)
+                outputs.append((command, out))
                 continue
             done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=600)
@@ -107,7 +112,3 @@ def test_readme_first_hour_on_plain_images(tmp_path):
         assert done.returncode == 0, done.stderr
         version, label = done.stdout.split()
         assert re.fullmatch(r"v\d{4}", version) and label in ("cat", "dog")
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait(timeout=10)
