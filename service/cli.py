@@ -44,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     applied = cpu_thread_defaults() if "torch" not in sys.modules else {}
     import uvicorn
 
+    from kvclip.heap import freeze_start_up_objects
     from kvclip.models import load_encoder
     from kvclip.service import logs
     from kvclip.service.app import create_app
@@ -64,6 +65,7 @@ def serve(args: argparse.Namespace) -> int:
         log.info("API keys: %d configured", len(keys.digests))
     else:
         log.warning("no API keys configured: every client may classify and change caches")
+    log.info("start-up objects frozen (out of the collector's scans): %d", freeze_start_up_objects())
     server = uvicorn.Server(uvicorn_config(app, config))
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler that was installed before it; a no-op one makes a clean shutdown exit 0.

@@ -56,8 +56,10 @@ def run_serve(monkeypatch, capsys, *argv: str, env: dict[str, str] | None = None
     uvicorn.Config it would have served with, or None when it never got there).
 
     Environment: no KVCLIP_* variable but `env`. uvicorn's Server is a recorder; the root
-    logger and the signal handlers that `serve` sets are restored afterwards.
+    logger, the signal handlers and the frozen heap (gc.freeze) that `serve` sets are restored
+    afterwards.
     """
+    import gc
     import logging
     import os
     import signal
@@ -90,4 +92,5 @@ def run_serve(monkeypatch, capsys, *argv: str, env: dict[str, str] | None = None
         root.setLevel(level)
         for sig, handler in signals.items():
             signal.signal(sig, handler)
+        gc.unfreeze()
     return code, capsys.readouterr().err, served[0] if served else None

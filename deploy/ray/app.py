@@ -45,6 +45,7 @@ from ray import serve
 from kvclip import artifact as store
 from kvclip.device_decode import DeviceJpegDecoder
 from kvclip.errors import KvclipError
+from kvclip.heap import freeze_start_up_objects
 from kvclip.models import load_encoder
 from kvclip.service.admission import BoundedDecoder
 from kvclip.service.api_caches import CacheName, summary
@@ -219,6 +220,7 @@ class KvclipClassifier:
         # Wired here so that max_caches_per_replica is a setting (Serve detects it on the instance).
         self._slot = serve.multiplexed(max_num_models_per_replica=options.max_caches_per_replica)(open_slot)
         log.info("classifier replica %s: model %s on %s", self.replica, self.encoder.model_id, self.encoder.device)
+        freeze_start_up_objects()  # a replica is a process of its own (kvclip/heap.py)
 
     # Called by the ingress through a handle with multiplexed_model_id=<cache name>. Errors
     # come back as data (the error table's answer), not as Ray exceptions.

@@ -48,6 +48,20 @@ def test_a_loadable_model_reaches_uvicorn_with_the_configured_server(monkeypatch
     assert served.timeout_graceful_shutdown > 0
 
 
+def test_the_start_up_heap_is_frozen_before_serving(monkeypatch, capsys, tmp_path):
+    """What start-up imported and loaded is out of the collector's reach once the server
+    listens: a full collection would otherwise scan it all while requests wait."""
+    import gc
+
+    frozen = []
+    real_freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (real_freeze(), frozen.append(gc.get_freeze_count())))
+    code, err, _ = run_serve(monkeypatch, capsys, "--caches", str(tmp_path), "--model", "tiny-random", "--device", "cpu")
+    assert code == 0, err
+    assert len(frozen) == 1 and frozen[0] > 100_000  # torch, open_clip, the app and the model
+    assert gc.get_freeze_count() == 0  # run_serve thawed this test process again
+
+
 def test_idle_connections_outlive_client_pools_and_the_flag_reaches_uvicorn(monkeypatch, capsys, tmp_path):
     import httpx
 
