@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat-completions server on 127.0.0.1 for tests: FastAPI on uvicorn in a
 thread. It answers from `reply(request_json)`, records each request and its Authorization
 header, and can fail the first `fail_first` requests with a 500 (the client's retries must
-absorb them)."""
+absorb them), asking for the retry 10 ms later (`retry-after-ms`, which the openai client
+honours) instead of its default backoff from half a second."""
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ class FakeChat:
                 if self.failures < self.fail_first:
                     self.failures += 1
                     return JSONResponse({"error": {"message": self.fail_message, "type": "server_error"}},
-                                        status_code=500)
+                                        status_code=500, headers={"retry-after-ms": "10"})
                 self.requests.append(body)
                 self.authorizations.append(request.headers.get("authorization"))
                 self.in_flight += 1
