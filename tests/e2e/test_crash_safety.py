@@ -125,8 +125,8 @@ def zipped(folder: Path) -> bytes:
 
 # kill point -> (the condition it waits for, the server's build worker). Each condition holds
 # once the job is past its point, ended included (warm workers are quick). A second job, queued
-# behind the first, is killed while it waits. One server builds in a warm worker, whose process
-# must die with the server; the other builds on a thread.
+# behind the first, is killed while it waits. The default suite's server builds in a warm
+# worker, whose process must die with the server; the slow test's builds on a thread.
 KILL_POINTS = {
     "building": (lambda job: job["step"] not in (None, "starting") or job["state"] not in ("queued", "running"),
                  "warm"),
