@@ -13,6 +13,12 @@ process per job (less memory while idle, 10+ s more per job); ThreadRunner runs 
 worker function on a thread over the same pipe and cancel protocol, for tests and embedding,
 without the process's isolation.
 
+Worker processes are spawned, not forked from a forkserver that imported torch once: a forked
+worker starts 7-8x sooner (0.8 s vs 5-7 s for a labels-only job), but the forkserver holds
+~440 MiB (PSS) for the server's whole life, and a spawned worker's start is paid once per
+server, or per job only where the user chose `process` to hold nothing while idle
+(scripts/bench_worker_start.py). `context` takes another start method (tests fork theirs).
+
 Job records are saved on every change of state (service/job_records.py). At start,
 `restore` reads them back: a job that was queued or running is marked failed ("interrupted
 by a server restart"), the whole work area is emptied, and `abandoned` tells
@@ -134,8 +140,8 @@ class ProcessRunner:
     """Each job in a fresh spawned process: niced, isolated, killable if it ignores a cancel,
     and 10+ s of importing torch and loading the model before it builds."""
 
-    def __init__(self) -> None:
-        self._context = multiprocessing.get_context("spawn")  # no forked torch/CUDA state
+    def __init__(self, context: multiprocessing.context.BaseContext | None = None) -> None:
+        self._context = context or multiprocessing.get_context("spawn")  # no forked torch/CUDA state
 
     def launch(self, spec: WorkerSpec, name: str) -> WorkerHandle:
         parent, child = self._context.Pipe(duplex=False)
@@ -175,8 +181,9 @@ class WarmRunner:
 
     NAME = "kvclip-build-worker"
 
-    def __init__(self, preload: ModelKey | None = None) -> None:
-        self._context = multiprocessing.get_context("spawn")
+    def __init__(self, preload: ModelKey | None = None,
+                 context: multiprocessing.context.BaseContext | None = None) -> None:
+        self._context = context or multiprocessing.get_context("spawn")
         self._cancelled = self._context.Value("q", 0)
         self._preload = preload
         self._jobs = 0

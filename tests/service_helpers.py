@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,20 @@ from kvclip.service.metrics import metric_value  # noqa: F401  (re-exported for 
 from tests.waiting import until
 
 READY_TIMEOUT_S = 120  # the model loads in a thread; a loaded machine takes many times longer
+
+
+# What a test's forkserver imports once, before it forks build workers (forkserver_context).
+WORKER_PRELOAD = ["kvclip.service.build_worker", "kvclip.models"]
+
+
+def forkserver_context() -> multiprocessing.context.BaseContext:
+    """Build workers forked from a forkserver that imported torch, open_clip and the builder
+    once: a test's warm worker, its replacement and each process-per-job worker then start in
+    well under a second, not after ~5 s of imports each. The server's own start method (spawn,
+    service/jobs.py) runs in the real servers of tests/e2e."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # no effect once this process's forkserver runs
+    return context
 
 
 def make_config(caches: Path, **overrides) -> ServerConfig:

@@ -3,7 +3,9 @@
 One app (in-process, httpx over ASGI) serves the whole module, on real Fashion-MNIST images.
 Its builds run the build worker on a thread (ThreadRunner: the same worker function and
 cancel/progress protocol, without a process start); the tests marked by the `worker_processes`
-fixture run it as the server does, in a spawned process that loads the tiny model itself.
+or `warm_worker` fixture run it in worker processes that load the tiny model themselves, as the
+server does, forked from a forkserver that imported torch once (the server spawns them:
+tests/e2e/test_crash_safety.py).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from kvclip.service.build_requests import build_config
 from kvclip.service.build_worker import WorkerSpec
 from kvclip.service.jobs import ProcessRunner, ThreadRunner, WarmRunner
 from kvclip.service.schemas import BuildOptions
-from tests.service_helpers import copy_caches, image_files, make_config, metric_value, running_app
+from tests.service_helpers import copy_caches, forkserver_context, image_files, make_config, metric_value, running_app
 from tests.waiting import until
 
 pytestmark = pytest.mark.anyio
@@ -111,9 +113,9 @@ async def app_client(served_caches, tiny_encoder, tmp_path_factory):
 
 @pytest.fixture
 def worker_processes(app_client):
-    """This test's builds run in a fresh spawned worker process each (build_worker "process")."""
+    """This test's builds run in a fresh worker process each (build_worker "process")."""
     jobs = app_client[0].state.kv.jobs
-    jobs.runner = ProcessRunner()
+    jobs.runner = ProcessRunner(forkserver_context())
     yield
     jobs.runner = ThreadRunner()
 
@@ -121,7 +123,7 @@ def worker_processes(app_client):
 @pytest.fixture(scope="module")
 def warm_runner():
     """One warm worker for the module's warm tests (a test that kills it leaves its replacement)."""
-    runner = WarmRunner()
+    runner = WarmRunner(context=forkserver_context())
     runner.warm()
     yield runner
     runner.close()
