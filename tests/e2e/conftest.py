@@ -1,5 +1,6 @@
 """Fixtures shared by the e2e modules: one headless Chromium and one web server for the page's
-tests (tests/e2e/test_web_page.py, test_web_first_hour.py), each started once per session."""
+tests (tests/e2e/test_web_page.py: one file, so one test process starts them), each started
+once per session."""
 from __future__ import annotations
 
 import os
