@@ -105,7 +105,8 @@ def main() -> None:
         for kind, context in contexts().items():
             warm = WarmRunner(preload=(model, "cpu", None), context=context)
             one_job(warm, spec(model, tmp / f"warm-{kind}"))  # the model is loaded once this returns
-            pids = [warm._process.pid] + ([forkserver_pid()] if kind == "forkserver" else [])
+            [worker] = [p.pid for p in multiprocessing.active_children() if p.name == WarmRunner.NAME]
+            pids = [worker] + ([forkserver_pid()] if kind == "forkserver" else [])
             memory[kind] = [memory_mib(pid) for pid in pids if pid]
             warm.close()
         for kind, rows in memory.items():
