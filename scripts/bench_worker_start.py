@@ -87,7 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = random_checkpoint(args.arch, tmp) if args.arch else "tiny-random"
-        runners = {kind: ProcessRunner(context) for kind, context in contexts().items()}
+        starts = contexts()
+        runners = {kind: ProcessRunner(context) for kind, context in starts.items()}
         times: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for number in range(1, args.rounds + 1):
             for kind in KINDS if number % 2 else KINDS[::-1]:
@@ -102,7 +103,7 @@ def main() -> None:
                   f"spawn median {statistics.median(times['spawn'][1:]):.2f} s; spawn / forkserver median "
                   f"{statistics.median(later):.1f}x (spread {min(later):.1f}-{max(later):.1f}x)")
         memory = {}
-        for kind, context in contexts().items():
+        for kind, context in starts.items():
             warm = WarmRunner(preload=(model, "cpu", None), context=context)
             one_job(warm, spec(model, tmp / f"warm-{kind}"))  # the model is loaded once this returns
             [worker] = [p.pid for p in multiprocessing.active_children() if p.name == WarmRunner.NAME]

@@ -13,11 +13,10 @@ process per job (less memory while idle, 10+ s more per job); ThreadRunner runs 
 worker function on a thread over the same pipe and cancel protocol, for tests and embedding,
 without the process's isolation.
 
-Worker processes are spawned, not forked from a forkserver that imported torch once: forked,
-a fresh worker's labels-only job is done sooner (ViT-B-32: 5.9 s vs 9.9 s), but the forkserver
-stays resident (with an idle warm worker: 1532 vs 1368 MiB PSS), and the spawn is paid once
-per server, or per job only where the user chose `process` to hold nothing while idle
-(scripts/bench_worker_start.py, docs/server.md). `context` takes another start method (the
+Worker processes are spawned, not forked from a forkserver that imported torch once: a forked
+worker starts sooner, but the forkserver stays resident for the server's life, and the spawn is
+paid once per server, or per job only where the user chose `process` to hold nothing while
+idle (figures: docs/server.md "How a job runs"). `context` takes another start method (the
 tests fork theirs).
 
 Job records are saved on every change of state (service/job_records.py). At start,
