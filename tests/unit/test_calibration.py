@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from kvclip import artifact as store
 from kvclip.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     brier,
     ece,
     fit_calibration,
@@ -42,6 +44,37 @@ def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at(true_t):
     fitted = fit_temperature(logits, truth)
     assert fitted == pytest.approx(true_t, rel=0.06)
     assert nll(logits, truth, fitted) <= min(nll(logits, truth, fitted * f) for f in (0.8, 1.25))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_fit_temperature_is_the_minimum_over_the_whole_range(case):
+    # Sizes, scales and sharpness from sharp (T ~ 0.01) to flat (T ~ 1e4): the fitted T is at
+    # least as good as the best of 400 temperatures spread over [MIN_TEMPERATURE, MAX_TEMPERATURE].
+    g = torch.Generator().manual_seed(case)
+    true_t = float(10 ** (torch.rand(1, generator=g) * 6 - 2))
+    scale = float(10 ** (torch.rand(1, generator=g) * 4 - 1))
+    n, classes = 300 + 500 * case, 3 + 40 * case
+    logits, truth = sampled(n, classes, true_t, scale=scale, seed=case)
+    if case % 2:  # positive masses whose scale varies by 1000x per query, like a cache term's
+        logits = kernel_masses(n, classes, seed=case)[0] * scale
+        truth = torch.multinomial(probabilities(logits, true_t), 1, generator=g).flatten()
+    grid = torch.logspace(-2, 5, 400, dtype=torch.float64).tolist()
+    best = min(nll(logits, truth, t) for t in grid)
+    assert nll(logits, truth, fit_temperature(logits, truth)) <= best * (1 + 1e-9) + 1e-12
+
+
+def test_fit_temperature_stops_at_the_bounds():
+    logits = torch.randn(500, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = logits.argmax(1)  # always right: the sharper the better
+    assert fit_temperature(logits, truth) == MIN_TEMPERATURE
+    flat = torch.zeros(500, 10, dtype=torch.float64)  # every T scores the same: uniform scores
+    assert fit_temperature(flat, truth) == MAX_TEMPERATURE
+    assert fit_temperature(logits, logits.argmin(1)) == MAX_TEMPERATURE  # always wrong: as flat as allowed
+    # Started at a bound (a held-out fold starts where the last one ended), where the scores are
+    # one-hot to the last digit and the slope is exactly 0:
+    sure = torch.nn.functional.one_hot(truth, 10).double() * 1000
+    assert fit_temperature(sure, truth, start=MIN_TEMPERATURE) == MIN_TEMPERATURE
+    assert fit_temperature(flat, truth, start=MIN_TEMPERATURE) == MAX_TEMPERATURE
 
 
 def test_fitted_temperature_beats_raw_softmax_and_keeps_the_argmax():
