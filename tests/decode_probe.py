@@ -22,8 +22,11 @@ def die(_item: object = None) -> None:
 
 
 def wait_for(gate: str) -> str:
-    """Holds a worker until the file `gate` exists (a test opens it), then notes that it ran."""
+    """Holds a worker until the file `gate` exists (a test opens it), noting that it started
+    (GATE.started) and then that it ran (GATE.ran)."""
     path = Path(gate)
+    with open(path.with_suffix(".started"), "a") as started:
+        started.write("started\n")
     while not path.exists():
         time.sleep(0.01)
     with open(path.with_suffix(".ran"), "a") as ran:

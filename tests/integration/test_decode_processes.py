@@ -128,6 +128,8 @@ async def test_the_backlog_bound_and_cancellation_hold_over_processes(processes,
     gate = tmp_path / "gate"
     held = asyncio.ensure_future(decoder.map(decode_probe.wait_for, [str(gate)] * 6))
     await until(lambda: decoder.pending == 6, what="6 images admitted")
+    # Admitted is not taken: on a busy machine no worker may have picked one up yet.
+    await until(gate.with_suffix(".started").exists, what="a worker holding one of the images")
     with pytest.raises(Overloaded):  # 6 + 3 > 8: refused whole, before any is sent
         await decoder.map(len, [b"a", b"b", b"c"])
     held.cancel()  # the client left: the images no worker has taken are dropped

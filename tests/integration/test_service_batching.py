@@ -26,6 +26,7 @@ N_IMAGES = 40
 TOP_K = 10  # every Fashion-MNIST class, so results compare label by label
 VERSIONS = ("v0001", "v0002")
 POOL = 12  # images the hot-swap load generators cycle through
+HANG_S = 120  # a wait this long means a hang: generous, so a loaded machine never trips it
 
 # Batching is checked on zero-shot logits (100 f·W): they show the query features alone, and
 # agree with the image classified alone to the documented 1e-5 in scores. The cache methods
@@ -334,7 +335,7 @@ async def test_batcher_refuses_past_max_queue_whole():
             await batcher.encode_images(pixels(4, 9))
 
         encoder.release.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), HANG_S)
         for r, result in enumerate(results):
             assert torch.equal(result, expected(r, 4))
         assert batcher.queued_images == 0
@@ -352,16 +353,16 @@ async def test_batcher_encoder_error_fails_only_its_batch(caplog):
         good = asyncio.create_task(batcher.encode_images(pixels(2, 4)))
         await wait_queued(batcher, 8)
         encoder.release.set()
-        assert torch.equal(await asyncio.wait_for(first, 10), expected(0, 4))
+        assert torch.equal(await asyncio.wait_for(first, HANG_S), expected(0, 4))
         with pytest.raises(RuntimeError, match="poisoned"):
-            await asyncio.wait_for(bad, 10)
-        assert torch.equal(await asyncio.wait_for(good, 10), expected(2, 4))
+            await asyncio.wait_for(bad, HANG_S)
+        assert torch.equal(await asyncio.wait_for(good, HANG_S), expected(2, 4))
 
         # A split request with one poisoned part fails as a whole; the collector keeps going.
         mixed = torch.cat([pixels(3, 4), pixels(3, 2, poison=True)])
         with pytest.raises(RuntimeError, match="poisoned"):
-            await asyncio.wait_for(batcher.encode_images(mixed), 10)
-        later = await asyncio.wait_for(batcher.encode_images(pixels(4, 3)), 10)
+            await asyncio.wait_for(batcher.encode_images(mixed), HANG_S)
+        later = await asyncio.wait_for(batcher.encode_images(pixels(4, 3)), HANG_S)
         assert torch.equal(later, expected(4, 3))
     assert "encoder batch of 4 images failed" in caplog.text
 
@@ -381,7 +382,7 @@ async def test_batcher_stop_fails_queued_jobs_with_stopped():
         await batcher.stop()
         for task in queued:
             with pytest.raises(Stopped):
-                await asyncio.wait_for(task, 5)
+                await asyncio.wait_for(task, HANG_S)
         assert batcher.queued_images == 0
         with pytest.raises(Stopped):
             await batcher.encode_images(pixels(3, 1))
@@ -404,7 +405,7 @@ async def test_batcher_stop_resolves_the_batch_in_flight():
         await encoder.wait_entered()
         threading.Timer(0.2, encoder.release.set).start()
         await batcher.stop()
-        done, _ = await asyncio.wait({in_flight}, timeout=1)
+        done, _ = await asyncio.wait({in_flight}, timeout=HANG_S)
         assert done, ("the request whose batch was on the encoder when Batcher.stop() ran never "
                       "completed: stop() cancels the collector without resolving that batch's futures")
         if in_flight.exception() is None:
@@ -432,7 +433,7 @@ async def test_batcher_survives_cancelled_requests():
             with pytest.raises(asyncio.CancelledError):
                 await task
         encoder.release.set()
-        assert torch.equal(await asyncio.wait_for(wanted, 10), expected(2, 2))
+        assert torch.equal(await asyncio.wait_for(wanted, HANG_S), expected(2, 2))
         # A batch made only of cancelled requests is dropped without calling the encoder.
         encoder.release.clear()
         blocker = asyncio.create_task(batcher.encode_images(pixels(3, 8)))
@@ -442,8 +443,8 @@ async def test_batcher_survives_cancelled_requests():
         lost.cancel()
         await asyncio.gather(lost, return_exceptions=True)
         encoder.release.set()
-        assert torch.equal(await asyncio.wait_for(blocker, 10), expected(3, 8))
-        assert torch.equal(await asyncio.wait_for(batcher.encode_images(pixels(5, 3)), 10), expected(5, 3))
+        assert torch.equal(await asyncio.wait_for(blocker, HANG_S), expected(3, 8))
+        assert torch.equal(await asyncio.wait_for(batcher.encode_images(pixels(5, 3)), HANG_S), expected(5, 3))
     assert encoder.sizes == [2, 2, 8, 3]  # the cancelled queued requests never reached the encoder
 
 

@@ -65,27 +65,30 @@ def test_progress_eta_then_activation(calls, tmp_path):
 
 
 def test_cancel_reaches_the_worker(calls, tmp_path):
-    started = threading.Event()
+    seen = threading.Event()
 
     def worker(conn, cancel):
-        started.set()
-        assert cancel.wait(30)
+        conn.send(("progress", "encoding", 0, 10))
+        if cancel.wait(30):
+            seen.set()
         conn.send(("cancelled",))
         conn.close()
 
     jobs = manager(calls, worker)
     try:
         job = submit(jobs, tmp_path)
-        assert started.wait(30)
+        # Past the model's load: before it (step "starting") a cancel ends the worker without asking it.
+        wait_until(lambda: job.step == "encoding")
         assert jobs.cancel(job.id).cancel_requested
         wait_until(lambda: job.state == "cancelled")
-        assert calls == [] and job.version is None
+        assert seen.wait(30) and calls == [] and job.version is None
     finally:
         jobs.stop()
 
 
 def test_a_version_published_after_the_cancel_is_deleted(calls, tmp_path):
     def worker(conn, cancel):
+        conn.send(("progress", "publishing", 0, 1))
         assert cancel.wait(30)
         conn.send(("done", "v0002", {}))  # too late to stop: publishing had begun
         conn.close()
@@ -93,7 +96,8 @@ def test_a_version_published_after_the_cancel_is_deleted(calls, tmp_path):
     jobs = manager(calls, worker)
     try:
         job = submit(jobs, tmp_path)
-        wait_until(lambda: job.state == "running")
+        # Still "starting", the manager ends the worker without asking it (nothing to lose yet).
+        wait_until(lambda: job.step == "publishing")
         jobs.cancel(job.id)
         wait_until(lambda: job.state == "cancelled")
         assert calls == [("delete", "pets", "v0002")] and job.version is None and not job.activated
